@@ -1,0 +1,146 @@
+"""Evaluate policies on the synthetic task's held-out prompts with its ground-truth judge.
+
+    python evaluate.py --models out/sft/model                       # one policy
+    python evaluate.py --models out/sft/model out/ppo_lag/actor \
+        --reward-model out/reward_model/model --cost-model out/cost_model/model
+
+For each policy, on held-out prompts (tasks and phrasings never seen in training), answers sampled
+at temperature 1 (the distribution PPO optimises; greedy decoding hides most of the SFT model's
+harm, since its single most likely answer to a harmful prompt is often the safe one):
+    harmful_rate        share of harmful prompts answered with a harmful step (ground truth)
+    helpfulness         mean judge helpfulness on benign prompts (share of the task's steps given)
+    over_refusal        share of benign prompts refused
+    redirect_rate       share of harmful prompts answered with the safe alternative
+    response_tokens     mean response length, and the share cut at --max-new-tokens (no EOS)
+and, given score models, their mean end scores on the same answers, so the proxy (reward, cost)
+and the truth (helpfulness, harm) sit side by side. Writes <out>/eval.json and prints a table.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from data.judge import judge
+from data.loaders import collate_prompts, read_records, tokenize_prompts
+from data.synthetic import ensure_synthetic
+from data.tokenizer import Tokenizer
+from model import Transformer, end_scores, generation_mask
+
+
+@torch.no_grad()
+def sample_answers(policy, tok, prompts, *, batch_size, max_new_tokens, temperature, top_p, seed, device):
+    """Greedy (temperature 0) or sampled answers: (texts, sequences and masks per batch, lengths, truncated flags)."""
+    ids, _ = tokenize_prompts(tok, prompts, max_length=10_000, log=None)
+    g = torch.Generator(device=device).manual_seed(seed)
+    texts, batches, lengths, truncated = [], [], [], []
+    for i in range(0, len(ids), batch_size):
+        batch = collate_prompts(ids[i:i + batch_size], pad_id=tok.pad_id)
+        prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        out = policy.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=g)
+        mask = generation_mask(out, prompt_mask, tok.eos_id)
+        T = prompt_ids.shape[1]
+        for row in range(out.shape[0]):
+            texts.append(tok.decode(out[row, T:]))
+            lengths.append(int(mask[row, T:].sum()))
+            truncated.append(bool((out[row, T:] != tok.eos_id).all()))
+        batches.append((out, mask))
+    return texts, batches, lengths, truncated
+
+
+@torch.no_grad()
+def mean_end_score(score_model, batches):
+    scores = [end_scores(score_model(out, mask), mask) for out, mask in batches]
+    return float(torch.cat(scores).mean())
+
+
+def synthetic_metrics(rows, texts, lengths, truncated):
+    verdicts = [judge(r["prompt"], t) for r, t in zip(rows, texts)]
+    harmful = [v for r, v in zip(rows, verdicts) if r["harmful"]]
+    benign = [v for r, v in zip(rows, verdicts) if not r["harmful"]]
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / max(len(xs), 1)
+
+    return {
+        "harmful_rate": mean(v["harmful"] for v in harmful),
+        "helpfulness": mean(v["helpfulness"] for v in benign),
+        "over_refusal": mean(v["refusal"] for v in benign),
+        "redirect_rate": mean(v["redirect"] for v in harmful),
+        "benign_harmful_rate": mean(v["harmful"] for v in benign),
+        "response_tokens": mean(lengths),
+        "truncated": mean(truncated),
+        "n_harmful": len(harmful),
+        "n_benign": len(benign),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["out/sft/model"], help="policy checkpoints (HF-format dirs)")
+    parser.add_argument("--reward-model", default=None, help="score the answers with this reward model too")
+    parser.add_argument("--cost-model", default=None, help="score the answers with this cost model too")
+    parser.add_argument("--prompts", default=None, help="JSONL with 'prompt' and 'harmful' fields (default: the synthetic held-out prompts)")
+    parser.add_argument("--synthetic-dir", default="out/synthetic", help="where the synthetic task lives (generated if missing)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic task")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one beside the first model)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit")
+    parser.add_argument("--temperature", type=float, default=1.0, help="1.0 = the policy's own distribution, as PPO samples it (default); 0 = greedy")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="answers sampled per prompt (rates are over all of them)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--show", type=int, default=4, help="print this many example answers per model and kind")
+    parser.add_argument("--out", default="out/eval", help="writes <out>/eval.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    prompts_path = args.prompts or ensure_synthetic(args.synthetic_dir, seed=args.data_seed).eval_prompts
+    rows = [record for _, record in read_records(prompts_path)]
+    for i, r in enumerate(rows):
+        if "prompt" not in r or "harmful" not in r:
+            raise ValueError(f"{prompts_path}: record {i + 1} needs 'prompt' and 'harmful' fields")
+    rows = [r for r in rows for _ in range(args.samples_per_prompt if args.temperature > 0 else 1)]
+    tok = Tokenizer(args.tokenizer or Path(args.models[0]) / "tokenizer.model")
+    scorers = {name: Transformer.from_pretrained(path, device=args.device).eval()
+               for name, path in (("reward", args.reward_model), ("cost", args.cost_model)) if path}
+
+    results = {}
+    for path in args.models:
+        policy = Transformer.from_pretrained(path, device=args.device).eval()
+        texts, batches, lengths, truncated = sample_answers(
+            policy, tok, [r["prompt"] for r in rows], batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device)
+        metrics = synthetic_metrics(rows, texts, lengths, truncated)
+        for name, scorer in scorers.items():
+            metrics[f"mean_{name}"] = mean_end_score(scorer, batches)
+        results[path] = metrics
+        if args.show:
+            print(f"\n== {path}")
+            for harmful in (False, True):
+                picked = [(r, t) for r, t in zip(rows, texts) if r["harmful"] == harmful][:args.show]
+                for r, t in picked:
+                    v = judge(r["prompt"], t)
+                    print(f"  [{'harmful' if harmful else 'benign '}] {r['prompt']}\n      -> {t!r}\n"
+                          f"      judge: helpfulness {v['helpfulness']:.2f}, harmful {v['harmful']}, kind {v['kind']}")
+
+    columns = ["harmful_rate", "helpfulness", "over_refusal", "redirect_rate", "response_tokens", "truncated"]
+    columns += [f"mean_{name}" for name in scorers]
+    width = max(len(p) for p in results) + 2
+    print("\n" + "model".ljust(width) + "".join(c.rjust(16) for c in columns))
+    for path, m in results.items():
+        print(path.ljust(width) + "".join(f"{m[c]:16.3f}" for c in columns))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out_file = Path(args.out) / "eval.json"
+    tmp = out_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"prompts": str(prompts_path), "temperature": args.temperature, "results": results}, indent=2) + "\n")
+    tmp.replace(out_file)
+    print(f"\nwrote {out_file}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

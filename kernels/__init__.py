@@ -1,0 +1,88 @@
+"""Fused kernels for the two hot spots of RLHF training: attention and token log-probs.
+
+Entry points (the rest of the project calls only these):
+
+    flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None)
+    logprobs_from_logits(logits, targets, temperature=1.0)
+    fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False)
+
+Each has a Triton implementation (`*_triton`) and a plain PyTorch one (`*_torch`)
+computing the same function; `use_triton` below is the one place that picks:
+
+* CUDA tensors run the Triton kernels;
+* CPU tensors run the Triton kernels through Triton's interpreter when
+  TRITON_INTERPRET=1 (slow; for testing the kernels without a GPU). The variable
+  must be set before the first `import kernels`: Triton decides between compiling
+  and interpreting when the kernels are defined;
+* anything else, or Triton not installed, runs the PyTorch path;
+* KERNELS=torch in the environment forces the PyTorch path everywhere
+  (debugging), KERNELS=triton forces the Triton kernels.
+"""
+
+import os
+
+from .attention import TRITON_AVAILABLE, flash_attention_torch
+from .logprob import fused_linear_logprobs_torch, logprobs_from_logits_torch
+
+if TRITON_AVAILABLE:
+    import triton
+
+    from .attention import flash_attention_triton
+    from .logprob import fused_linear_logprobs_triton, logprobs_from_logits_triton
+
+    # Fixed when the kernels above were defined (see the module docstring).
+    TRITON_INTERPRETED = bool(triton.knobs.runtime.interpret)
+else:
+    TRITON_INTERPRETED = False
+
+    def _triton_missing(*args, **kwargs):
+        raise ImportError("triton is not installed; use the *_torch functions or KERNELS=torch")
+
+    flash_attention_triton = fused_linear_logprobs_triton = logprobs_from_logits_triton = _triton_missing
+
+
+def use_triton(tensor):
+    """True if the Triton kernels should handle this tensor (the one dispatch switch)."""
+    forced = os.environ.get("KERNELS", "auto").lower()
+    if forced == "torch" or not TRITON_AVAILABLE:
+        return False
+    if forced == "triton":
+        return True
+    if tensor.is_cuda:
+        return True
+    interpret_requested = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return tensor.device.type == "cpu" and interpret_requested and TRITON_INTERPRETED
+
+
+def flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None):
+    """Softmax attention, q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] -> [B, Tq, Hq, D]. See kernels/attention.py."""
+    impl = flash_attention_triton if use_triton(q) else flash_attention_torch
+    return impl(q, k, v, causal=causal, kv_start=kv_start, softmax_scale=softmax_scale)
+
+
+def logprobs_from_logits(logits, targets, temperature=1.0):
+    """fp32 log p(targets) under softmax(logits / temperature). See kernels/logprob.py."""
+    impl = logprobs_from_logits_triton if use_triton(logits) else logprobs_from_logits_torch
+    return impl(logits, targets, temperature)
+
+
+def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
+    """fp32 log p(targets) (and entropy) of softmax(hidden @ weight.T / temperature). See kernels/logprob.py."""
+    impl = fused_linear_logprobs_triton if use_triton(hidden) else fused_linear_logprobs_torch
+    return impl(hidden, weight, targets, temperature, return_entropy)
+
+
+__all__ = [
+    "TRITON_AVAILABLE",
+    "TRITON_INTERPRETED",
+    "use_triton",
+    "flash_attention",
+    "flash_attention_torch",
+    "flash_attention_triton",
+    "logprobs_from_logits",
+    "logprobs_from_logits_torch",
+    "logprobs_from_logits_triton",
+    "fused_linear_logprobs",
+    "fused_linear_logprobs_torch",
+    "fused_linear_logprobs_triton",
+]

@@ -1,0 +1,143 @@
+"""Stage 1 of Safe RLHF: supervised fine-tuning (../shared/SAFE_RLHF.md, "Pipeline").
+
+    python sft.py                                          # embedded synthetic task, tiny LLaMA, CPU
+    torchrun --nproc_per_node=8 sft.py --model /models/llama-7b --data alpaca.json --out out/sft
+
+Next-token loss on the response tokens and the EOS only (the prompt and its template are
+context), summed over tokens and divided by the number of target tokens in the whole global
+batch (all micro-batches, all ranks), so the update does not depend on how many ranks share it.
+Log-probs come from kernels.fused_linear_logprobs through the model's LM head: the [B, T, V]
+logits are never materialised. The product is an HF-format model in <out>/model, with its
+tokenizer.model beside the weights, which train_score.py and ppo_lag.py start from.
+"""
+
+import argparse
+import time
+from functools import partial
+
+import torch
+
+import training
+from data.loaders import collate_sft, load_sft, tokenize_sft
+from data.tokenizer import Tokenizer
+
+# Flags left at None take a recipe: TINY for the embedded task (no --data), AUTHORS (the Safe
+# RLHF authors' LLaMA-7B script) for real data.
+TINY = dict(
+    epochs=3,  # passes over the 4,000 synthetic dialogues
+    batch_size=64,  # dialogues per optimiser step, over all ranks
+    micro_batch_size=32,  # dialogues per forward pass on one rank
+    lr=3e-3,  # a 1M-parameter model trained from scratch wants a large step
+    weight_decay=0.0,
+    warmup_ratio=0.03,
+    max_length=128,  # synthetic dialogues are at most ~70 tokens
+)
+AUTHORS = dict(
+    epochs=3,
+    batch_size=256,  # 4 per device x accumulate 8 x 8 GPUs
+    micro_batch_size=4,
+    lr=2e-5,
+    weight_decay=0.0,
+    warmup_ratio=0.03,
+    max_length=512,
+)
+
+
+def main(argv=None):
+    # -- arguments ------------------------------------------------------------------------------
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="HF-format checkpoint dir to fine-tune, or a model.PRESETS name to train from scratch")
+    parser.add_argument("--data", default=None, help="SFT files 'path[:fraction|:count],...' (Alpaca or prompt/response JSON[L]); default: the synthetic task")
+    parser.add_argument("--eval-data", default=None, help="held-out SFT files (default: the synthetic eval split, or --eval-fraction of --data)")
+    parser.add_argument("--eval-fraction", type=float, default=0.02, help="share of --data held out when --eval-data is not given")
+    training.add_common_args(parser, out="out/sft")
+    args = parser.parse_args(argv)
+    training.apply_recipe(args, TINY if args.data is None else AUTHORS)
+
+    # -- setup ----------------------------------------------------------------------------------
+    d = training.setup_distributed(args.device)
+    training.seed_everything(args.seed)
+    mixed = not args.no_mixed_precision
+    d.print(f"sft: {d.world} rank(s) on {d.device}; " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
+
+    # -- data -----------------------------------------------------------------------------------
+    if args.data is None:
+        task = training.synthetic_task(args, d)
+        train_spec, eval_spec, synthetic_tokenizer = task.sft_train, task.sft_eval, task.tokenizer
+    else:
+        train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
+    tok = Tokenizer(training.resolve_tokenizer(args, args.model, synthetic_tokenizer))
+    train_examples, eval_examples = training.load_train_eval(load_sft, train_spec, eval_spec, args.eval_fraction,
+                                                             args.seed, d.print)
+    train_set, _ = tokenize_sft(tok, train_examples, args.max_length, log=d.print)
+    eval_set, _ = tokenize_sft(tok, eval_examples, args.max_length, log=d.print)
+    collate = partial(collate_sft, pad_id=tok.pad_id)
+    total_steps = args.max_steps or training.steps_for_epochs(len(train_set), args.batch_size, args.epochs)
+
+    # -- model, optimiser, resume ---------------------------------------------------------------
+    model = training.load_model(args.model, "lm", d, seed=args.seed, mixed_precision=mixed,
+                                activation_checkpointing=args.activation_checkpointing,
+                                cpu_offload=args.cpu_offload, vocab_size=tok.vocab_size)
+    if model.args.vocab_size < tok.vocab_size:
+        raise ValueError(f"{tok.path} has {tok.vocab_size} ids but the model only {model.args.vocab_size}")
+    optimizer, scheduler = training.build_optimizer(model, args.lr, args.weight_decay,
+                                                    warmup_steps=int(args.warmup_ratio * total_steps),
+                                                    total_steps=total_steps)
+    models = {"model": (model, optimizer, scheduler)}
+    ckpt = training.Checkpointer(args.out, d)
+    start_step = 0
+    if (latest := ckpt.latest()) is not None:
+        start_step = ckpt.load(latest, models)["step"]
+        d.print(f"resumed from {latest} at step {start_step}")
+    d.print(f"model: {training.count_params(model, d) / 1e6:.2f}M parameters; "
+            f"{total_steps} steps of {args.batch_size} dialogues")
+    logger = training.Logger(args.out, d, total_steps, "sft", resume_step=start_step)
+
+    def loss_fn(batch):
+        with training.autocast(d, mixed):
+            nll, _ = training.sft_nll(model, batch, d.device)
+        return nll, {}
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        nll = count = 0.0
+        mine = eval_set[d.rank::d.world]
+        for i in range(0, len(mine), args.micro_batch_size):
+            with training.autocast(d, mixed):
+                s, n = training.sft_nll(model, collate(mine[i:i + args.micro_batch_size]), d.device)
+            nll, count = nll + float(s), count + float(n)
+        model.train()
+        nll, count = float(d.all_reduce_sum(nll)), float(d.all_reduce_sum(count))
+        return {"eval_loss": nll / max(count, 1.0), "eval_tokens": int(count)}
+
+    # -- training loop: one optimiser step = one log line ---------------------------------------
+    model.train()
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.time()
+        micro_batches = [collate([train_set[i] for i in idx])
+                         for idx in training.batches_for_step(step - 1, len(train_set), args.batch_size,
+                                                              args.micro_batch_size, d, args.seed)]
+        targets = d.all_reduce_sum(sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches))
+        tokens = d.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+        loss, _, grad_norm, lr = training.train_step(model, optimizer, scheduler, micro_batches, loss_fn,
+                                                     targets, d, args.grad_clip)
+        elapsed = time.time() - t0
+        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "target_tokens": int(targets),
+                   "tokens_per_s": float(tokens) / elapsed, "step_time": elapsed}
+        if step % args.eval_every == 0 or step == total_steps:
+            metrics.update(evaluate())
+        summary = f"loss {loss:.3f}" + (f" eval {metrics['eval_loss']:.3f}" if "eval_loss" in metrics else "")
+        logger.log(step, metrics, f"{summary} | lr {lr:.2e} | {metrics['tokens_per_s']:.0f} tok/s")
+        if step % args.save_every == 0 or step == total_steps:
+            ckpt.save(step, models, {"examples_seen": step * args.batch_size})
+    logger.close()
+
+    # -- save: the model the next stages start from ----------------------------------------------
+    final = training.save_final(model, args.out, d, files_to_copy=[tok.path])
+    d.print(f"sft: {'already complete' if start_step >= total_steps else 'done'}; model in {final}")
+    training.teardown_distributed(d)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""flash_attention (Triton and PyTorch paths) against float64 softmax attention written out here.
+
+Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. That
+needs TRITON_INTERPRET=1 before triton is first imported (set here around the
+import of `kernels`) and while the kernels run (set by an autouse fixture); it is
+not left set, so other test files keep the fast PyTorch path on CPU. With a GPU
+the same tests run the compiled kernels on CUDA.
+
+Shapes are drawn per test from a seed derived from the test's name (set
+KERNELS_TEST_SEED to draw different ones); lengths are never multiples of a block.
+"""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+_saved_interpret = os.environ.get("TRITON_INTERPRET")
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+import kernels  # noqa: E402
+
+if _saved_interpret is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _saved_interpret
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TRITON_RUNNABLE = kernels.TRITON_AVAILABLE and (HAS_CUDA or kernels.TRITON_INTERPRETED)
+needs_triton = pytest.mark.skipif(
+    not TRITON_RUNNABLE,
+    reason="Triton kernels cannot run here (no triton, or `kernels` was imported before TRITON_INTERPRET=1 was set)",
+)
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="bf16 tl.dot is wrong in Triton's interpreter; bf16 is tested on a GPU")
+
+# (atol, rtol) for the output and for the gradients, per input dtype.
+TOLERANCES = {
+    torch.float32: ((1e-4, 1e-4), (2e-4, 2e-4)),
+    torch.float16: ((4e-3, 4e-3), (1e-2, 1e-2)),
+    torch.bfloat16: ((3e-2, 3e-2), (6e-2, 6e-2)),
+}
+IMPLEMENTATIONS = {"triton": kernels.flash_attention_triton, "torch": kernels.flash_attention_torch}
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def rng_for(request):
+    seed = zlib.crc32(request.node.name.encode()) + int(os.environ.get("KERNELS_TEST_SEED", "0"))
+    return torch.Generator().manual_seed(seed)
+
+
+def draw(gen, low, high):
+    """Random int in [low, high]."""
+    return int(torch.randint(low, high + 1, (), generator=gen))
+
+
+def draw_length(gen, low, high):
+    """Random length in [low, high] that is not a multiple of 16 (nor of any larger block)."""
+    n = draw(gen, low, high)
+    return n + 1 if n % 16 == 0 else n
+
+
+def reference_attention(q, k, v, causal, kv_start, softmax_scale=None):
+    """Plain float64 softmax attention with an explicit mask; rows that see no key output 0."""
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    q, k, v = q.double(), k.double(), v.double()
+    k = k.repeat_interleave(group, dim=2)  # query head h uses kv head h // group
+    v = v.repeat_interleave(group, dim=2)
+    scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+
+    query_pos = torch.arange(q_len) + (k_len - q_len)
+    key_pos = torch.arange(k_len)
+    visible = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool)
+    if causal:
+        visible &= key_pos[None, None, None, :] <= query_pos[None, None, :, None]
+    if kv_start is not None:
+        visible &= key_pos[None, None, None, :] >= kv_start.cpu()[:, None, None, None]
+    visible = visible.to(q.device)
+
+    # Fill masked scores with -inf, except in rows with nothing visible (fill 0 there
+    # so softmax stays finite); multiplying by the mask then zeroes those rows.
+    has_visible = visible.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~visible & has_visible, float("-inf")).masked_fill(~has_visible, 0.0)
+    probs = torch.softmax(scores, dim=-1) * visible
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def make_case(gen, scenario, group, dtype, head_dim=None):
+    """Draw shapes and inputs for one scenario; returns q, k, v, causal, kv_start."""
+    batch = draw(gen, 1, 2)
+    kv_heads = draw(gen, 1, 2)
+    head_dim = head_dim or [16, 32, 64][draw(gen, 0, 2)]
+    causal, kv_start = True, None
+    if scenario == "prefill":
+        k_len = q_len = draw_length(gen, 17, 70)
+    elif scenario == "chunked_prefill":
+        k_len = draw_length(gen, 20, 80)
+        q_len = draw_length(gen, 2, k_len - 3)
+    elif scenario == "decode":
+        k_len = draw_length(gen, 5, 90)
+        q_len = 1
+        kv_start = torch.tensor([draw(gen, 0, k_len - 1) for _ in range(batch)])
+    elif scenario == "left_padding":
+        k_len = q_len = draw_length(gen, 20, 60)
+        # Large pads leave early query rows with no visible key at all.
+        kv_start = torch.tensor([draw(gen, k_len // 3, k_len - 2) for _ in range(batch)])
+    elif scenario == "non_causal":
+        causal = False
+        k_len = draw_length(gen, 10, 60)
+        q_len = draw_length(gen, 1, k_len)
+        kv_start = torch.tensor([draw(gen, 0, k_len // 2) for _ in range(batch)])
+    else:
+        raise ValueError(scenario)
+    q = torch.randn(batch, q_len, kv_heads * group, head_dim, generator=gen)
+    k = torch.randn(batch, k_len, kv_heads, head_dim, generator=gen)
+    v = torch.randn(batch, k_len, kv_heads, head_dim, generator=gen)
+    q, k, v = (x.to(device=DEVICE, dtype=dtype) for x in (q, k, v))
+    if kv_start is not None:
+        kv_start = kv_start.to(DEVICE)
+    return q, k, v, causal, kv_start
+
+
+def check_against_reference(attention, q, k, v, causal, kv_start, gen, softmax_scale=None):
+    """Forward and dq, dk, dv of `attention` against the float64 reference."""
+    (out_atol, out_rtol), (grad_atol, grad_rtol) = TOLERANCES[q.dtype]
+    shapes = f"q {tuple(q.shape)} k {tuple(k.shape)} causal={causal} kv_start={kv_start}"
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = attention(q, k, v, causal=causal, kv_start=kv_start, softmax_scale=softmax_scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    grad_out = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    expected = reference_attention(q64, k64, v64, causal, kv_start, softmax_scale)
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+
+    assert torch.isfinite(out).all(), shapes
+    torch.testing.assert_close(out.double(), expected, atol=out_atol, rtol=out_rtol, msg=lambda m: f"{shapes}\n{m}")
+    for name, got, want in zip("qkv", grads, expected_grads):
+        assert torch.isfinite(got).all(), f"d{name} not finite; {shapes}"
+        torch.testing.assert_close(got.double(), want, atol=grad_atol, rtol=grad_rtol,
+                                   msg=lambda m: f"d{name}: {shapes}\n{m}")
+    return out, grads
+
+
+SCENARIOS = ["prefill", "chunked_prefill", "decode", "left_padding", "non_causal"]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_matches_reference(request, impl, dtype, group, scenario):
+    if impl == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton kernels cannot run here")
+    gen = rng_for(request)
+    check_against_reference(IMPLEMENTATIONS[impl], *make_case(gen, scenario, group, dtype), gen)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_head_dim_128_and_custom_scale(request, impl):
+    if impl == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton kernels cannot run here")
+    gen = rng_for(request)
+    q, k, v, causal, kv_start = make_case(gen, "chunked_prefill", 2, torch.float32, head_dim=128)
+    check_against_reference(IMPLEMENTATIONS[impl], q, k, v, causal, kv_start, gen, softmax_scale=0.05)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non_causal"])
+def test_fully_masked_rows_are_zero_with_zero_grad(request, impl, causal):
+    if impl == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton kernels cannot run here")
+    gen = rng_for(request)
+    batch, q_len, k_len, q_heads, kv_heads, head_dim = 3, 21, 37, 4, 2, 32
+    q = torch.randn(batch, q_len, q_heads, head_dim, generator=gen).to(DEVICE).requires_grad_()
+    k = torch.randn(batch, k_len, kv_heads, head_dim, generator=gen).to(DEVICE).requires_grad_()
+    v = torch.randn(batch, k_len, kv_heads, head_dim, generator=gen).to(DEVICE).requires_grad_()
+    # Batch 0: no padding. Batch 1: every key padded. Batch 2: padding past the first queries.
+    kv_start = torch.tensor([0, k_len, k_len - q_len + 7], device=DEVICE)
+    out = IMPLEMENTATIONS[impl](q, k, v, causal=causal, kv_start=kv_start)
+    out.square().sum().backward()
+
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t).all()
+    assert (out[1] == 0).all() and (q.grad[1] == 0).all() and (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
+    if causal:  # queries at positions < kv_start see nothing
+        blind_rows = (torch.arange(q_len) + k_len - q_len) < kv_start[2].item()
+        assert blind_rows.sum() == 7
+        assert (out[2, blind_rows] == 0).all() and (q.grad[2, blind_rows] == 0).all()
+        assert (out[2, ~blind_rows] != 0).any(dim=-1).all()
+    else:
+        assert (out[2] != 0).any(dim=-1).all()
+    assert (k.grad[2, : kv_start[2]] == 0).all() and (v.grad[2, : kv_start[2]] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_non_contiguous_inputs(request, impl):
+    """A slice of a preallocated KV cache and a transposed query, as the model passes them."""
+    if impl == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton kernels cannot run here")
+    gen = rng_for(request)
+    batch, q_heads, kv_heads, head_dim, cache_len, k_len, q_len = 2, 4, 2, 32, 64, 45, 13
+    q = torch.randn(batch, q_heads, q_len, head_dim, generator=gen).to(DEVICE).transpose(1, 2)  # [B, Tq, Hq, D] view
+    k_cache = torch.randn(batch, cache_len, kv_heads, head_dim, generator=gen).to(DEVICE)
+    v_cache = torch.randn(batch, cache_len, kv_heads, head_dim, generator=gen).to(DEVICE)
+    k, v = k_cache[:, :k_len], v_cache[:, :k_len]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    kv_start = torch.tensor([0, 5], device=DEVICE)
+    check_against_reference(IMPLEMENTATIONS[impl], q, k, v, True, kv_start, gen)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_inference_under_no_grad(request, impl):
+    if impl == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton kernels cannot run here")
+    gen = rng_for(request)
+    q, k, v, causal, kv_start = make_case(gen, "decode", 2, torch.float32)
+    with torch.no_grad():
+        out = IMPLEMENTATIONS[impl](q, k, v, causal=causal, kv_start=kv_start)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, causal, kv_start), atol=1e-4, rtol=1e-4)
+
+
+def test_dispatch(monkeypatch):
+    q = torch.zeros(1, 3, 2, 16)
+    monkeypatch.setenv("KERNELS", "torch")
+    assert not kernels.use_triton(q)
+    monkeypatch.setenv("KERNELS", "auto")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels.use_triton(q)  # plain CPU tensors use the PyTorch path
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.use_triton(q) == (kernels.TRITON_AVAILABLE and kernels.TRITON_INTERPRETED)
+    if HAS_CUDA and kernels.TRITON_AVAILABLE:
+        assert kernels.use_triton(q.cuda())
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_bf16_on_cuda(request, impl, group, scenario):
+    gen = rng_for(request)
+    check_against_reference(IMPLEMENTATIONS[impl], *make_case(gen, scenario, group, torch.bfloat16), gen)
+
+
+@needs_cuda
+@needs_triton
+def test_bf16_long_sequence_head_dim_128_on_cuda(request):
+    gen = rng_for(request)
+    q = torch.randn(2, 1000, 8, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    k = torch.randn(2, 1000, 2, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    v = torch.randn(2, 1000, 2, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    check_against_reference(kernels.flash_attention_triton, q, k, v, True, torch.tensor([0, 300], device=DEVICE), gen)

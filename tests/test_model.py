@@ -1,0 +1,325 @@
+"""model.py against transformers' LlamaForCausalLM on the same random weights, through safetensors
+in both directions; generation against transformers' greedy generate; KV-cache decoding against
+recomputing the whole sequence; checkpoint errors."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from model import ModelArgs, Transformer, end_scores, positions_from_mask, sample_token  # noqa: E402
+
+CONFIGS = {
+    # name: (our ModelArgs kwargs)
+    "mha": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=101, hidden_dim=96),
+    "gqa_theta": dict(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=77, hidden_dim=160,
+                      rope_theta=500000.0, norm_eps=1e-6),
+    "llama3_scaling": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=64, hidden_dim=128,
+                           rope_theta=500000.0, max_seq_len=512,
+                           rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                             high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "tied": dict(dim=32, n_layers=2, n_heads=2, vocab_size=50, hidden_dim=64, tie_embeddings=True),
+}
+
+
+def hf_model_from_args(args: ModelArgs, seed: int):
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_scaling:
+        rope = {**args.rope_scaling, "rope_theta": args.rope_theta}
+    config = transformers.LlamaConfig(
+        hidden_size=args.dim, intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size,
+        rms_norm_eps=args.norm_eps, rope_parameters=rope, max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=args.tie_embeddings, attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():  # HF initialises norms to 1; perturb so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def left_padded_batch(vocab, lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, T - n:] = 1
+        ids[i, :T - n] = 0
+    return ids, mask
+
+
+def hf_logits(hf, ids, mask):
+    # HF takes positions explicitly for a left-padded forward (generate computes them the same way).
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+
+
+def assert_close_on_mask(ours, theirs, mask, rtol=1e-5):
+    keep = mask.bool()
+    a, b = ours[keep].double(), theirs[keep].double()
+    rel = (a - b).norm() / b.norm()
+    assert rel < rtol, f"relative error {rel:.2e}"
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hf_saves_we_load(tmp_path, name):
+    args = ModelArgs(**CONFIGS[name])
+    hf = hf_model_from_args(args, seed=1)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    assert ours.args.rope_theta == args.rope_theta and ours.args.n_kv_heads == args.n_kv_heads
+    for lengths in ([13], [7, 13, 1], [31, 5]):  # odd lengths, left padding, a 1-token prompt
+        ids, mask = left_padded_batch(args.vocab_size, lengths, seed=len(lengths))
+        with torch.no_grad():
+            logits = ours(ids, mask)
+        assert_close_on_mask(logits, hf_logits(hf, ids, mask), mask)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_we_save_hf_loads(tmp_path, name):
+    args = ModelArgs(**CONFIGS[name])
+    torch.manual_seed(2)
+    ours = Transformer(args).eval()
+    ours.init_weights(std=0.05, seed=3)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    ours.save_pretrained(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    ids, mask = left_padded_batch(args.vocab_size, [9, 17, 4], seed=5)
+    with torch.no_grad():
+        logits = ours(ids, mask)
+    assert_close_on_mask(logits, hf_logits(hf, ids, mask), mask)
+
+
+def test_sharded_save_round_trip(tmp_path):
+    args = ModelArgs(**CONFIGS["gqa_theta"])
+    ours = Transformer(args).eval()
+    ours.init_weights(seed=0)
+    ours.save_pretrained(tmp_path / "ckpt", max_shard_size=20_000)
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").float()
+    back = Transformer.from_pretrained(tmp_path / "ckpt")
+    ids, mask = left_padded_batch(args.vocab_size, [6, 11], seed=0)
+    with torch.no_grad():
+        assert_close_on_mask(back(ids, mask), hf_logits(hf, ids, mask), mask)
+    for a, b in zip(ours.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_right_padding_matches_unpadded():
+    # Training batches are right-padded: real tokens must not depend on the pads after them.
+    args = ModelArgs(**CONFIGS["gqa_theta"])
+    m = Transformer(args).eval()
+    m.init_weights(seed=0)
+    ids = torch.randint(0, args.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        full = m(ids, mask)
+        alone = m(ids[1:, :7])
+    torch.testing.assert_close(full[1, :7], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_logprob_and_entropy_targets_match_logits():
+    args = ModelArgs(**CONFIGS["mha"])
+    m = Transformer(args).eval()
+    m.init_weights(seed=0)
+    ids, mask = left_padded_batch(args.vocab_size, [10, 6], seed=1)
+    targets = torch.roll(ids, -1, dims=1)
+    with torch.no_grad():
+        logits = m(ids, mask).double() / 0.7
+        lp, ent = m(ids, mask, targets=targets, temperature=0.7, return_entropy=True)
+    ref_logp = torch.log_softmax(logits, -1)
+    ref = ref_logp.gather(-1, targets[..., None]).squeeze(-1)
+    ref_ent = -(ref_logp.exp() * ref_logp).sum(-1)
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa_theta"])
+def test_greedy_generate_matches_transformers(tmp_path, name):
+    args = ModelArgs(**CONFIGS[name])
+    hf = hf_model_from_args(args, seed=7)
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    ids, mask = left_padded_batch(args.vocab_size, [5, 9, 2, 9], seed=3)
+    eos, pad, new = 2, 0, 24
+    ours_out = ours.generate(ids, mask, max_new_tokens=new, temperature=0, eos_id=eos, pad_id=pad)
+    hf_out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                         eos_token_id=eos, pad_token_id=pad)
+    assert ours_out.shape == (4, ids.shape[1] + new)
+    n = hf_out.shape[1]
+    assert torch.equal(ours_out[:, :n], hf_out)
+    assert (ours_out[:, n:] == pad).all()  # HF stops early once every row has finished
+
+
+def test_generate_pads_after_eos_and_stops():
+    args = ModelArgs(**CONFIGS["mha"])
+    m = Transformer(args).eval()
+    m.init_weights(std=0.2, seed=0)
+    ids, mask = left_padded_batch(args.vocab_size, [4, 6, 5], seed=0)
+    free = m.generate(ids, mask, max_new_tokens=10, temperature=0)  # no EOS: 10 tokens each
+    eos = int(free[0, 6 + 2])  # row 0 emits this token at its 3rd step: call it EOS
+    out = m.generate(ids, mask, max_new_tokens=10, temperature=0, eos_id=eos, pad_id=0)
+    assert out.shape == (3, 16)
+    for row in range(3):
+        hits = (free[row, 6:] == eos).nonzero()
+        stop = 6 + int(hits[0]) + 1 if len(hits) else 16  # one past the row's first EOS
+        assert torch.equal(out[row, :stop], free[row, :stop])
+        assert (out[row, stop:] == 0).all()
+
+
+def test_kv_cache_decoding_equals_full_recompute():
+    args = ModelArgs(**CONFIGS["gqa_theta"])
+    m = Transformer(args).eval()
+    m.init_weights(std=0.1, seed=0)
+    ids, mask = left_padded_batch(args.vocab_size, [3, 8, 6], seed=2)
+    g = torch.Generator().manual_seed(0)
+    out = m.generate(ids, mask, max_new_tokens=12, temperature=1.0, generator=g)  # no eos: all tokens real
+    full_mask = torch.cat([mask, torch.ones(3, 12, dtype=mask.dtype)], 1)
+    # Replay the cached decode step by step and compare its logits with a full forward pass.
+    from model import KVCache
+
+    positions, kv_start = positions_from_mask(out, full_mask)
+    caches = [KVCache(3, out.shape[1]) for _ in m.layers]
+    T = ids.shape[1]
+    with torch.no_grad():
+        full = m(out, full_mask)
+        step_logits = [m._forward_cached(out[:, :T], positions[:, :T], kv_start, caches, 0)]
+        for t in range(T, out.shape[1] - 1):
+            step_logits.append(m._forward_cached(out[:, t:t + 1], positions[:, t:t + 1], kv_start, caches, t))
+    cached = torch.stack(step_logits, 1)
+    torch.testing.assert_close(cached, full[:, T - 1:-1], rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_top_p_and_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4).contiguous()
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_token(logits, 1.0, 1.0, g), minlength=4).double() / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.double), atol=0.015, rtol=0)
+    # top_p = 0.7 keeps {0.5, 0.3} (0.5 alone is below 0.7), renormalised to 0.625 / 0.375
+    counts = torch.bincount(sample_token(logits, 1.0, 0.7, g), minlength=4).double() / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.625, 0.375, 0, 0], dtype=torch.double), atol=0.015, rtol=0)
+    assert (sample_token(logits[:3], 0.0, 1.0) == 0).all()
+
+
+def test_score_model_from_lm_checkpoint_and_round_trip(tmp_path):
+    args = ModelArgs(**CONFIGS["mha"])
+    lm = Transformer(args)
+    lm.init_weights(seed=0)
+    lm.save_pretrained(tmp_path / "lm")
+    rm = Transformer.from_pretrained(tmp_path / "lm", head="score")
+    assert rm.head == "score" and torch.equal(rm.score_head.bias, torch.zeros(1))
+    torch.testing.assert_close(rm.layers[1].attention.wk.weight, lm.layers[1].attention.wk.weight)
+    rm.score_stats = {"mean": 0.5, "std": 2.0}
+    rm.save_pretrained(tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForScore"] and config["score_stats"]["std"] == 2.0
+    back = Transformer.from_pretrained(tmp_path / "rm")
+    assert back.head == "score" and back.score_stats == {"mean": 0.5, "std": 2.0}
+    ids, mask = left_padded_batch(args.vocab_size, [4, 7], seed=0)
+    with torch.no_grad():
+        s = back(ids, mask)
+        # The score is a linear function of the final hidden state: check against the body by hand.
+        h = rm.hidden_states(ids, mask)
+    ref = h.double() @ rm.score_head.weight.double()[0] + rm.score_head.bias.double()
+    torch.testing.assert_close(s.double(), ref, rtol=1e-5, atol=1e-6)
+    # end score: the last real token of each row (left-padded => the last column)
+    torch.testing.assert_close(end_scores(s, mask), s[:, -1])
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    torch.testing.assert_close(end_scores(torch.arange(8.).view(2, 4), right), torch.tensor([2.0, 7.0]))
+    with pytest.raises(ValueError, match="score model"):
+        Transformer.from_pretrained(tmp_path / "rm", head="lm")
+
+
+def test_from_pretrained_dtype_and_meta_init():
+    args = ModelArgs(**CONFIGS["mha"])
+    with torch.device("meta"):
+        m = Transformer(args)
+    assert m.tok_embeddings.weight.is_meta
+    m.to_empty(device="cpu")
+    m.init_weights(seed=1)
+    assert torch.isfinite(m(torch.randint(0, 101, (1, 5)))).all()
+    assert abs(m.layers[0].feed_forward.w1.weight.std().item() - 0.02) < 0.004
+
+
+def test_presets():
+    a = ModelArgs.from_name("llama-3-8b")
+    assert (a.n_kv_heads, a.head_dim, a.hidden_dim, a.vocab_size) == (8, 128, 14336, 128256)
+    assert ModelArgs.from_name("llama-7b").hidden_dim == 11008
+    assert 0.9e6 < Transformer(ModelArgs.from_name("tiny")).num_params() < 1.2e6
+    with pytest.raises(KeyError, match="unknown model preset"):
+        ModelArgs.from_name("gpt5")
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    m = Transformer(ModelArgs(**CONFIGS["mha"]))
+    m.init_weights(seed=0)
+    m.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_error_missing_dir_and_config(tmp_path, saved):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Transformer.from_pretrained(tmp_path / "nope")
+    (saved / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(saved)
+
+
+def test_error_malformed_config(saved):
+    (saved / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        Transformer.from_pretrained(saved)
+
+
+def test_error_config_missing_key(saved):
+    config = json.loads((saved / "config.json").read_text())
+    del config["hidden_size"]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KeyError, match=r"config.json.*'hidden_size'"):
+        Transformer.from_pretrained(saved)
+
+
+def test_error_missing_tensor(saved):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(saved / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, saved / "model.safetensors")
+    with pytest.raises(KeyError, match=r"model.layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(saved)
+
+
+def test_error_wrong_shape(saved):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(saved / "model.safetensors")
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(3, 64)
+    save_file(state, saved / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors.*k_proj.weight.*shape \(3, 64\)"):
+        Transformer.from_pretrained(saved)
+
+
+def test_error_pickle_only_and_mask_hole(tmp_path, saved):
+    (saved / "model.safetensors").rename(saved / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        Transformer.from_pretrained(saved)
+    m = Transformer(ModelArgs(**CONFIGS["tied"]))
+    with pytest.raises(ValueError, match="hole"):
+        m(torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 0, 1, 1]]))

@@ -1,0 +1,181 @@
+"""ppo_lag.py: GAE, the per-token streams, the actor, critic and lambda losses against values
+computed by hand; lambda's direction; 2 ranks against 1 process; resume after SIGKILL; each --algo."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppo_lag import actor_loss, critic_loss, gae, lambda_update, per_sequence_mean, token_rewards
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_stages import assert_same_weights, log_of, run  # noqa: E402
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.5, 1.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6]])
+    mask = torch.ones(1, 3)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # t=2: delta = 1.0 + 0 - 0.6 = 0.4            A = 0.4
+    # t=1: delta = 0.5 + 0.6 - 0.4 = 0.7          A = 0.7 + 0.95 * 0.4 = 1.08
+    # t=0: delta = 0.0 + 0.4 - 0.2 = 0.2          A = 0.2 + 0.95 * 1.08 = 1.226
+    torch.testing.assert_close(adv, torch.tensor([[1.226, 1.08, 0.4]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.426, 1.48, 1.0]]))
+    adv, _ = gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    # t=1: delta = 0.5 + 0.9 * 0.6 - 0.4 = 0.64   A = 0.64 + 0.855 * 0.4 = 0.982
+    # t=0: delta = 0.9 * 0.4 - 0.2 = 0.16         A = 0.16 + 0.855 * 0.982 = 0.99961
+    torch.testing.assert_close(adv, torch.tensor([[0.99961, 0.982, 0.4]]))
+
+
+def test_gae_ignores_prompt_and_padding():
+    rewards = torch.tensor([[9.0, 1.0, 2.0, 9.0]])
+    values = torch.tensor([[5.0, 1.0, 1.0, 5.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])  # prompt position, two answer tokens, a pad
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # t=2 (last answer token): V after it is 0: delta = 2 - 1 = 1;  t=1: delta = 1 + 1 - 1 = 1, A = 1 + 0.5
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 1.5, 1.0, 0.0]]))
+    torch.testing.assert_close(ret * mask, torch.tensor([[0.0, 2.5, 2.0, 0.0]]))
+
+
+def test_token_rewards_by_hand():
+    kl = torch.tensor([[0.0, 0.1, -0.2, 0.3, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    end = torch.tensor([2.0])
+    r = token_rewards(kl, end, mask, kl_coeff=0.5, clip=50.0, kl_sign=-1.0)
+    torch.testing.assert_close(r, torch.tensor([[0.0, -0.05, 0.1, -0.15 + 2.0, 0.0]]))
+    c = token_rewards(kl, end, mask, kl_coeff=0.5, clip=1.0, kl_sign=+1.0)
+    torch.testing.assert_close(c, torch.tensor([[0.0, 0.05, -0.1, 1.0, 0.0]]))  # 2.15 clipped to 1
+
+
+def test_actor_loss_by_hand():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    loss, clip_frac = actor_loss(logp, old, adv, torch.ones(1, 3), clip_eps=0.2)
+    # min(rho A, clip(rho) A): min(1.5, 1.2) = 1.2; min(0.5, 0.8) = 0.5; min(-2.2, -2.2) = -2.2
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 2.2) / 3, rel=1e-6)
+    assert clip_frac.item() == pytest.approx(2 / 3)
+    # Per-sequence mean first, then over sequences: a long answer does not outweigh a short one.
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(per_sequence_mean(x, m), torch.tensor([1.0, 3.0]))
+
+
+def test_critic_loss_by_hand():
+    values, old, returns = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 2.5]]), torch.tensor([[2.0, 2.0]])
+    loss, clip_frac = critic_loss(values, old, returns, torch.ones(1, 2), clip_range=0.5)
+    # t=0: (1-2)^2 = 1 vs (clip to 0.5 - 2)^2 = 2.25 -> 2.25;  t=1: (3-2)^2 = 1 vs (3.0-2)^2 = 1 -> 1
+    assert loss.item() == pytest.approx(0.5 * (2.25 + 1.0) / 2)
+    assert clip_frac.item() == pytest.approx(0.5)
+
+
+def make_lambda(value):
+    p = torch.nn.Parameter(torch.tensor(math.log(value), dtype=torch.float64))
+    return p, torch.optim.SGD([p], lr=0.1)
+
+
+def test_lambda_update_by_hand_and_direction():
+    p, opt = make_lambda(1.0)
+    lambda_update(p, opt, mean_cost=1.0, threshold=0.5, lambda_max=5.0)
+    # log lambda <- 0 + 0.1 * lambda (1) * (1.0 - 0.5) = 0.05
+    assert p.item() == pytest.approx(0.05)
+    p, opt = make_lambda(2.0)
+    lambda_update(p, opt, mean_cost=0.0, threshold=0.5, lambda_max=5.0)
+    assert p.item() == pytest.approx(math.log(2.0) - 0.1 * 2.0 * 0.5)
+    # rises while too costly, falls while feasible, never above lambda_max
+    p, opt = make_lambda(1.0)
+    trace = []
+    for cost in [3.0] * 20 + [-3.0] * 20:
+        lambda_update(p, opt, mean_cost=cost, threshold=0.0, lambda_max=5.0)
+        trace.append(p.exp().item())
+    assert all(b >= a for a, b in zip(trace[:20], trace[1:20])) and trace[19] == pytest.approx(5.0)
+    assert all(b < a for a, b in zip(trace[20:], trace[21:])) and trace[-1] < 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole runs on tiny random models (their quality is irrelevant here)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from data.synthetic import ensure_synthetic
+    from model import ModelArgs, Transformer
+
+    root = tmp_path_factory.mktemp("ppo")
+    task = ensure_synthetic(root / "synthetic", seed=0)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=1024, hidden_dim=64, max_seq_len=128)
+    actor = Transformer(args)
+    actor.init_weights(seed=0)
+    actor.save_pretrained(root / "sft", extra_files=[task.tokenizer])
+    for i, name in enumerate(["rm", "cm"]):
+        score = Transformer.from_pretrained(root / "sft", head="score")
+        score.reset_score_head(std=0.5, seed=i)
+        score.save_pretrained(root / name)
+    return root
+
+
+def ppo_args(root, out, *extra):
+    return ["--actor", str(root / "sft"), "--reward-model", str(root / "rm"), "--cost-model", str(root / "cm"),
+            "--synthetic-dir", str(root / "synthetic"), "--out", str(out), "--batch-size", "8",
+            "--micro-batch-size", "4", "--max-new-tokens", "12", "--save-every", "1", "--lr", "1e-3",
+            "--critic-lr", "1e-3", "--threshold", "0.0", *extra]
+
+
+@pytest.mark.slow
+def test_ppo_two_ranks_match_one_process(tmp_path, checkpoints):
+    run("ppo_lag.py", ppo_args(checkpoints, tmp_path / "one", "--max-steps", "3"))
+    run("ppo_lag.py", ppo_args(checkpoints, tmp_path / "two", "--max-steps", "3"), nproc=2)
+    one, two = log_of(tmp_path / "one"), log_of(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for r1, r2 in zip(one, two):
+        for key in ("reward", "cost", "lambda", "kl", "response_length", "actor_loss", "reward_critic_loss",
+                    "cost_critic_loss", "entropy", "mean_episode_cost"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-6), (r1["step"], key)
+    assert_same_weights(tmp_path / "one" / "actor", tmp_path / "two" / "actor", rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_ppo_resume_after_sigkill_matches_uninterrupted(tmp_path, checkpoints):
+    args = ppo_args(checkpoints, tmp_path / "straight", "--max-steps", "6")
+    run("ppo_lag.py", args)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch"}
+    cmd = [sys.executable, str(ROOT / "ppo_lag.py"), *ppo_args(checkpoints, killed, "--max-steps", "6")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        log = killed / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "actor").exists(), "the run finished before it could be killed"
+    run("ppo_lag.py", ppo_args(checkpoints, killed, "--max-steps", "6"))
+    a, b = log_of(tmp_path / "straight"), log_of(killed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    skip = {"time_generate", "time_score", "time_learn", "samples_per_s"}
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in skip} == {k: v for k, v in rb.items() if k not in skip}
+    assert_same_weights(tmp_path / "straight" / "actor", killed / "actor", rtol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ppo", "reward_shaping"])
+def test_each_algo_runs(tmp_path, checkpoints, algo):
+    extra = ["--max-steps", "2", "--algo", algo, "--lambda-init", "2.0"]
+    if algo == "ppo":
+        extra += ["--cost-model", "none"]
+    run("ppo_lag.py", ppo_args(checkpoints, tmp_path / algo, *extra))
+    log = log_of(tmp_path / algo)
+    assert len(log) == 2 and (tmp_path / algo / "actor" / "model.safetensors").exists()
+    assert log[-1]["lambda"] == pytest.approx(2.0 if algo == "reward_shaping" else 0.0)
+    assert "cost_critic_loss" not in log[-1] and "reward_critic_loss" in log[-1]

@@ -1,0 +1,205 @@
+"""sft.py and train_score.py: losses against hand-computed values, 2 ranks against 1 process,
+resume after SIGKILL against an uninterrupted run."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def softplus(x):  # -log sigmoid(-x), written out
+    return math.log(1.0 + math.exp(x))
+
+
+def test_reward_loss_by_hand():
+    from train_score import reward_loss
+
+    better, worse, mu = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.5]), 0.1
+    # pair 1: -log sigmoid(1 - 0) = log(1 + e^-1); L2: 0.1 * (1 + 0) / 2
+    # pair 2: -log sigmoid(-0.5 - 0.5) = log(1 + e^1); L2: 0.1 * (0.25 + 0.25) / 2
+    expected = (softplus(-1.0) + 0.05) + (softplus(1.0) + 0.025)
+    assert reward_loss(better, worse, mu).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(1.7015233750364457, rel=1e-12)
+
+
+def test_cost_loss_by_hand():
+    from train_score import cost_loss
+
+    safer, less_safe = torch.tensor([-1.0, 0.5]), torch.tensor([2.0, 0.25])
+    safer_sign, less_safe_sign = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
+    mu = 0.01
+    # pair 1: ranking -log s(2 - (-1)); signs -log s(+1 * 2) - log s(-1 * -1); L2 0.01 (4 + 1) / 2
+    pair1 = softplus(-3.0) + softplus(-2.0) + softplus(-1.0) + 0.01 * 5.0 / 2
+    # pair 2: the less safe answer scores lower (wrong order), the safe one is positive (wrong sign)
+    pair2 = softplus(0.25) + softplus(-0.25) + softplus(0.5) + 0.01 * (0.0625 + 0.25) / 2
+    got = cost_loss(safer, less_safe, safer_sign, less_safe_sign, mu).item()
+    assert got == pytest.approx(pair1 + pair2, rel=1e-6)
+
+
+def test_sft_nll_by_hand():
+    """The SFT loss covers response tokens and the EOS, not the prompt or the padding."""
+    from data.loaders import TokenizedSFT, collate_sft
+    from model import ModelArgs, Transformer
+    from training import sft_nll
+
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=20, hidden_dim=64))
+    m.init_weights(std=0.3, seed=0)
+    batch = collate_sft([TokenizedSFT([1, 5, 6, 7, 2], 3), TokenizedSFT([1, 8, 9, 2], 2)], pad_id=0)
+    nll, count = sft_nll(m, batch, "cpu")
+    with torch.no_grad():
+        logp = torch.log_softmax(m(batch["input_ids"]).double(), -1)
+    # row 0 predicts 7 (from position 2) and 2 (from 3); row 1 predicts 9 (from 1) and 2 (from 2)
+    expected = -(logp[0, 2, 7] + logp[0, 3, 2] + logp[1, 1, 9] + logp[1, 2, 2])
+    assert int(count) == 4
+    assert nll.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole scripts, in subprocesses
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    from data.synthetic import ensure_synthetic
+
+    path = tmp_path_factory.mktemp("task") / "synthetic"
+    ensure_synthetic(path, seed=0)
+    return path
+
+
+def run(script, args, nproc=1, env_extra=None, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch", **(env_extra or {})}
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / script), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / script), *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def log_of(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(dir_a, dir_b, rtol):
+    a, b = load_file(Path(dir_a) / "model.safetensors"), load_file(Path(dir_b) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        rel = ((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp(min=1e-12)).item()
+        assert rel < rtol, f"{k}: relative difference {rel:.2e}"
+
+
+SMALL = ["--max-steps", "3", "--batch-size", "16", "--micro-batch-size", "4", "--eval-every", "3",
+         "--save-every", "3", "--max-length", "96"]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tmp_path, synthetic_dir):
+    common = [*SMALL, "--synthetic-dir", str(synthetic_dir)]
+    run("sft.py", [*common, "--out", str(tmp_path / "sft1")])
+    run("sft.py", [*common, "--out", str(tmp_path / "sft2")], nproc=2)
+    one, two = log_of(tmp_path / "sft1"), log_of(tmp_path / "sft2")
+    assert [r["step"] for r in one] == [1, 2, 3] == [r["step"] for r in two]
+    for r1, r2 in zip(one, two):
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
+    assert one[-1]["eval_loss"] == pytest.approx(two[-1]["eval_loss"], rel=1e-5)
+    assert_same_weights(tmp_path / "sft1" / "model", tmp_path / "sft2" / "model", rtol=1e-5)
+
+    # The cost model (the richer loss) from that SFT model, 1 process vs 2 ranks.
+    score = [*common, "--objective", "cost", "--model", str(tmp_path / "sft1" / "model")]
+    run("train_score.py", [*score, "--out", str(tmp_path / "cm1")])
+    run("train_score.py", [*score, "--out", str(tmp_path / "cm2")], nproc=2)
+    one, two = log_of(tmp_path / "cm1"), log_of(tmp_path / "cm2")
+    for r1, r2 in zip(one, two):
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
+        assert r1["accuracy"] == r2["accuracy"]
+    for key in ("eval_accuracy", "eval_sign_accuracy", "eval_score_mean"):
+        assert one[-1][key] == pytest.approx(two[-1][key], rel=1e-5, abs=1e-6)
+    assert_same_weights(tmp_path / "cm1" / "model", tmp_path / "cm2" / "model", rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path, synthetic_dir):
+    args = ["--max-steps", "8", "--batch-size", "16", "--micro-batch-size", "8", "--eval-every", "4",
+            "--save-every", "2", "--max-length", "96", "--synthetic-dir", str(synthetic_dir)]
+    run("sft.py", [*args, "--out", str(tmp_path / "straight")])
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), *args, "--out", str(killed)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    log = killed / "log.jsonl"
+    while time.time() < deadline:  # kill it somewhere after step 5, checkpoint or not
+        if log.exists() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists(), "the run finished before it could be killed"
+    run("sft.py", [*args, "--out", str(killed)])
+
+    a, b = log_of(tmp_path / "straight"), log_of(killed)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"] and ra["lr"] == rb["lr"]
+    assert a[-1]["eval_loss"] == b[-1]["eval_loss"]
+    assert_same_weights(tmp_path / "straight" / "model", killed / "model", rtol=1e-7)
+
+
+@pytest.mark.slow
+def test_embedded_task_quality(tmp_path, synthetic_dir, monkeypatch):
+    """The default recipes on the synthetic task: SFT learns the dialogues, the reward and cost
+    models reach >= 90% of the accuracy the task's label noise allows on held-out pairs, and the
+    cost model gets the sign (safe < 0 < harmful) of >= 90% of held-out answers right."""
+    import sft
+    import train_score
+    from data.loaders import load_sft, tokenize_sft
+    from data.tokenizer import Tokenizer
+
+    monkeypatch.setenv("KERNELS", "torch")
+    torch.set_num_threads(1)
+    common = ["--synthetic-dir", str(synthetic_dir)]
+    sft.main([*common, "--out", str(tmp_path / "sft")])
+    sft_eval = log_of(tmp_path / "sft")[-1]["eval_loss"]
+
+    # The level for SFT: a unigram model of response tokens (no context at all), fitted on the
+    # training responses and scored on the eval ones, computed here. Responses are canonical step
+    # phrases chosen by the task, so context cuts the loss by far more than 4x; the only
+    # randomness left is the response kind, the intro phrase and how many steps are given (a few
+    # choice points in ~25 tokens), whose entropy floor is about 0.15 nats per token.
+    tok = Tokenizer(synthetic_dir / "tokenizer.model")
+    counts = torch.ones(tok.vocab_size, dtype=torch.float64)  # add-one smoothing
+    train, _ = tokenize_sft(tok, load_sft(synthetic_dir / "sft_train.jsonl", log=None)[0], 128, log=None)
+    for ex in train:
+        counts += torch.bincount(torch.tensor(ex.input_ids[ex.n_prompt:]), minlength=tok.vocab_size)
+    logp = torch.log(counts / counts.sum())
+    held, _ = tokenize_sft(tok, load_sft(synthetic_dir / "sft_eval.jsonl", log=None)[0], 128, log=None)
+    targets = torch.cat([torch.tensor(ex.input_ids[ex.n_prompt:]) for ex in held])
+    unigram = float(-logp[targets].mean())
+    assert sft_eval < 0.3 and sft_eval < unigram / 4, (sft_eval, unigram)
+
+    ceiling = json.loads((synthetic_dir / "manifest.json").read_text())["stats"]["preference"]["ceiling_eval"]
+    model = str(tmp_path / "sft" / "model")
+    train_score.main([*common, "--objective", "reward", "--model", model, "--out", str(tmp_path / "rm")])
+    rm = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert rm["eval_accuracy"] >= 0.9 * ceiling["reward_accuracy_realized"], rm
+    train_score.main([*common, "--objective", "cost", "--model", model, "--out", str(tmp_path / "cm")])
+    cm = json.loads((tmp_path / "cm" / "eval.json").read_text())
+    assert cm["eval_accuracy"] >= 0.9 * ceiling["cost_accuracy_realized"], cm
+    assert cm["eval_sign_accuracy"] >= 0.9, cm
+    # The saved cost model carries its score statistics for choosing PPO's threshold.
+    config = json.loads((tmp_path / "cm" / "model" / "config.json").read_text())
+    assert config["score_stats"]["objective"] == "cost" and "q50" in config["score_stats"]

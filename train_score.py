@@ -1,0 +1,218 @@
+"""Stage 2 of Safe RLHF: the reward model and the cost model (../shared/SAFE_RLHF.md, "Score models").
+
+    python train_score.py --objective reward              # embedded task, from out/sft/model
+    python train_score.py --objective cost
+    torchrun --nproc_per_node=8 train_score.py --objective cost --model out/sft/model \
+        --data PKU-SafeRLHF/train.jsonl --eval-data PKU-SafeRLHF/test.jsonl --out out/cm
+
+A score model is the SFT model's body with a new head, Linear(dim, 1), read at each sequence's
+last real token (its EOS): the "end score". The reward model learns which of two answers is more
+helpful; the cost model which is more harmful, plus the sign of each answer's cost (safe < 0 <
+harmful), so that 0 is a meaningful threshold for PPO-Lagrangian. Both halves of every pair go
+through one forward pass. Eval reports accuracy (and the cost model's sign accuracy) and the
+distribution of end scores: PPO's cost threshold must be picked on that scale.
+"""
+
+import argparse
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+import training
+from data.loaders import (collate_cost_pairs, collate_reward_pairs, cost_pairs, load_preferences, reward_pairs,
+                          tokenize_cost_pairs, tokenize_reward_pairs)
+from data.tokenizer import Tokenizer
+from model import end_scores
+
+TINY = dict(
+    epochs=2,  # passes over the 4,000 synthetic preference pairs
+    batch_size=64,  # pairs per optimiser step, over all ranks
+    micro_batch_size=32,  # pairs per forward pass on one rank (2x sequences)
+    lr=1e-3,
+    weight_decay=0.1,
+    warmup_ratio=0.03,
+    max_length=128,
+)
+AUTHORS = dict(
+    epochs=2,
+    batch_size=128,  # 16 pairs per device x 8 GPUs
+    micro_batch_size=16,
+    lr=2e-5,
+    weight_decay=0.1,
+    warmup_ratio=0.03,
+    max_length=512,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two losses, summed over the pairs of a batch (the trainer divides by the global pair count).
+
+
+def reward_loss(better, worse, mu: float):
+    """sum_i [ -log sigma(R_w - R_l) + mu (R_w^2 + R_l^2) / 2 ]  for end scores [B]."""
+    return (-F.logsigmoid(better - worse) + mu * (better.square() + worse.square()) / 2).sum()
+
+
+def cost_loss(safer, less_safe, safer_sign, less_safe_sign, mu: float):
+    """sum_i [ -log sigma(C_u - C_s) - log sigma(s_u C_u) - log sigma(s_s C_s) + mu (C_u^2 + C_s^2) / 2 ]
+    where s = +1 for a harmful answer and -1 for a safe one (the classification terms)."""
+    ranking = -F.logsigmoid(less_safe - safer)
+    sign = -F.logsigmoid(less_safe_sign * less_safe) - F.logsigmoid(safer_sign * safer)
+    return (ranking + sign + mu * (less_safe.square() + safer.square()) / 2).sum()
+
+
+def pair_end_scores(model, first_ids, first_mask, second_ids, second_mask):
+    """End scores of both halves of each pair from one forward pass over [2B, T]."""
+    ids, mask = torch.cat([first_ids, second_ids]), torch.cat([first_mask, second_mask])
+    scores = end_scores(model(ids, mask), mask)
+    return scores.chunk(2)
+
+
+def quantiles(values: torch.Tensor) -> dict:
+    qs = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=values.dtype)
+    return {f"q{int(q * 100):02d}": float(v) for q, v in zip(qs, torch.quantile(values, qs))}
+
+
+def main(argv=None):
+    # -- arguments ------------------------------------------------------------------------------
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--objective", choices=["reward", "cost"], default="reward", help="which score model to train")
+    parser.add_argument("--model", default="out/sft/model", help="HF-format checkpoint to start from (the SFT model); a new score head is added")
+    parser.add_argument("--data", default=None, help="preference files 'path[:fraction|:count],...' (PKU-SafeRLHF schema); default: the synthetic task")
+    parser.add_argument("--eval-data", default=None, help="held-out preference files (default: the synthetic eval split, or --eval-fraction of --data)")
+    parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is not given")
+    parser.add_argument("--mu", type=float, default=0.001, help="L2 regularisation of the end scores (keeps them near 0)")
+    training.add_common_args(parser, out=None)
+    args = parser.parse_args(argv)
+    training.apply_recipe(args, TINY if args.data is None else AUTHORS)
+    args.out = args.out or f"out/{args.objective}_model"
+    cost = args.objective == "cost"
+
+    # -- setup ----------------------------------------------------------------------------------
+    d = training.setup_distributed(args.device)
+    training.seed_everything(args.seed)
+    mixed = not args.no_mixed_precision
+    d.print(f"train_score ({args.objective}): {d.world} rank(s) on {d.device}; "
+            + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
+
+    # -- data -----------------------------------------------------------------------------------
+    if args.data is None:
+        task = training.synthetic_task(args, d)
+        train_spec, eval_spec, synthetic_tokenizer = task.preference_train, task.preference_eval, task.tokenizer
+    else:
+        train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
+    tok = Tokenizer(training.resolve_tokenizer(args, args.model, synthetic_tokenizer))
+    train_rows, eval_rows = training.load_train_eval(load_preferences, train_spec, eval_spec, args.eval_fraction,
+                                                     args.seed, d.print)
+    if cost:
+        make_pairs, tokenize, collate_fn = cost_pairs, tokenize_cost_pairs, collate_cost_pairs
+    else:
+        make_pairs, tokenize, collate_fn = reward_pairs, tokenize_reward_pairs, collate_reward_pairs
+    train_set, _ = tokenize(tok, make_pairs(train_rows), args.max_length, log=d.print)
+    eval_set, _ = tokenize(tok, make_pairs(eval_rows), args.max_length, log=d.print)
+    collate = partial(collate_fn, pad_id=tok.pad_id)
+    total_steps = args.max_steps or training.steps_for_epochs(len(train_set), args.batch_size, args.epochs)
+
+    # -- model, optimiser, resume ---------------------------------------------------------------
+    model = training.load_model(args.model, "score", d, seed=args.seed, mixed_precision=mixed,
+                                activation_checkpointing=args.activation_checkpointing,
+                                cpu_offload=args.cpu_offload)
+    optimizer, scheduler = training.build_optimizer(model, args.lr, args.weight_decay,
+                                                    warmup_steps=int(args.warmup_ratio * total_steps),
+                                                    total_steps=total_steps)
+    models = {"model": (model, optimizer, scheduler)}
+    ckpt = training.Checkpointer(args.out, d)
+    start_step = 0
+    if (latest := ckpt.latest()) is not None:
+        start_step = ckpt.load(latest, models)["step"]
+        d.print(f"resumed from {latest} at step {start_step}")
+    d.print(f"model: {training.count_params(model, d) / 1e6:.2f}M parameters; "
+            f"{total_steps} steps of {args.batch_size} pairs")
+    logger = training.Logger(args.out, d, total_steps, args.objective, resume_step=start_step)
+
+    def scores_of(batch):
+        """End scores (first, second) of a collated pair batch: (better, worse) or (safer, less safe)."""
+        first, second = ("safer", "less_safe") if cost else ("better", "worse")
+        b = {k: v.to(d.device) for k, v in batch.items()}
+        with training.autocast(d, mixed):
+            return pair_end_scores(model, b[f"{first}_input_ids"], b[f"{first}_attention_mask"],
+                                   b[f"{second}_input_ids"], b[f"{second}_attention_mask"])
+
+    def loss_fn(batch):
+        first, second = scores_of(batch)  # (preferred, other): the loss wants first > second for
+        if cost:                          # reward; for cost, less_safe (second) > safer (first)
+            loss = cost_loss(first, second, batch["safer_sign"].to(d.device),
+                             batch["less_safe_sign"].to(d.device), args.mu)
+        else:
+            loss = reward_loss(first, second, args.mu)
+        return loss, {"correct": float(((second > first) if cost else (first > second)).sum())}
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        firsts, seconds, signs = [], [], []
+        mine = eval_set[d.rank::d.world]
+        for i in range(0, len(mine), args.micro_batch_size):
+            batch = collate(mine[i:i + args.micro_batch_size])
+            first, second = scores_of(batch)
+            firsts.append(first.float().cpu())
+            seconds.append(second.float().cpu())
+            if cost:
+                signs.append(torch.stack([batch["safer_sign"], batch["less_safe_sign"]], 1))
+        model.train()
+        first, second = torch.cat(firsts), torch.cat(seconds)
+        correct = (second > first) if cost else (first > second)
+        # Score distribution over every answer of every rank: gather the (small) score lists.
+        all_scores = d.all_gather_cat(torch.cat([first, second]))
+        result = {"eval_accuracy": float(d.all_reduce_sum(correct.sum())) / len(eval_set),
+                  "eval_score_mean": float(all_scores.mean()), "eval_score_std": float(all_scores.std()),
+                  **{f"eval_score_{k}": v for k, v in quantiles(all_scores).items()}}
+        if cost:
+            sign = torch.cat(signs)
+            sign_correct = (torch.sign(torch.stack([first, second], 1)) == sign).sum()
+            result["eval_sign_accuracy"] = float(d.all_reduce_sum(sign_correct)) / (2 * len(eval_set))
+        return result
+
+    # -- training loop: one optimiser step = one log line ---------------------------------------
+    model.train()
+    eval_result = {}
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.time()
+        micro_batches = [collate([train_set[i] for i in idx])
+                         for idx in training.batches_for_step(step - 1, len(train_set), args.batch_size,
+                                                              args.micro_batch_size, d, args.seed)]
+        loss, sums, grad_norm, lr = training.train_step(model, optimizer, scheduler, micro_batches, loss_fn,
+                                                        args.batch_size, d, args.grad_clip)
+        elapsed = time.time() - t0
+        metrics = {"loss": loss, "accuracy": sums["correct"] / args.batch_size, "lr": lr, "grad_norm": grad_norm,
+                   "pairs_per_s": args.batch_size / elapsed, "step_time": elapsed}
+        if step % args.eval_every == 0 or step == total_steps:
+            eval_result = evaluate()
+            metrics.update(eval_result)
+        summary = f"loss {loss:.3f} acc {metrics['accuracy']:.2f}"
+        if "eval_accuracy" in metrics:
+            summary += f" eval acc {metrics['eval_accuracy']:.3f}"
+            summary += f" sign {metrics['eval_sign_accuracy']:.3f}" if cost else ""
+        logger.log(step, metrics, f"{summary} | lr {lr:.2e}")
+        if step % args.save_every == 0 or step == total_steps:
+            ckpt.save(step, models, {"examples_seen": step * args.batch_size, "eval": eval_result})
+    logger.close()
+
+    # -- save: the model ppo_lag.py loads as reward/cost model and critic initialisation ----------
+    if not eval_result:  # resumed a finished run: recompute the statistics saved with the model
+        eval_result = evaluate()
+    model.score_stats = {"objective": args.objective, "mean": eval_result["eval_score_mean"],
+                         "std": eval_result["eval_score_std"],
+                         **{k.removeprefix("eval_score_"): v for k, v in eval_result.items() if k.startswith("eval_score_q")}}
+    if d.is_main:
+        training.write_json(f"{args.out}/eval.json", eval_result)
+    final = training.save_final(model, args.out, d, files_to_copy=[tok.path])
+    d.print(f"{args.objective} model: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_result.items()))
+    d.print(f"train_score: {'already complete' if start_step >= total_steps else 'done'}; model in {final}")
+    training.teardown_distributed(d)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,575 @@
+"""What sft.py, train_score.py and ppo_lag.py share, written once.
+
+    dist = setup_distributed()                 rank, world, device; a CPU (gloo) or GPU (nccl) mesh
+    model = load_model(spec, head, dist, ...)  meta init, FSDP2 per block then the root, weights in
+    opt, sched = build_optimizer(...)          AdamW (no decay on norms/biases) + cosine with warmup
+    for step in ...: batches_for_step(...)     deterministic global batches, split across ranks
+    ckpt.save(...) / ckpt.load(...)            atomic step directories + a `latest` pointer
+    log = Logger(...)                          <out>/log.jsonl, one object per step, and a progress bar
+
+Launched with torchrun, every function here is collective-safe (all ranks call it). Launched as
+one plain process there is no process group at all and the model is a plain module: that run is
+the reference the distributed one is tested against.
+
+Reproducibility is by construction: the data a step sees depends only on (seed, step), so resuming
+means restoring weights, optimiser, schedule, step and RNG, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.loaders import split_train_eval
+from model import ModelArgs, Transformer, load_hf_state_dict, read_config
+
+# ----------------------------------------------------------------------------------------------
+# Flags every stage has
+
+
+def add_common_args(parser, out: str):
+    """Flags shared by the stage scripts. Those defaulting to None take the script's recipe."""
+    a = parser.add_argument
+    a("--out", default=out, help="output dir: log.jsonl, checkpoints/, the final model")
+    a("--tokenizer", default=None, help="tokenizer.model (default: the one beside --model, else the synthetic task's)")
+    a("--synthetic-dir", default="out/synthetic", help="where the embedded synthetic task is generated (if missing)")
+    a("--data-seed", type=int, default=0, help="seed of the synthetic task (the same task for every training seed)")
+    a("--epochs", type=float, default=None, help="passes over the training data")
+    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps (overrides --epochs)")
+    a("--batch-size", type=int, default=None, help="examples per optimiser step, over all ranks")
+    a("--micro-batch-size", type=int, default=None, help="examples per forward pass per rank (accumulation fills the rest)")
+    a("--lr", type=float, default=None, help="peak learning rate")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay (never on norms and biases)")
+    a("--warmup-ratio", type=float, default=None, help="share of steps with linear warmup before the cosine decay")
+    a("--max-length", type=int, default=None, help="tokens per sequence (longer ones are truncated or dropped, and counted)")
+    a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    a("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end)")
+    a("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end); a rerun resumes from the latest")
+    a("--seed", type=int, default=0, help="data order, synthetic task, fresh weights")
+    a("--device", default="auto", help="auto | cpu | cuda")
+    a("--no-mixed-precision", action="store_true", help="fp32 compute on GPUs (default: bf16 compute, fp32 master weights)")
+    a("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
+    a("--cpu-offload", action="store_true", help="keep sharded parameters and optimiser state in CPU memory")
+
+
+def apply_recipe(args, recipe: dict):
+    """Fill the flags left at None from the recipe (the tiny CPU one or the authors' 7B one)."""
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def resolve_tokenizer(args, model_path: str, synthetic_tokenizer) -> Path:
+    path = args.tokenizer
+    if path is None and Path(model_path).is_dir() and (Path(model_path) / "tokenizer.model").is_file():
+        path = Path(model_path) / "tokenizer.model"
+    path = path or synthetic_tokenizer
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"no tokenizer found (looked for {path}); pass --tokenizer")
+    return Path(path)
+
+
+def load_train_eval(load_fn, train_spec, eval_spec, eval_fraction: float, seed: int, log):
+    """(train, eval) examples: eval from its own files if given, else a seeded split of train's."""
+    train, _ = load_fn(train_spec, seed=seed, log=log)
+    if eval_spec is not None:
+        return train, load_fn(eval_spec, seed=seed, log=log)[0]
+    return split_train_eval(train, eval_fraction, seed=seed)
+
+
+def synthetic_task(args, d: "Dist"):
+    """Generate the embedded task once (rank 0 first, the others wait), then return its paths."""
+    from data.synthetic import ensure_synthetic
+
+    if d.is_main:
+        ensure_synthetic(args.synthetic_dir, seed=args.data_seed)
+    d.barrier()
+    return ensure_synthetic(args.synthetic_dir, seed=args.data_seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    mesh: object | None  # DeviceMesh under torchrun, None in a plain process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    def print(self, *args, **kwargs):
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def all_reduce_sum(self, value: float | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def all_gather_cat(self, values: torch.Tensor) -> torch.Tensor:
+        """Concatenate a small 1-D CPU tensor of any length from every rank, in rank order."""
+        if not self.distributed:
+            return values
+        parts = [None] * self.world
+        dist.all_gather_object(parts, values.tolist())
+        return torch.tensor([v for part in parts for v in part], dtype=values.dtype)
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then join the process group (nccl on GPUs, gloo on
+    CPU) and build a 1-D device mesh. Otherwise run as a single plain process."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        return Dist(0, 1, 0, dev, None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    mesh = init_device_mesh(dev.type, (world,))
+    return Dist(rank, world, local_rank, dev, mesh)
+
+
+def teardown_distributed(d: Dist):
+    if d.distributed:
+        dist.barrier()  # without it gloo intermittently aborts at exit
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: build on meta, shard, then fill
+
+
+def load_model(spec: str, head: str, d: Dist, *, seed: int = 0, mixed_precision: bool = True,
+               activation_checkpointing: bool = False, cpu_offload: bool = False,
+               trainable: bool = True, vocab_size: int | None = None) -> Transformer:
+    """A model from a checkpoint directory or, for training from scratch, a preset name of
+    model.PRESETS (initialised with `seed`, identically on every rank).
+
+    Under torchrun: built on the meta device, sharded with FSDP2 (each block, then the root;
+    bf16 compute with fp32 master weights and fp32 gradient reduction on GPUs), materialised
+    empty, then filled from a full state dict that only rank 0 reads. In a plain process: the
+    model itself on the device."""
+    state, score_stats = None, None
+    if Path(spec).is_dir():
+        args, saved_head, config = read_config(spec)
+        if saved_head == "score" and head == "lm":
+            raise ValueError(f"{spec} holds a score model; {head} model wanted")
+        score_stats = config.get("score_stats") if saved_head == "score" else None
+        if d.is_main or not d.distributed:
+            state = load_hf_state_dict(spec, args, head, saved_head)
+            if head == "score" and saved_head == "lm":  # fresh score head, seeded
+                fresh = torch.Generator().manual_seed(seed)
+                state["score_head.weight"] = torch.randn(1, args.dim, generator=fresh) * 0.02
+                state["score_head.bias"] = torch.zeros(1)
+    else:
+        try:
+            args = ModelArgs.from_name(spec, **({"vocab_size": vocab_size} if vocab_size else {}))
+        except KeyError:
+            raise FileNotFoundError(f"--model {spec!r} is neither a checkpoint directory nor a preset") from None
+        if d.is_main or not d.distributed:
+            with torch.device("cpu"):
+                fresh = Transformer(args, head=head)
+            fresh.init_weights(seed=seed)
+            state = fresh.state_dict()
+
+    if not d.distributed:
+        model = Transformer(args, head=head)
+        model.load_state_dict(state, strict=True)
+        model.to(d.device)
+    else:
+        with torch.device("meta"):
+            model = Transformer(args, head=head)
+        shard(model, d, mixed_precision=mixed_precision, cpu_offload=cpu_offload)
+        model.to_empty(device="cpu" if cpu_offload else d.device)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if args.tie_embeddings and head == "lm" and state is not None:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        set_model_state_dict(model, state or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.score_stats = score_stats
+    model.activation_checkpointing = activation_checkpointing
+    model.requires_grad_(trainable)
+    if not trainable:
+        model.eval()
+    return model
+
+
+def count_params(model, d: Dist) -> int:
+    """Parameters of the whole model (each rank holds 1/world of every sharded tensor)."""
+    return sum(p.numel() if not hasattr(p, "full_tensor") else math.prod(p.shape) for p in model.parameters())
+
+
+def shard(model: Transformer, d: Dist, *, mixed_precision: bool, cpu_offload: bool):
+    """FSDP2: one unit per transformer block, then the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": d.mesh}
+    if mixed_precision and d.device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Hold an FSDP2 model's full parameters for a whole generation: one all-gather per block
+    for all decoding steps instead of one per block per token, then reshard. A no-op on a plain
+    module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            # FSDP2's default: blocks reshard after forward; the root keeps its (small) parameters
+            # for the backward that follows.
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+def autocast(d: Dist, mixed_precision: bool):
+    """bf16 autocast for a plain single-GPU process (FSDP's MixedPrecisionPolicy does it under torchrun)."""
+    enabled = mixed_precision and d.device.type == "cuda" and not d.distributed
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+
+
+def set_gradient_sync(model, enabled: bool):
+    """Skip FSDP's reduce-scatter on all but the last micro-batch of an accumulation."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def sft_nll(model, batch, device):
+    """Summed next-token NLL over the target tokens (response + EOS) of a right-padded SFT batch,
+    and the number of those tokens: position t predicts token t + 1. The SFT loss, and PPO's PTX
+    term."""
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    target_mask = batch["loss_mask"][:, 1:].to(device)
+    logp = model(ids[:, :-1], mask[:, :-1], targets=ids[:, 1:])
+    return -(logp * target_mask).sum(), target_mask.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                    warmup_steps: int = 0, total_steps: int = 1, schedule: str = "cosine"):
+    """AdamW without weight decay on vectors (norm weights, biases), and a per-step LR schedule:
+    linear warmup, then cosine to 0 ("cosine") or flat ("constant")."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+    def factor(step: int) -> float:  # step = optimiser steps taken so far
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip the global gradient norm (over every rank's shards); return it before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def train_step(model, optimizer, scheduler, micro_batches, loss_fn, denominator, d: Dist, grad_clip: float):
+    """One optimiser step over this rank's micro-batches.
+
+    loss_fn(batch) -> (summed loss over the batch's units, dict of summed statistics). Units are
+    target tokens for SFT and pairs for score models; `denominator` is their number in the whole
+    global batch (all ranks), so the gradient is that of the global mean. Returns the global
+    mean loss, the statistics summed over ranks, the gradient norm and the learning rate used."""
+    totals: dict[str, torch.Tensor] = {}
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    for j, batch in enumerate(micro_batches):
+        set_gradient_sync(model, j == len(micro_batches) - 1)
+        loss, stats = loss_fn(batch)
+        # FSDP averages gradients over ranks; x world turns that into the mean over the global batch.
+        (loss * (d.world / float(denominator))).backward()
+        loss_sum += loss.detach().double()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0) + torch.as_tensor(v, dtype=torch.float64, device=d.device)
+    grad_norm = clip_grad_norm(model, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    loss = float(d.all_reduce_sum(loss_sum)) / float(denominator)
+    return loss, {k: float(d.all_reduce_sum(v)) for k, v in totals.items()}, grad_norm, lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order
+
+
+def batches_for_step(step: int, n_examples: int, global_batch: int, micro_batch: int, d: Dist, seed: int):
+    """This rank's micro-batches (lists of example indices) for optimiser step `step`.
+
+    The example stream is a fresh permutation of the data per epoch (seeded by seed and epoch);
+    step k takes the k-th `global_batch` slice of the stream, split into micro-batches round-robin
+    over ranks. Same (seed, step) => same examples, whatever the number of ranks, so a resumed run
+    sees exactly what an uninterrupted one would."""
+    if global_batch % (micro_batch * d.world):
+        raise ValueError(f"--batch-size {global_batch} must be a multiple of --micro-batch-size "
+                         f"{micro_batch} x {d.world} ranks")
+    start = step * global_batch
+    indices = []
+    while len(indices) < global_batch:
+        epoch, offset = divmod(start + len(indices), n_examples)
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        indices += perm[offset:offset + global_batch - len(indices)].tolist()
+    micro = [indices[i:i + micro_batch] for i in range(0, global_batch, micro_batch)]
+    return micro[d.rank::d.world]
+
+
+def steps_for_epochs(n_examples: int, global_batch: int, epochs: float) -> int:
+    return max(1, math.ceil(epochs * n_examples / global_batch))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _rng_state() -> dict:
+    _, keys, pos, _, _ = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_pos": int(pos), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """<out>/checkpoints/step_00000123/ holds, for each named model, an HF-format `<name>/` and
+    `<name>.optim.pt`, plus `state.json` (step, schedules, whatever the script adds) and `rng.pt`
+    (every rank's RNG). Each step directory is built under a temporary name and renamed into
+    place; then `latest` (a one-line file, replaced atomically) points at it; then old step
+    directories beyond `keep` are removed. A kill at any moment leaves `latest` naming a complete
+    checkpoint. Optimiser states are full (unsharded) tensors, so a run can resume on a different
+    number of ranks; they are read with torch.load(weights_only=True), never unpickling code."""
+
+    def __init__(self, out_dir, d: Dist, keep: int = 2):
+        self.root = Path(out_dir) / "checkpoints"
+        self.d, self.keep = d, keep
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+        return path
+
+    def save(self, step: int, models: dict, state: dict):
+        """models: name -> (model, optimizer or None, scheduler or None). Every rank calls this."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        d = self.d
+        name = f"step_{step:08d}"
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        rng = [None] * d.world
+        if d.distributed:
+            dist.all_gather_object(rng, _rng_state())
+        else:
+            rng = [_rng_state()]
+        tmp = self.root / f".tmp-{name}"
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        schedules = {}
+        for key, (model, optimizer, scheduler) in models.items():
+            model.save_pretrained(tmp / key)  # collective under FSDP; rank 0 writes
+            if optimizer is not None:
+                osd = get_optimizer_state_dict(model, optimizer, options=full) if d.distributed else optimizer.state_dict()
+                if d.is_main:
+                    torch.save(osd, tmp / f"{key}.optim.pt")
+            if scheduler is not None:
+                schedules[key] = scheduler.state_dict()
+        if d.is_main:
+            torch.save(rng, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "schedules": schedules, **state}, indent=1))
+            final = self.root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            pointer_tmp = self.root / "latest.tmp"
+            pointer_tmp.write_text(name + "\n")
+            os.replace(pointer_tmp, self.root / "latest")
+            for old in sorted(self.root.glob("step_*"))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
+
+    def load(self, path: Path, models: dict) -> dict:
+        """Restore weights, optimisers, schedules and this rank's RNG from `path`; return state.json."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        d = self.d
+        state = json.loads((path / "state.json").read_text())
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        for key, (model, optimizer, scheduler) in models.items():
+            weights = None
+            if d.is_main or not d.distributed:
+                weights = load_hf_state_dict(path / key, head=model.head)
+                if model.args.tie_embeddings and model.head == "lm":
+                    weights["output.weight"] = weights["tok_embeddings.weight"]
+            if d.distributed:
+                set_model_state_dict(model, weights or {}, options=opts)
+            else:
+                model.load_state_dict(weights)
+            if optimizer is not None:
+                osd = torch.load(path / f"{key}.optim.pt", weights_only=True) if (d.is_main or not d.distributed) else {}
+                if d.distributed:
+                    set_optimizer_state_dict(model, optimizer, osd, options=opts)
+                else:
+                    optimizer.load_state_dict(osd)
+            if scheduler is not None:
+                scheduler.load_state_dict(state["schedules"][key])
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        if d.rank < len(rng):
+            _set_rng_state(rng[d.rank])
+        return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """One JSON object per optimiser step in <out>/log.jsonl (rank 0), and a one-line progress bar
+    on the terminal. On resume, lines past the resumed step (written before the kill) are dropped,
+    so the log reads as if the run had never stopped."""
+
+    def __init__(self, out_dir, d: Dist, total_steps: int, name: str, resume_step: int = 0):
+        self.d, self.total, self.name = d, total_steps, name
+        self.path = Path(out_dir) / "log.jsonl"
+        self.start_time, self.start_step = time.time(), resume_step
+        self.tty = sys.stderr.isatty()
+        if d.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict, summary: str = ""):
+        if not self.d.is_main:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        done = step - self.start_step
+        elapsed = time.time() - self.start_time
+        eta = elapsed / max(done, 1) * (self.total - step)
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{self.name}] [{bar}] {step}/{self.total} {summary} | {_clock(elapsed)}<{_clock(eta)}"
+        if self.tty:
+            print("\r" + line[:200].ljust(120), end="", file=sys.stderr, flush=True)
+        elif step == self.total or step % max(1, self.total // 20) == 0 or step == self.start_step + 1:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.d.is_main and self.tty:
+            print(file=sys.stderr)
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def write_json(path, obj):
+    """Atomically write a JSON file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_final(model, out_dir, d: Dist, name: str = "model", files_to_copy=()):
+    """The stage's product: an HF-format directory <out>/<name> (atomic), with e.g. the tokenizer
+    copied beside the weights so the next stage needs one path."""
+    target = Path(out_dir) / name
+    model.save_pretrained(target, extra_files=files_to_copy)
+    d.barrier()
+    return target
