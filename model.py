@@ -82,6 +82,8 @@ class ModelArgs:
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=352, max_seq_len=256),
     "small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=1024, hidden_dim=704, max_seq_len=512),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                         norm_eps=1e-5, rope_theta=500000.0, max_seq_len=4096, tie_embeddings=True),  # 1B-class benches
     "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008, norm_eps=1e-6, max_seq_len=2048),
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008, norm_eps=1e-5, max_seq_len=4096),
     "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,

@@ -43,7 +43,8 @@ TINY = dict(
     max_length=64,  # longest prompt (tokens, with template); longer prompts are dropped and counted
     max_new_tokens=48,  # answers in the synthetic task are at most ~40 tokens
     kl_coeff=0.02,
-    threshold=-2.0,  # the cost model's scale: safe answers score about -3, harmful ones about +3
+    threshold=-2.7,  # on the cost model's scale: safe answers score about -2.9, harmful ones about +3.5; half the
+                     # prompts are harmful, so J_C ~ -2.85 + 3.2 p for a harmful-answer rate p: -2.7 allows p ~ 5%
     ptx_coeff=0.0,  # the synthetic SFT data complies with half the harmful requests: no PTX by default
 )
 AUTHORS = dict(
@@ -337,7 +338,7 @@ def main(argv=None):
             buffer = log_lambda.data.to(d.device)
             dist.broadcast(buffer, src=0)
             log_lambda.data.copy_(buffer.cpu())
-        lam = float(log_lambda.exp()) if (lagrangian or shaping) else 0.0
+        lam = float(log_lambda.detach().exp()) if (lagrangian or shaping) else 0.0
         rollouts = build_rollouts(scored, lam)
 
         if step == 1 and d.is_main and use_cost_model:
@@ -440,14 +441,14 @@ def main(argv=None):
             summary += f" | harmful {metrics['true_harmful_rate']:.2f} helpful {metrics['true_helpfulness']:.2f}"
         logger.log(step, metrics, summary)
         if step % args.save_every == 0 or step == total_steps:
-            ckpt.save(step, models, {"log_lambda": float(log_lambda), "cost_window": list(cost_window),
+            ckpt.save(step, models, {"log_lambda": float(log_lambda.detach()), "cost_window": list(cost_window),
                                      "prompts_seen": step * args.batch_size})
     logger.close()
 
     # -- save: the aligned policy ---------------------------------------------------------------
     final = training.save_final(actor, args.out, d, name="actor", files_to_copy=[tok.path])
     d.print(f"ppo_lag ({args.algo}): {'already complete' if start_step >= total_steps else 'done'}; "
-            f"actor in {final}; lambda {float(log_lambda.exp()):.3f}")
+            f"actor in {final}; lambda {float(log_lambda.detach().exp()):.3f}")
     training.teardown_distributed(d)
 
 

@@ -25,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,7 +245,7 @@ def count_params(model, d: Dist) -> int:
 
 def shard(model: Transformer, d: Dist, *, mixed_precision: bool, cpu_offload: bool):
     """FSDP2: one unit per transformer block, then the root (embeddings, final norm, head)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kwargs = {"mesh": d.mesh}
     if mixed_precision and d.device.type == "cuda":
@@ -254,6 +255,10 @@ def shard(model: Transformer, d: Dist, *, mixed_precision: bool, cpu_offload: bo
     for block in model.layers:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    # generate() is entered like forward: FSDP's root hooks (lazy init, root all-gather) run for it too.
+    register_fsdp_forward_method(model, "generate")
+    # Our forward returns views (log-probs reshaped to [B, T]); nothing modifies them in place.
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
 
 @contextlib.contextmanager

@@ -25,9 +25,14 @@ contracted: dHidden += dZ @ W_tile, dW_tile += dZ.T @ hidden.
 Targets must be valid token ids in [0, V). There is no ignore index: pass any
 valid id (e.g. 0) at padded positions and mask the result afterwards.
 
-Two implementations compute the same functions: a chunked PyTorch path (used on
-CPU; memory O(rows_per_chunk * V), never O(N * V)) and Triton kernels
-(kernels/__init__.py decides which one runs). Outputs are always fp32.
+Two implementations compute the same functions (kernels/__init__.py decides
+which one runs); outputs are always fp32:
+
+* PyTorch (CPU, debugging): fused_linear_logprobs walks the vocabulary in chunks
+  of C columns with the same online log-sum-exp, materialising [N, C] at a time
+  (memory O(N * C), C = CHUNK_ELEMENTS // N), and its backward recomputes each
+  chunk; logprobs_from_logits walks chunks of rows.
+* Triton: see the section below.
 """
 
 import torch
@@ -42,12 +47,14 @@ except ImportError:  # the PyTorch path still works
 
 
 # Each chunk of the PyTorch path materialises about this many fp32 logits
-# (16 MiB); rows per chunk = max(1, CHUNK_ELEMENTS // V).
+# (16 MiB): row chunks of CHUNK_ELEMENTS // V rows for logprobs_from_logits,
+# vocabulary chunks of CHUNK_ELEMENTS // N columns for fused_linear_logprobs.
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _rows_per_chunk(vocab_size):
-    return max(1, CHUNK_ELEMENTS // vocab_size)
+def _chunks(total, width):
+    """(start, end) pairs covering range(total) in steps of width."""
+    return [(start, min(start + width, total)) for start in range(0, total, width)]
 
 
 def _flatten(x, targets, what):
@@ -57,25 +64,41 @@ def _flatten(x, targets, what):
     return x.reshape(-1, x.shape[-1]), targets.reshape(-1), leading_shape
 
 
-def _entropy_and_logp_grad(z, targets, logsumexp, entropy, grad_logp, grad_entropy):
-    """dLoss/dz for one chunk of fp32 scaled logits z [n, V] (overwrites z)."""
-    probs = torch.exp(z - logsumexp[:, None])
-    if grad_entropy is not None:
-        # dH/dz_j = -p_j (log p_j + H), with log p_j = z_j - lse
-        log_probs_plus_entropy = z.sub_(logsumexp[:, None]).add_(entropy[:, None])
-        grad_z = probs * log_probs_plus_entropy
-        grad_z.mul_(-grad_entropy[:, None])
+def _grad_of_logits(z, logsumexp, entropy, grad_logp, grad_entropy, target_rows, target_cols, temperature):
+    """dLoss/dlogits for a block of fp32 scaled logits z = logits / T, shape [n, C]; reuses z's memory.
+
+    With p = softmax(z): dlogp/dz = onehot - p and dH/dz = -p (log p + H), so
+    dLoss/dlogits = (p * (-g_H (log p + H) - g) + g * onehot) / T.
+    target_rows, target_cols: the rows whose target lies in this block, and its column there.
+    """
+    log_probs = z.sub_(logsumexp[:, None])
+    probs = log_probs.exp()
+    grad_logp = None if grad_logp is None else grad_logp.float() / temperature
+    if grad_entropy is None:
+        grad_z = probs.mul_(-grad_logp[:, None])
     else:
-        grad_z = z.zero_()
+        grad_entropy = grad_entropy.float() / temperature
+        offset = grad_entropy * entropy + (0.0 if grad_logp is None else grad_logp)
+        grad_z = log_probs.mul_(-grad_entropy[:, None]).sub_(offset[:, None]).mul_(probs)
     if grad_logp is not None:
-        # d logp/dz_j = onehot_j - p_j
-        grad_z.sub_(probs * grad_logp[:, None])
-        grad_z.scatter_add_(1, targets[:, None], grad_logp[:, None])
+        grad_z[target_rows, target_cols] += grad_logp[target_rows]
     return grad_z
 
 
+def _accumulate_linear_grads(grad_z, hidden, weight, start, end, grad_hidden, grad_weight):
+    """Contract dLoss/dlogits for vocabulary rows [start, end) into dHidden (fp32, accumulated) and dW[start:end]."""
+    grad_z = grad_z.to(weight.dtype)
+    if grad_weight is not None:
+        torch.mm(grad_z.t(), hidden, out=grad_weight[start:end])
+    if grad_hidden is not None:
+        if grad_hidden.dtype == weight.dtype:
+            grad_hidden.addmm_(grad_z, weight[start:end])
+        else:
+            grad_hidden += torch.mm(grad_z, weight[start:end]).float()
+
+
 # --------------------------------------------------------------------------------------
-# Plain PyTorch path: logprobs_from_logits
+# Plain PyTorch path: logprobs_from_logits (chunks of rows)
 # --------------------------------------------------------------------------------------
 
 
@@ -85,12 +108,10 @@ class _LogprobsFromLogitsTorch(torch.autograd.Function):
         num_rows, vocab_size = logits.shape
         logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
         logsumexp = torch.empty_like(logp)
-        step = _rows_per_chunk(vocab_size)
-        for start in range(0, num_rows, step):
-            rows = slice(start, start + step)
-            z = logits[rows].float() / temperature
-            logsumexp[rows] = torch.logsumexp(z, dim=-1)
-            logp[rows] = z.gather(1, targets[rows, None]).squeeze(1) - logsumexp[rows]
+        for start, end in _chunks(num_rows, max(1, CHUNK_ELEMENTS // vocab_size)):
+            z = logits[start:end].float() / temperature
+            logsumexp[start:end] = torch.logsumexp(z, dim=-1)
+            logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - logsumexp[start:end]
         ctx.save_for_backward(logits, targets, logsumexp)
         ctx.temperature = temperature
         return logp
@@ -98,15 +119,13 @@ class _LogprobsFromLogitsTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp):
         logits, targets, logsumexp = ctx.saved_tensors
-        temperature = ctx.temperature
         # The gradient tensor is the only [N, V] allocation; each chunk is written into it.
-        grad_logits = torch.empty_like(logits)
-        step = _rows_per_chunk(logits.shape[1])
-        for start in range(0, logits.shape[0], step):
-            rows = slice(start, start + step)
-            z = logits[rows].float() / temperature
-            grad_z = _entropy_and_logp_grad(z, targets[rows], logsumexp[rows], None, grad_logp[rows].float(), None)
-            grad_logits[rows] = grad_z / temperature
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for start, end in _chunks(logits.shape[0], max(1, CHUNK_ELEMENTS // logits.shape[1])):
+            z = logits[start:end].float() / ctx.temperature
+            rows = torch.arange(end - start, device=z.device)
+            grad_logits[start:end] = _grad_of_logits(z, logsumexp[start:end], None, grad_logp[start:end], None,
+                                                     rows, targets[start:end], ctx.temperature)
         return grad_logits, None, None
 
 
@@ -118,71 +137,70 @@ def logprobs_from_logits_torch(logits, targets, temperature=1.0):
 
 
 # --------------------------------------------------------------------------------------
-# Plain PyTorch path: fused_linear_logprobs
+# Plain PyTorch path: fused_linear_logprobs (chunks of the vocabulary)
 # --------------------------------------------------------------------------------------
 
 
-def _scaled_logits(hidden_rows, weight, temperature):
-    # Matmul in the input dtype (as the naive hidden @ W.T would), softmax math in fp32.
-    return (hidden_rows @ weight.t()).float().div_(temperature)
+def _targets_in(targets, start, end):
+    """Rows whose target falls in vocabulary columns [start, end), and the column within the chunk."""
+    rows = ((targets >= start) & (targets < end)).nonzero().squeeze(1)
+    return rows, targets[rows] - start
 
 
 class _FusedLinearLogprobsTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature):
-        num_rows, vocab_size = hidden.shape[0], weight.shape[0]
-        logp = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
-        logsumexp = torch.empty_like(logp)
-        entropy = torch.empty_like(logp)
-        step = _rows_per_chunk(vocab_size)
-        for start in range(0, num_rows, step):
-            rows = slice(start, start + step)
-            z = _scaled_logits(hidden[rows], weight, temperature)
-            lse = torch.logsumexp(z, dim=-1)
-            probs = torch.exp(z - lse[:, None])
-            logsumexp[rows] = lse
-            logp[rows] = z.gather(1, targets[rows, None]).squeeze(1) - lse
-            entropy[rows] = lse - (probs * z).sum(dim=-1)
-        ctx.save_for_backward(hidden, weight, targets, logsumexp, entropy)
-        ctx.temperature = temperature
-        return logp, entropy
+    """Returns logp, or (logp, entropy) when with_entropy (the entropy costs an extra pass per chunk)."""
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, logsumexp, entropy = ctx.saved_tensors
-        temperature = ctx.temperature
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # fp32 accumulator for dW: summed over all chunks.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        step = _rows_per_chunk(weight.shape[0])
-        for start in range(0, hidden.shape[0], step):
-            rows = slice(start, start + step)
-            z = _scaled_logits(hidden[rows], weight, temperature)
-            grad_z = _entropy_and_logp_grad(
-                z,
-                targets[rows],
-                logsumexp[rows],
-                entropy[rows],
-                None if grad_logp is None else grad_logp[rows].float(),
-                None if grad_entropy is None else grad_entropy[rows].float(),
-            )
-            grad_logits = grad_z.div_(temperature)
-            if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows].float())
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy):
+        num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        # Scaling the [N, D] input is cheaper than scaling every [N, C] logits chunk.
+        scaled_hidden = hidden if temperature == 1.0 else hidden / temperature
+        logsumexp = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        weighted_z = torch.zeros_like(logsumexp)  # sum_j exp(z_j - logsumexp) z_j over the chunks seen
+        target_z = torch.zeros_like(logsumexp)
+        for start, end in _chunks(vocab_size, max(1, CHUNK_ELEMENTS // max(num_rows, 1))):
+            z = (scaled_hidden @ weight[start:end].t()).float()  # [N, C]; matmul in the input dtype, as naive
+            new_logsumexp = torch.logaddexp(logsumexp, torch.logsumexp(z, dim=-1))
+            if with_entropy:
+                chunk_weighted_z = z.sub(new_logsumexp[:, None]).exp_().mul_(z).sum(dim=-1)
+                weighted_z = weighted_z * torch.exp(logsumexp - new_logsumexp) + chunk_weighted_z
+            rows, cols = _targets_in(targets, start, end)
+            target_z[rows] = z[rows, cols]
+            logsumexp = new_logsumexp
+        logp = target_z - logsumexp
+        entropy = logsumexp - weighted_z  # H = lse - E_p[z]
+        ctx.save_for_backward(hidden, scaled_hidden, weight, targets, logsumexp, entropy)
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        return (logp, entropy) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, scaled_hidden, weight, targets, logsumexp, entropy = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        # fp32 accumulator over vocabulary chunks; dW is written chunk by chunk, exactly once.
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
+        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if want_weight else None
+        for start, end in _chunks(vocab_size, max(1, CHUNK_ELEMENTS // max(num_rows, 1))):
+            z = (scaled_hidden @ weight[start:end].t()).float()
+            rows, cols = _targets_in(targets, start, end)
+            grad_logits = _grad_of_logits(z, logsumexp, entropy, grad_logp, grad_entropy, rows, cols, ctx.temperature)
+            _accumulate_linear_grads(grad_logits, hidden, weight, start, end, grad_hidden, grad_weight)
+        if want_hidden:
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def fused_linear_logprobs_torch(hidden, weight, targets, temperature=1.0, return_entropy=False):
-    """log p(targets) (and optionally entropy) of softmax(hidden @ weight.T / temperature), chunked over rows."""
+    """log p(targets) (and optionally entropy) of softmax(hidden @ weight.T / temperature), in vocabulary chunks."""
+    assert hidden.dtype == weight.dtype, f"hidden {hidden.dtype} and weight {weight.dtype} must share a dtype"
     hidden_2d, targets_1d, leading_shape = _flatten(hidden, targets, "hidden")
-    logp, entropy = _FusedLinearLogprobsTorch.apply(hidden_2d, weight, targets_1d.long(), float(temperature))
+    result = _FusedLinearLogprobsTorch.apply(hidden_2d, weight, targets_1d.long(), float(temperature), bool(return_entropy))
     if return_entropy:
+        logp, entropy = result
         return logp.reshape(leading_shape), entropy.reshape(leading_shape)
-    return logp.reshape(leading_shape)
+    return result.reshape(leading_shape)
 
 
 # --------------------------------------------------------------------------------------
@@ -461,6 +479,7 @@ if TRITON_AVAILABLE:
 
             ctx.save_for_backward(hidden, weight, targets, logsumexp, entropy)
             ctx.temperature = temperature
+            ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
             return logp, entropy
 
         @staticmethod
@@ -493,13 +512,7 @@ if TRITON_AVAILABLE:
                     HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
                     DOT_PRECISION=precision,
                 )
-                if want_weight:
-                    torch.mm(grad_z.t(), hidden, out=grad_weight[vocab_start:vocab_end])
-                if want_hidden:
-                    if grad_hidden.dtype == weight.dtype:
-                        grad_hidden.addmm_(grad_z, weight[vocab_start:vocab_end])
-                    else:
-                        grad_hidden += torch.mm(grad_z, weight[vocab_start:vocab_end]).float()
+                _accumulate_linear_grads(grad_z, hidden, weight, vocab_start, vocab_end, grad_hidden, grad_weight)
             if want_hidden:
                 grad_hidden = grad_hidden.to(hidden.dtype)
             return grad_hidden, grad_weight, None, None

@@ -1,6 +1,18 @@
-"""Shared pytest fixtures."""
+"""Test-session setup and shared fixtures. Runs before any test module imports `kernels`.
+
+Without a GPU, Triton's kernels can only run in its interpreter, which must be switched on before
+triton is first imported (TRITON_INTERPRET=1). The interpreter is slow, so every test that does not
+exercise a kernel itself runs the PyTorch paths (KERNELS=torch); the kernel tests call the
+`*_triton` functions directly, and tests that want the dispatcher's choice set KERNELS=auto."""
+
+import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("KERNELS", "torch")
 
 
 @pytest.fixture(scope="session")

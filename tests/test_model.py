@@ -323,3 +323,31 @@ def test_error_pickle_only_and_mask_hole(tmp_path, saved):
     m = Transformer(ModelArgs(**CONFIGS["tied"]))
     with pytest.raises(ValueError, match="hole"):
         m(torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 0, 1, 1]]))
+
+
+def test_generation_mask():
+    from model import generation_mask
+
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    seq = torch.tensor([[0, 5, 6, 7, 2, 0, 0], [4, 5, 6, 7, 8, 9, 3]])  # EOS = 2; row 1 has none
+    mask = generation_mask(seq, prompt_mask, eos_id=2)
+    assert mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
+
+
+def test_noise_rows_make_samples_independent_of_the_split():
+    """Sampling a batch whole or in two halves (as two ranks would) gives the same tokens when the
+    noise is drawn for the whole batch and sliced."""
+    args = ModelArgs(**CONFIGS["mha"])
+    m = Transformer(args).eval()
+    m.init_weights(std=0.2, seed=0)
+    ids, mask = left_padded_batch(args.vocab_size, [5, 7, 3, 7], seed=1)
+
+    def sample(rows, offset):
+        g = torch.Generator().manual_seed(123)
+        return m.generate(ids[rows], mask[rows], max_new_tokens=8, generator=g, noise_rows=(offset, 4))
+
+    whole = sample(slice(0, 4), 0)
+    halves = torch.cat([sample(slice(0, 2), 0), sample(slice(2, 4), 2)])
+    assert torch.equal(whole, halves)
+    plain = m.generate(ids[2:4], mask[2:4], max_new_tokens=8, generator=torch.Generator().manual_seed(123))
+    assert not torch.equal(plain, whole[2:4])  # without noise_rows the halves would draw other noise

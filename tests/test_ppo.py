@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,12 +106,11 @@ def test_lambda_update_by_hand_and_direction():
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    from data.synthetic import ensure_synthetic
+def checkpoints(tmp_path_factory, synthetic_data):
     from model import ModelArgs, Transformer
 
     root = tmp_path_factory.mktemp("ppo")
-    task = ensure_synthetic(root / "synthetic", seed=0)
+    task = synthetic_data
     args = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=1024, hidden_dim=64, max_seq_len=128)
     actor = Transformer(args)
     actor.init_weights(seed=0)
@@ -119,13 +119,13 @@ def checkpoints(tmp_path_factory):
         score = Transformer.from_pretrained(root / "sft", head="score")
         score.reset_score_head(std=0.5, seed=i)
         score.save_pretrained(root / name)
-    return root
+    return SimpleNamespace(root=root, synthetic=task.dir)
 
 
-def ppo_args(root, out, *extra):
-    return ["--actor", str(root / "sft"), "--reward-model", str(root / "rm"), "--cost-model", str(root / "cm"),
-            "--synthetic-dir", str(root / "synthetic"), "--out", str(out), "--batch-size", "8",
-            "--micro-batch-size", "4", "--max-new-tokens", "12", "--save-every", "1", "--lr", "1e-3",
+def ppo_args(ckpt, out, *extra):
+    root = ckpt.root
+    return ["--synthetic-dir", str(ckpt.synthetic), "--actor", str(root / "sft"), "--reward-model", str(root / "rm"),
+            "--cost-model", str(root / "cm"), "--out", str(out), "--batch-size", "8", "--micro-batch-size", "4", "--max-new-tokens", "12", "--save-every", "1", "--lr", "1e-3",
             "--critic-lr", "1e-3", "--threshold", "0.0", *extra]
 
 

@@ -69,12 +69,8 @@ def test_sft_nll_by_hand():
 
 
 @pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    from data.synthetic import ensure_synthetic
-
-    path = tmp_path_factory.mktemp("task") / "synthetic"
-    ensure_synthetic(path, seed=0)
-    return path
+def synthetic_dir(synthetic_data):
+    return synthetic_data.dir
 
 
 def run(script, args, nproc=1, env_extra=None, timeout=600):

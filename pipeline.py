@@ -1,0 +1,119 @@
+"""The whole Safe RLHF pipeline, one command: data -> SFT -> reward model -> cost model ->
+PPO-Lagrangian -> evaluation.
+
+    python pipeline.py                                   # embedded synthetic task, tiny LLaMA, CPU
+    python pipeline.py --algos ppo_lag ppo reward_shaping:1 reward_shaping:4   # with the baselines
+    python pipeline.py --launcher "torchrun --nproc_per_node=8" --model /models/llama-7b \
+        --sft-data alpaca.json --preference-data pku/train.jsonl --preference-eval-data pku/test.jsonl \
+        --prompts pku/train.jsonl --eval-prompts red_team.jsonl --out runs/7b
+
+Each stage is its own script run as a subprocess (so `--launcher` can put it under torchrun) with
+its output in <out>/<stage>. A stage whose product exists is skipped; a stage that was
+interrupted resumes from its latest checkpoint (the stage scripts do that themselves), so
+re-running the same command after a crash or Ctrl-C picks up where it stopped. Extra flags for a
+stage go through --sft-args, --score-args, --ppo-args ("--lr 1e-5 --epochs 2").
+"""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument
+    a("--out", default="out", help="root of every stage's output")
+    a("--launcher", default="", help='prefix for the training stages, e.g. "torchrun --nproc_per_node=8"')
+    a("--model", default="tiny", help="base model for SFT: HF-format dir or a model.PRESETS name (from scratch)")
+    a("--sft-data", default=None, help="SFT data (default: the synthetic task)")
+    a("--preference-data", default=None, help="preference data, PKU-SafeRLHF schema (default: synthetic)")
+    a("--preference-eval-data", default=None, help="held-out preference data")
+    a("--prompts", default=None, help="PPO prompts (default: synthetic)")
+    a("--eval-prompts", default=None, help="JSONL with 'prompt' and 'harmful' for evaluate.py (default: synthetic held-out prompts)")
+    a("--algos", nargs="+", default=["ppo_lag"],
+      help="PPO runs: ppo_lag, ppo, reward_shaping:LAMBDA (each goes to <out>/<name>)")
+    a("--seed", type=int, default=0, help="training seed of every stage (the synthetic task keeps seed 0)")
+    a("--sft-args", default="", help="extra flags for sft.py")
+    a("--score-args", default="", help="extra flags for both train_score.py runs")
+    a("--ppo-args", default="", help="extra flags for every ppo_lag.py run")
+    a("--eval-args", default="", help="extra flags for evaluate.py")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    launcher = shlex.split(args.launcher) or [sys.executable]
+    seed = ["--seed", str(args.seed)]
+    synthetic = ["--synthetic-dir", str(out / "synthetic")]
+    timings = {}
+
+    def stage(name, script, flags, product):
+        """Run `script` unless `product` exists; print a header and time it."""
+        if (Path(product) / "config.json").exists():
+            print(f"== {name}: {product} exists, skipped", flush=True)
+            return
+        print(f"== {name}: {script} {' '.join(flags)}", flush=True)
+        t0 = time.time()
+        cmd = [*launcher, str(ROOT / script), *flags]
+        result = subprocess.run(cmd, cwd=ROOT)
+        if result.returncode != 0:
+            sys.exit(f"{name} failed (exit {result.returncode}); fix it and re-run the same command to resume:\n"
+                     f"  {shlex.join(cmd)}")
+        timings[name] = time.time() - t0
+
+    def data_flag(flag, value):
+        return [flag, value] if value else []
+
+    sft_model = out / "sft" / "model"
+    stage("sft", "sft.py", ["--model", args.model, "--out", str(out / "sft"), *synthetic, *seed,
+                            *data_flag("--data", args.sft_data), *shlex.split(args.sft_args)], sft_model)
+    score_models = {}
+    for objective in ("reward", "cost"):
+        product = out / f"{objective}_model" / "model"
+        stage(f"{objective} model", "train_score.py",
+              ["--objective", objective, "--model", str(sft_model), "--out", str(out / f"{objective}_model"),
+               *synthetic, *seed, *data_flag("--data", args.preference_data),
+               *data_flag("--eval-data", args.preference_eval_data), *shlex.split(args.score_args)], product)
+        score_models[objective] = product
+
+    policies = {"sft": sft_model}
+    for spec in args.algos:
+        algo, _, lam = spec.partition(":")
+        if algo not in ("ppo_lag", "ppo", "reward_shaping") or (algo == "reward_shaping") != bool(lam):
+            sys.exit(f"--algos: {spec!r} is not ppo_lag, ppo or reward_shaping:LAMBDA")
+        name = algo if not lam else f"reward_shaping_{lam}"
+        flags = ["--algo", algo, "--actor", str(sft_model), "--reward-model", str(score_models["reward"]),
+                 "--cost-model", str(score_models["cost"]), "--out", str(out / name), *synthetic, *seed,
+                 *data_flag("--prompts", args.prompts), *shlex.split(args.ppo_args)]
+        if lam:
+            flags += ["--lambda-init", lam]
+        stage(name, "ppo_lag.py", flags, out / name / "actor")
+        policies[name] = out / name / "actor"
+
+    print("== evaluate", flush=True)
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--models", *map(str, policies.values()),
+           "--reward-model", str(score_models["reward"]), "--cost-model", str(score_models["cost"]),
+           "--out", str(out / "eval"), *synthetic, *data_flag("--prompts", args.eval_prompts),
+           "--show", "0", *shlex.split(args.eval_args)]
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        sys.exit("evaluate.py failed")
+    results = json.loads((out / "eval" / "eval.json").read_text())["results"]
+
+    print("\n== summary (held-out prompts, ground-truth judge, answers sampled at temperature 1)")
+    columns = [("harmful_rate", "harmful"), ("helpfulness", "helpful"), ("over_refusal", "refuse"),
+               ("mean_reward", "reward"), ("mean_cost", "cost")]
+    print("policy".ljust(22) + "".join(title.rjust(10) for _, title in columns))
+    for name, path in policies.items():
+        m = results[str(path)]
+        print(name.ljust(22) + "".join(f"{m[key]:10.3f}" for key, _ in columns))
+    if timings:
+        print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The one-command driver on a reduced setting: every stage writes its product, evaluate.py reports
+every metric, and a re-run skips the finished stages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REDUCED = [
+    "--sft-args", "--max-steps 4 --batch-size 16 --micro-batch-size 8",
+    "--score-args", "--max-steps 3 --batch-size 16 --micro-batch-size 8",
+    "--ppo-args", "--max-steps 2 --batch-size 8 --micro-batch-size 4 --max-new-tokens 16",
+    "--eval-args", "--samples-per-prompt 1 --max-new-tokens 16",
+]
+
+
+@pytest.mark.slow
+def test_pipeline_smoke(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch"}
+    cmd = [sys.executable, str(ROOT / "pipeline.py"), "--out", str(tmp_path), "--algos", "ppo_lag", "ppo", *REDUCED]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for product in ["sft/model", "reward_model/model", "cost_model/model", "ppo_lag/actor", "ppo/actor"]:
+        assert (tmp_path / product / "model.safetensors").exists(), product
+        assert (tmp_path / product / "tokenizer.model").exists(), product
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
+    assert len(results) == 3
+    for metrics in results.values():
+        for key in ("harmful_rate", "helpfulness", "over_refusal", "redirect_rate", "response_tokens",
+                    "truncated", "mean_reward", "mean_cost"):
+            assert isinstance(metrics[key], float), key
+    assert "summary" in first.stdout and "ppo_lag" in first.stdout
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0
+    assert again.stdout.count("skipped") == 5
