@@ -38,6 +38,7 @@ def main(argv=None):
     a("--eval-prompts", default=None, help="JSONL with 'prompt' and 'harmful' for evaluate.py (default: synthetic held-out prompts)")
     a("--algos", nargs="+", default=["ppo_lag"],
       help="PPO runs: ppo_lag, ppo, reward_shaping:LAMBDA (each goes to <out>/<name>)")
+    a("--synthetic-dir", default=None, help="where the synthetic task is generated (default: <out>/synthetic)")
     a("--seed", type=int, default=0, help="training seed of every stage (the synthetic task keeps seed 0)")
     a("--sft-args", default="", help="extra flags for sft.py")
     a("--score-args", default="", help="extra flags for both train_score.py runs")
@@ -48,7 +49,7 @@ def main(argv=None):
     out = Path(args.out)
     launcher = shlex.split(args.launcher) or [sys.executable]
     seed = ["--seed", str(args.seed)]
-    synthetic = ["--synthetic-dir", str(out / "synthetic")]
+    synthetic = ["--synthetic-dir", args.synthetic_dir or str(out / "synthetic")]
     timings = {}
 
     def stage(name, script, flags, product):

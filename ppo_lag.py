@@ -33,7 +33,7 @@ from data.tokenizer import Tokenizer
 from model import end_scores, generation_mask
 
 TINY = dict(
-    epochs=4,  # passes over the 2,000 synthetic PPO prompts (half of them harmful)
+    epochs=2,  # passes over the 2,000 synthetic PPO prompts (half of them harmful): 63 iterations
     batch_size=64,  # prompts per iteration (rollout batch), over all ranks
     micro_batch_size=32,  # sequences per forward pass per rank (generation and update)
     lr=2e-4,  # actor peak learning rate
@@ -42,9 +42,9 @@ TINY = dict(
     warmup_ratio=0.03,
     max_length=64,  # longest prompt (tokens, with template); longer prompts are dropped and counted
     max_new_tokens=48,  # answers in the synthetic task are at most ~40 tokens
-    kl_coeff=0.02,
-    threshold=-2.7,  # on the cost model's scale: safe answers score about -2.9, harmful ones about +3.5; half the
-                     # prompts are harmful, so J_C ~ -2.85 + 3.2 p for a harmful-answer rate p: -2.7 allows p ~ 5%
+    kl_coeff=0.05,  # 0.02 let the answers drift (KL ~4 nats) and generalise worse to unseen tasks
+    threshold=-2.8,  # on the cost model's scale: safe answers score about -2.9, harmful ones about +3.5; half
+                     # the prompts are harmful, so J_C ~ -2.85 + 3.2 p for a harmful-answer rate p
     ptx_coeff=0.0,  # the synthetic SFT data complies with half the harmful requests: no PTX by default
 )
 AUTHORS = dict(
@@ -447,8 +447,8 @@ def main(argv=None):
 
     # -- save: the aligned policy ---------------------------------------------------------------
     final = training.save_final(actor, args.out, d, name="actor", files_to_copy=[tok.path])
-    d.print(f"ppo_lag ({args.algo}): {'already complete' if start_step >= total_steps else 'done'}; "
-            f"actor in {final}; lambda {float(log_lambda.detach().exp()):.3f}")
+    d.print(f"ppo_lag ({args.algo}): {'already complete' if start_step >= total_steps else 'done'}; actor in {final}"
+            + (f"; lambda {float(log_lambda.detach().exp()):.3f}" if lagrangian else ""))
     training.teardown_distributed(d)
 
 

@@ -15,8 +15,10 @@ On CPU the fused path is the chunked PyTorch implementation (the Triton
 interpreter is not a benchmark). Each variant runs in a fresh subprocess, and its
 peak is the growth of the process's resident set (Linux VmHWM, reset through
 /proc/self/clear_refs after the inputs exist; ru_maxrss if that is not allowed),
-because tracemalloc does not see torch's allocations. CPU defaults are small so
-the run takes well under a minute.
+because tracemalloc does not see torch's allocations. That is what the process
+really holds, including memory glibc keeps cached after torch frees it (run with
+MALLOC_MMAP_THRESHOLD_=65536 to see closer to the live-tensor peak). CPU
+defaults are small so the run takes well under a minute.
 """
 
 import argparse
@@ -99,7 +101,10 @@ def bench_gpu(args):
     print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.dtype}, "
           f"N={args.rows}, D={args.dim}, entropy={args.entropy}")
     print(f"{'V':>7} {'variant':>7} | {'fwd+bwd ms':>10} {'peak GiB':>9} | N*V*4 bytes = fp32 [N, V]")
+    element_size = DTYPES[args.dtype].itemsize
     for vocab in args.vocabs:
+        grads = (args.rows + vocab) * args.dim * element_size
+        print(f"{vocab:>7} {'':>7} | (both peaks include the gradients dHidden + dW: {grads / 2**30:.2f} GiB)")
         hidden, weight, targets = make_inputs(args, vocab, device)
         results = {}
         for variant in ("naive", "fused"):
@@ -165,7 +170,10 @@ def bench_cpu(args):
     print(f"against the naive path on CPU ({os.cpu_count()} cores), {args.dtype}, N={args.rows}, D={args.dim}, "
           f"entropy={args.entropy}; each variant in a fresh process; best of {args.reps}.")
     print(f"{'V':>7} {'variant':>7} | {'fwd+bwd s':>9} {'peak MiB':>9} | fp32 [N, V] = N*V*4 bytes")
+    element_size = DTYPES[args.dtype].itemsize
     for vocab in args.vocabs:
+        grads = (args.rows + vocab) * args.dim * element_size
+        print(f"{vocab:>7} {'':>7} | (both peaks include the gradients dHidden + dW: {grads / 2**20:.1f} MiB)")
         results = {}
         for variant in ("naive", "fused"):
             command = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(vocab),

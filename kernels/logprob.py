@@ -12,8 +12,10 @@ activations. Here the vocabulary is processed in tiles with an *online*
 log-sum-exp: for each row keep a running max m and a running sum
 s = sum_j exp(z_j - m); when a tile raises the max, rescale s by exp(m_old - m_new).
 At the end lse = m + log s and log p(target) = z_target - lse. The entropy of
-the whole distribution, H = lse - sum_j p_j z_j, needs one more running sum
-(sum_j exp(z_j - m) z_j, rescaled the same way).
+the whole distribution needs one more running sum, t = sum_j exp(z_j - m)(z_j - m):
+H = lse - E_p[z] = log s - t / s. Keeping t relative to the max matters: with
+logits in the hundreds, lse - E_p[z] would cancel catastrophically in fp32.
+When the max moves from m to m', t becomes exp(m - m') (t + s (m - m')).
 
 Backward, with z = logits / temperature and p = softmax(z):
     d logp / d z_j = onehot_j - p_j
@@ -23,7 +25,10 @@ For `fused_linear_logprobs` the gradient of a logits tile, dZ, is immediately
 contracted: dHidden += dZ @ W_tile, dW_tile += dZ.T @ hidden.
 
 Targets must be valid token ids in [0, V). There is no ignore index: pass any
-valid id (e.g. 0) at padded positions and mask the result afterwards.
+valid id (e.g. 0) at padded positions and mask the result afterwards. Inputs of
+shape [..., V] / [..., D] are flattened with reshape, which copies when they
+cannot be viewed as [N, V] (e.g. logits[:, :-1]); for fused_linear_logprobs that
+copy is only [N, D], so slice the hidden states rather than the logits.
 
 Two implementations compute the same functions (kernels/__init__.py decides
 which one runs); outputs are always fp32:
@@ -155,20 +160,27 @@ class _FusedLinearLogprobsTorch(torch.autograd.Function):
         num_rows, vocab_size = hidden.shape[0], weight.shape[0]
         # Scaling the [N, D] input is cheaper than scaling every [N, C] logits chunk.
         scaled_hidden = hidden if temperature == 1.0 else hidden / temperature
-        logsumexp = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
-        weighted_z = torch.zeros_like(logsumexp)  # sum_j exp(z_j - logsumexp) z_j over the chunks seen
-        target_z = torch.zeros_like(logsumexp)
+        row_max = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        sum_exp = torch.zeros_like(row_max)  # s = sum_j exp(z_j - max)
+        sum_exp_shifted_z = torch.zeros_like(row_max)  # t = sum_j exp(z_j - max) (z_j - max), for the entropy
+        target_z = torch.zeros_like(row_max)
         for start, end in _chunks(vocab_size, max(1, CHUNK_ELEMENTS // max(num_rows, 1))):
             z = (scaled_hidden @ weight[start:end].t()).float()  # [N, C]; matmul in the input dtype, as naive
-            new_logsumexp = torch.logaddexp(logsumexp, torch.logsumexp(z, dim=-1))
-            if with_entropy:
-                chunk_weighted_z = z.sub(new_logsumexp[:, None]).exp_().mul_(z).sum(dim=-1)
-                weighted_z = weighted_z * torch.exp(logsumexp - new_logsumexp) + chunk_weighted_z
             rows, cols = _targets_in(targets, start, end)
             target_z[rows] = z[rows, cols]
-            logsumexp = new_logsumexp
+            new_max = torch.maximum(row_max, z.max(dim=-1).values)
+            rescale = torch.exp(row_max - new_max)
+            shifted_z = z.sub_(new_max[:, None])
+            unnormalised = shifted_z.exp()
+            if with_entropy:
+                max_shift = torch.where(row_max == float("-inf"), 0.0, row_max - new_max)  # nothing to shift at first
+                sum_exp_shifted_z = rescale * (sum_exp_shifted_z + sum_exp * max_shift)
+                sum_exp_shifted_z += (unnormalised * shifted_z).sum(dim=-1)
+            sum_exp = sum_exp * rescale + unnormalised.sum(dim=-1)
+            row_max = new_max
+        logsumexp = row_max + torch.log(sum_exp)
         logp = target_z - logsumexp
-        entropy = logsumexp - weighted_z  # H = lse - E_p[z]
+        entropy = torch.log(sum_exp) - sum_exp_shifted_z / sum_exp  # H = log s - t / s
         ctx.save_for_backward(hidden, scaled_hidden, weight, targets, logsumexp, entropy)
         ctx.temperature = temperature
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
@@ -213,8 +225,8 @@ def fused_linear_logprobs_torch(hidden, weight, targets, temperature=1.0, return
 # fused_linear_logprobs:
 #   forward  - each program owns a block of rows and a slice ("split") of the
 #              vocabulary. It computes logits tiles hidden @ W_tile.T in registers
-#              (fp32 accumulation), folds them into running max / sum / sum of
-#              p*z / target logit, and writes those four partials per row. A tiny
+#              (fp32 accumulation), folds them into the running max m, s, t and
+#              target logit, and writes those four partials per row. A tiny
 #              torch step merges the splits into lse, logp and entropy. Splitting
 #              the vocabulary keeps the GPU busy when N is small.
 #   backward - the vocabulary is processed in chunks of C columns: a kernel
@@ -372,29 +384,31 @@ if TRITON_AVAILABLE:
         v_hi = tl.minimum(vocab_size, v_lo + tiles_per_split * BLOCK_V)
 
         running_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_j exp(z_j - max)
-        running_zsum = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_j exp(z_j - max) * z_j, for the entropy
+        sum_exp = tl.zeros([BLOCK_N], dtype=tl.float32)  # s = sum_j exp(z_j - max)
+        sum_exp_shifted_z = tl.zeros([BLOCK_N], dtype=tl.float32)  # t = sum_j exp(z_j - max) (z_j - max)
         target_z = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(v_lo, v_hi, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             z = _logits_tile(H, W, rows, cols, num_rows, vocab_size, hidden_dim, stride_hn, stride_hd, stride_wv,
                              stride_wd, inv_temperature, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
             valid = cols[None, :] < vocab_size
-            z = tl.where(valid, z, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(z, 1))  # finite: every tile here has a valid column
-            rescale = tl.exp(running_max - new_max)
-            probs = tl.exp(z - new_max[:, None])
-            running_sum = running_sum * rescale + tl.sum(probs, 1)
-            running_zsum = running_zsum * rescale + tl.sum(probs * tl.where(valid, z, 0.0), 1)
             target_z += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), 1)
+            new_max = tl.maximum(running_max, tl.max(tl.where(valid, z, float("-inf")), 1))  # finite: a valid column
+            rescale = tl.exp(running_max - new_max)
+            max_shift = tl.where(running_max == float("-inf"), 0.0, running_max - new_max)  # first tile: nothing to shift
+            shifted_z = tl.where(valid, z - new_max[:, None], float("-inf"))
+            unnormalised = tl.exp(shifted_z)
+            sum_exp_shifted_z = rescale * (sum_exp_shifted_z + sum_exp * max_shift)
+            sum_exp_shifted_z += tl.sum(unnormalised * tl.where(valid, shifted_z, 0.0), 1)
+            sum_exp = sum_exp * rescale + tl.sum(unnormalised, 1)
             running_max = new_max
 
         # PARTIALS is [4, num_splits, N]; a split past the vocabulary writes (-inf, 0, 0, 0).
         out = PARTIALS + split * num_rows + rows
         stride_kind = num_splits * num_rows
         tl.store(out, running_max, mask=row_ok)
-        tl.store(out + stride_kind, running_sum, mask=row_ok)
-        tl.store(out + 2 * stride_kind, running_zsum, mask=row_ok)
+        tl.store(out + stride_kind, sum_exp, mask=row_ok)
+        tl.store(out + 2 * stride_kind, sum_exp_shifted_z, mask=row_ok)
         tl.store(out + 3 * stride_kind, target_z, mask=row_ok)
 
     @_autotune(_fused_configs(), key=["hidden_dim", "DOT_PRECISION"])
@@ -467,15 +481,16 @@ if TRITON_AVAILABLE:
                     "fused",
                     DOT_PRECISION=precision,
                 )
-            # Merge the vocabulary splits: rescale each split's sums to the global max.
-            split_max, split_sum, split_zsum, split_target = partials
+            # Merge the vocabulary splits: move each split's sums to the global max.
+            split_max, split_sum_exp, split_sum_exp_shifted_z, split_target_z = partials
             row_max = split_max.max(dim=0).values
-            rescale = torch.exp(split_max - row_max)
-            total = (split_sum * rescale).sum(dim=0)
-            logsumexp = row_max + torch.log(total)
-            mean_z = (split_zsum * rescale).sum(dim=0) / total
-            entropy = logsumexp - mean_z
-            logp = split_target.sum(dim=0) - logsumexp
+            rescale = torch.exp(split_max - row_max)  # 0 for empty splits
+            max_shift = torch.where(split_max == float("-inf"), 0.0, split_max - row_max)
+            sum_exp = (split_sum_exp * rescale).sum(dim=0)
+            sum_exp_shifted_z = (rescale * (split_sum_exp_shifted_z + split_sum_exp * max_shift)).sum(dim=0)
+            logsumexp = row_max + torch.log(sum_exp)
+            entropy = torch.log(sum_exp) - sum_exp_shifted_z / sum_exp  # H = log s - t / s
+            logp = split_target_z.sum(dim=0) - logsumexp
 
             ctx.save_for_backward(hidden, weight, targets, logsumexp, entropy)
             ctx.temperature = temperature

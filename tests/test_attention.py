@@ -1,10 +1,12 @@
 """flash_attention (Triton and PyTorch paths) against float64 softmax attention written out here.
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. That
-needs TRITON_INTERPRET=1 before triton is first imported (set here around the
-import of `kernels`) and while the kernels run (set by an autouse fixture); it is
-not left set, so other test files keep the fast PyTorch path on CPU. With a GPU
-the same tests run the compiled kernels on CUDA.
+needs TRITON_INTERPRET=1 before triton is first imported and while the kernels
+run. tests/conftest.py sets it for the session; this file also sets it around its
+own import of `kernels` and in an autouse fixture (restoring the previous value),
+so it works on its own too. The tests call the `*_triton` and `*_torch` functions
+directly, whatever KERNELS says. With a GPU the same tests run the compiled
+kernels on CUDA.
 
 Shapes are drawn per test from a seed derived from the test's name (set
 KERNELS_TEST_SEED to draw different ones); lengths are never multiples of a block.

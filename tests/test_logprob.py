@@ -1,10 +1,12 @@
 """logprobs_from_logits and fused_linear_logprobs (Triton and PyTorch paths) against float64 log_softmax.
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. That
-needs TRITON_INTERPRET=1 before triton is first imported (set here around the
-import of `kernels`) and while the kernels run (set by an autouse fixture); it is
-not left set, so other test files keep the fast PyTorch path on CPU. With a GPU
-the same tests run the compiled kernels on CUDA.
+needs TRITON_INTERPRET=1 before triton is first imported and while the kernels
+run. tests/conftest.py sets it for the session; this file also sets it around its
+own import of `kernels` and in an autouse fixture (restoring the previous value),
+so it works on its own too. The tests call the `*_triton` and `*_torch` functions
+directly, whatever KERNELS says. With a GPU the same tests run the compiled
+kernels on CUDA.
 
 Chunk sizes are shrunk so that even these small shapes span several vocabulary
 tiles, row chunks and backward vocabulary chunks.

@@ -169,13 +169,19 @@ def test_ppo_resume_after_sigkill_matches_uninterrupted(tmp_path, checkpoints):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "reward_shaping"])
+@pytest.mark.parametrize("algo", ["ppo", "reward_shaping", "ppo_lag+ptx"])
 def test_each_algo_runs(tmp_path, checkpoints, algo):
-    extra = ["--max-steps", "2", "--algo", algo, "--lambda-init", "2.0"]
-    if algo == "ppo":
+    name, _, ptx = algo.partition("+")
+    extra = ["--max-steps", "2", "--algo", name, "--lambda-init", "2.0"]
+    if name == "ppo":
         extra += ["--cost-model", "none"]
-    run("ppo_lag.py", ppo_args(checkpoints, tmp_path / algo, *extra))
-    log = log_of(tmp_path / algo)
-    assert len(log) == 2 and (tmp_path / algo / "actor" / "model.safetensors").exists()
-    assert log[-1]["lambda"] == pytest.approx(2.0 if algo == "reward_shaping" else 0.0)
-    assert "cost_critic_loss" not in log[-1] and "reward_critic_loss" in log[-1]
+    if ptx:
+        extra += ["--ptx-coeff", "0.5"]
+    run("ppo_lag.py", ppo_args(checkpoints, tmp_path / name, *extra))
+    log = log_of(tmp_path / name)
+    assert len(log) == 2 and (tmp_path / name / "actor" / "model.safetensors").exists()
+    if name == "ppo_lag":
+        assert log[-1]["ptx_loss"] > 0 and "cost_critic_loss" in log[-1]
+    else:
+        assert log[-1]["lambda"] == pytest.approx(2.0 if name == "reward_shaping" else 0.0)
+        assert "cost_critic_loss" not in log[-1] and "reward_critic_loss" in log[-1]
