@@ -49,9 +49,6 @@ def attention_flops(batch, heads, length, head_dim, causal=True):
 
 
 def bench_gpu(args):
-    import triton.testing
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, dtype {args.dtype}, causal, "
@@ -63,51 +60,56 @@ def bench_gpu(args):
     print(f"{'':>21} | {'triton':>11} {'sdpa':>11} {'':>6}" + ("" if args.forward_only else f" | {'triton':>11} {'sdpa':>11}"))
 
     for head_dim in args.dims:
-        q_heads = args.width // head_dim
-        kv_heads = q_heads // args.kv_heads_ratio
         for length in args.lengths:
-            batch = max(1, args.tokens // length)
-            gen = torch.Generator(device=device).manual_seed(0)
-            q = torch.randn(batch, length, q_heads, head_dim, device=device, dtype=dtype, generator=gen, requires_grad=True)
-            k = torch.randn(batch, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen, requires_grad=True)
-            v = torch.randn(batch, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen, requires_grad=True)
-            grad_out = torch.randn_like(q)
-
-            def triton_forward():
-                return kernels.flash_attention_triton(q, k, v, causal=True)
-
-            def sdpa_forward():
-                # Same memory, viewed as [B, H, T, D]; SDPA accepts these strides without a copy.
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    out = F.scaled_dot_product_attention(
-                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                        enable_gqa=kv_heads != q_heads)
-                return out.transpose(1, 2)
-
-            # Sanity: both compute the same thing.
-            with torch.no_grad():
-                max_diff = (triton_forward().float() - sdpa_forward().float()).abs().max().item()
-
-            flops = attention_flops(batch, q_heads, length, head_dim)
-            row = f"{head_dim:>4} {length:>6} {batch:>4} {q_heads:>4} |"
-            with torch.no_grad():
-                t_fwd = triton.testing.do_bench(triton_forward, warmup=args.warmup, rep=args.rep)
-                s_fwd = triton.testing.do_bench(sdpa_forward, warmup=args.warmup, rep=args.rep)
-            row += f" {flops / t_fwd * 1e-9:>11.1f} {flops / s_fwd * 1e-9:>11.1f} {s_fwd / t_fwd:>6.2f}"
-            if not args.forward_only:
-                def triton_step():
-                    torch.autograd.grad(triton_forward(), (q, k, v), grad_out)
-
-                def sdpa_step():
-                    torch.autograd.grad(sdpa_forward(), (q, k, v), grad_out)
-
-                t_step = triton.testing.do_bench(triton_step, warmup=args.warmup, rep=args.rep)
-                s_step = triton.testing.do_bench(sdpa_step, warmup=args.warmup, rep=args.rep)
-                step_flops = 3.5 * flops
-                row += f" | {step_flops / t_step * 1e-9:>11.1f} {step_flops / s_step * 1e-9:>11.1f} {s_step / t_step:>6.2f}"
-            print(row + f"   (max |triton - sdpa| = {max_diff:.1e})", flush=True)
-            del q, k, v, grad_out
+            print(bench_one(args, head_dim, length, dtype, device), flush=True)
     print("ratio = SDPA time / Triton time (> 1 means the Triton kernel is faster)")
+
+
+def bench_one(args, head_dim, length, dtype, device):
+    """One table row: TFLOP/s of both implementations at this head dim and length."""
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q_heads = args.width // head_dim
+    kv_heads = q_heads // args.kv_heads_ratio
+    batch = max(1, args.tokens // length)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, length, q_heads, head_dim, device=device, dtype=dtype, generator=gen, requires_grad=True)
+    k = torch.randn(batch, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen, requires_grad=True)
+    v = torch.randn(batch, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen, requires_grad=True)
+    grad_out = torch.randn_like(q)
+
+    def triton_forward():
+        return kernels.flash_attention_triton(q, k, v, causal=True)
+
+    def sdpa_forward():
+        # Same memory, viewed as [B, H, T, D]; SDPA accepts these strides without a copy.
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=kv_heads != q_heads)
+        return out.transpose(1, 2)
+
+    with torch.no_grad():  # sanity: both compute the same thing
+        max_diff = (triton_forward().float() - sdpa_forward().float()).abs().max().item()
+
+    flops = attention_flops(batch, q_heads, length, head_dim)
+    row = f"{head_dim:>4} {length:>6} {batch:>4} {q_heads:>4} |"
+    with torch.no_grad():
+        t_fwd = triton.testing.do_bench(triton_forward, warmup=args.warmup, rep=args.rep)
+        s_fwd = triton.testing.do_bench(sdpa_forward, warmup=args.warmup, rep=args.rep)
+    row += f" {flops / t_fwd * 1e-9:>11.1f} {flops / s_fwd * 1e-9:>11.1f} {s_fwd / t_fwd:>6.2f}"
+    if not args.forward_only:
+        def triton_step():
+            torch.autograd.grad(triton_forward(), (q, k, v), grad_out)
+
+        def sdpa_step():
+            torch.autograd.grad(sdpa_forward(), (q, k, v), grad_out)
+
+        t_step = triton.testing.do_bench(triton_step, warmup=args.warmup, rep=args.rep)
+        s_step = triton.testing.do_bench(sdpa_step, warmup=args.warmup, rep=args.rep)
+        step_flops = 3.5 * flops
+        row += f" | {step_flops / t_step * 1e-9:>11.1f} {step_flops / s_step * 1e-9:>11.1f} {s_step / t_step:>6.2f}"
+    return row + f"   (max |triton - sdpa| = {max_diff:.1e})"
 
 
 def sanity_cpu():

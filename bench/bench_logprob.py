@@ -95,8 +95,6 @@ def step_function(variant, entropy):
 
 
 def bench_gpu(args):
-    import triton.testing
-
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.dtype}, "
           f"N={args.rows}, D={args.dim}, entropy={args.entropy}")
@@ -106,24 +104,31 @@ def bench_gpu(args):
         grads = (args.rows + vocab) * args.dim * element_size
         print(f"{vocab:>7} {'':>7} | (both peaks include the gradients dHidden + dW: {grads / 2**30:.2f} GiB)")
         hidden, weight, targets = make_inputs(args, vocab, device)
-        results = {}
-        for variant in ("naive", "fused"):
-            step = step_function(variant, args.entropy)
-            step(hidden, weight, targets)  # compile / autotune outside the measurements
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            grads = step(hidden, weight, targets)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-            del grads
-            ms = triton.testing.do_bench(lambda: step(hidden, weight, targets), warmup=25, rep=200)
-            results[variant] = (ms, peak)
-            print(f"{vocab:>7} {variant:>7} | {ms:>10.2f} {peak / 2**30:>9.2f} | {args.rows * vocab * 4 / 2**30:.2f} GiB", flush=True)
+        results = {variant: gpu_measure(step_function(variant, args.entropy), hidden, weight, targets)
+                   for variant in ("naive", "fused")}
+        for variant, (ms, peak) in results.items():
+            print(f"{vocab:>7} {variant:>7} | {ms:>10.2f} {peak / 2**30:>9.2f} | {args.rows * vocab * 4 / 2**30:.2f} GiB")
         (naive_ms, naive_peak), (fused_ms, fused_peak) = results["naive"], results["fused"]
-        print(f"{vocab:>7} {'ratio':>7} | {fused_ms / naive_ms:>10.2f} {fused_peak / naive_peak:>9.3f} | fused / naive")
-        del hidden, weight, targets
+        print(f"{vocab:>7} {'ratio':>7} | {fused_ms / naive_ms:>10.2f} {fused_peak / naive_peak:>9.3f} | fused / naive",
+              flush=True)
+        del hidden, weight, targets, results
         torch.cuda.empty_cache()
+
+
+def gpu_measure(step, hidden, weight, targets):
+    """(ms per step, peak bytes above the inputs) of one forward+backward step on the GPU."""
+    import triton.testing
+
+    step(hidden, weight, targets)  # compile / autotune outside the measurements
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grads = step(hidden, weight, targets)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del grads
+    ms = triton.testing.do_bench(lambda: step(hidden, weight, targets), warmup=25, rep=200)
+    return ms, peak
 
 
 # ---------------------------------------------------------------------------------------- CPU

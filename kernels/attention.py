@@ -50,6 +50,8 @@ def visible_keys_mask(batch, q_len, k_len, *, causal, kv_start, device):
     """Boolean [B or 1, 1, Tq, Tk] mask, True where query i may attend to key j.
 
     Returns None when every key is visible (non-causal, no left padding)."""
+    if q_len == 1:
+        causal = False  # bottom-right alignment: a single query is the last position and sees every key
     if not causal and kv_start is None:
         return None
     key_pos = torch.arange(k_len, device=device)
