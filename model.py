@@ -106,6 +106,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same math
         # Normalise in fp32, multiply by the weight in the input dtype: the order HF uses, so
         # bf16 results match it too.
         x32 = x.float()
@@ -135,16 +137,18 @@ def rope_inv_freq(args: ModelArgs, device) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype):
-    """cos, sin of shape [B, T, 1, head_dim] for integer positions [B, T]."""
+    """cos and a signed sin, [B, T, 1, head_dim], for integer positions [B, T]. The sign of the
+    first half of sin is folded in here once, instead of negating x in every layer."""
     freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2], fp32 like HF
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = freqs.sin()
+    cos = torch.cat((freqs, freqs), dim=-1).cos()
+    return cos[:, :, None, :].to(dtype), torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(dtype)
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, cos, signed_sin):
+    """HF's rotate-half RoPE: x cos + (-x2, x1) sin, written as x cos + (x2, x1) signed_sin."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
 class KVCache:
@@ -451,8 +455,15 @@ def positions_from_mask(input_ids, attention_mask):
     seen = mask.cumsum(-1)
     kv_start = (seen == 0).sum(-1)
     last = T - (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # one past the last real token
-    if not torch.compiler.is_compiling() and bool(((last - kv_start != seen[:, -1]) & (seen[:, -1] > 0)).any()):
-        raise ValueError("attention_mask has a hole: each row's ones must be contiguous (left and/or right padding)")
+    if not torch.compiler.is_compiling():
+        # One host sync for two checks: a hole in the mask is an error, and without left padding
+        # (training batches are right-padded) the attention needs no key mask at all.
+        hole = ((last - kv_start != seen[:, -1]) & (seen[:, -1] > 0)).any()
+        hole, left_padded = torch.stack([hole, kv_start.any()]).tolist()
+        if hole:
+            raise ValueError("attention_mask has a hole: each row's ones must be contiguous (left and/or right padding)")
+        if not left_padded:
+            kv_start = None
     return (seen - 1).clamp(min=0), kv_start
 
 

@@ -242,13 +242,10 @@ def main(argv=None):
     cost_window = deque(maxlen=args.episode_cost_window)
 
     ckpt = training.Checkpointer(args.out, d)
-    start_step = 0
-    if (latest := ckpt.latest()) is not None:
-        state = ckpt.load(latest, models)
-        start_step = state["step"]
+    start_step, state = training.resume(ckpt, models, d)
+    if state:  # the multiplier and the episodes it is computed from
         log_lambda.data.fill_(state["log_lambda"])
         cost_window.extend(state["cost_window"])
-        d.print(f"resumed from {latest} at step {start_step}")
     d.print(f"actor: {training.count_params(actor, d) / 1e6:.2f}M parameters; {total_steps} iterations "
             f"of {args.batch_size} prompts; {len(prompt_set)} prompts")
     logger = training.Logger(args.out, d, total_steps, args.algo, resume_step=start_step)

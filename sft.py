@@ -85,10 +85,7 @@ def main(argv=None):
                                                     total_steps=total_steps)
     models = {"model": (model, optimizer, scheduler)}
     ckpt = training.Checkpointer(args.out, d)
-    start_step = 0
-    if (latest := ckpt.latest()) is not None:
-        start_step = ckpt.load(latest, models)["step"]
-        d.print(f"resumed from {latest} at step {start_step}")
+    start_step, _ = training.resume(ckpt, models, d)
     d.print(f"model: {training.count_params(model, d) / 1e6:.2f}M parameters; "
             f"{total_steps} steps of {args.batch_size} dialogues")
     logger = training.Logger(args.out, d, total_steps, "sft", resume_step=start_step)

@@ -504,6 +504,16 @@ class Checkpointer:
         return state
 
 
+def resume(ckpt: Checkpointer, models: dict, d: Dist) -> tuple[int, dict]:
+    """(step to continue after, saved state) from the latest checkpoint, or (0, {}) for a fresh run."""
+    latest = ckpt.latest()
+    if latest is None:
+        return 0, {}
+    state = ckpt.load(latest, models)
+    d.print(f"resumed from {latest} at step {state['step']}")
+    return state["step"], state
+
+
 # ----------------------------------------------------------------------------------------------
 # Logging
 

@@ -66,6 +66,30 @@ def visible_keys_mask(batch, q_len, k_len, *, causal, kv_start, device):
     return visible
 
 
+_last_masks = [None, None]  # (key, masks) of the latest call: every layer of a forward step asks for the same
+
+
+def _masks(batch, q_len, k_len, causal, kv_start, device):
+    """(mask for SDPA, rows that see some key), or None when every key is visible.
+
+    A row with no visible key makes SDPA's softmax 0/0 = NaN, and that NaN would leak into dK/dV
+    through the backward even if the output were zeroed after the fact. So such rows see every key
+    (finite math) and are zeroed with torch.where afterwards, which also zeroes their gradient.
+    The result is memoised for the next call with the same kv_start tensor (the other layers of
+    the same step): the key holds kv_start itself, so its identity cannot be recycled."""
+    key = (kv_start, None if kv_start is None else kv_start._version, batch, q_len, k_len, causal, device)
+    cached_key, cached = _last_masks
+    if cached_key is not None and cached_key[0] is kv_start and cached_key[1:] == key[1:]:
+        return cached
+    visible = visible_keys_mask(batch, q_len, k_len, causal=causal, kv_start=kv_start, device=device)
+    masks = None
+    if visible is not None:
+        row_sees_something = visible.any(dim=-1, keepdim=True)  # [B or 1, 1, Tq, 1]
+        masks = (visible | ~row_sees_something, row_sees_something)
+    _last_masks[:] = [key, masks]
+    return masks
+
+
 def flash_attention_torch(q, k, v, *, causal=True, kv_start=None, softmax_scale=None):
     """Reference-quality attention through torch SDPA. Same contract as flash_attention."""
     batch, q_len, q_heads, head_dim = q.shape
@@ -84,17 +108,11 @@ def flash_attention_torch(q, k, v, *, causal=True, kv_start=None, softmax_scale=
         out = F.scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
 
-    visible = visible_keys_mask(batch, q_len, k_len, causal=causal, kv_start=kv_start, device=q.device)
-    if visible is None:
+    masks = _masks(batch, q_len, k_len, causal, kv_start, q.device)
+    if masks is None:
         out = F.scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
-
-    # A row with no visible key makes SDPA's softmax 0/0 = NaN, and that NaN would
-    # leak into dK/dV through the backward even if the output were zeroed after
-    # the fact. So let such rows see everything (finite math), then zero them
-    # with torch.where, which also zeroes their gradient.
-    row_sees_something = visible.any(dim=-1, keepdim=True)  # [B or 1, 1, Tq, 1]
-    safe_visible = visible | ~row_sees_something
+    safe_visible, row_sees_something = masks
     out = F.scaled_dot_product_attention(
         q_bhtd, k_bhtd, v_bhtd, attn_mask=safe_visible, scale=scale, enable_gqa=gqa
     )

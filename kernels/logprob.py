@@ -181,23 +181,31 @@ class _FusedLinearLogprobsTorch(torch.autograd.Function):
         logsumexp = row_max + torch.log(sum_exp)
         logp = target_z - logsumexp
         entropy = torch.log(sum_exp) - sum_exp_shifted_z / sum_exp  # H = log s - t / s
-        ctx.save_for_backward(hidden, scaled_hidden, weight, targets, logsumexp, entropy)
+        # When the whole vocabulary fit in one chunk (small N * V: the chunk is all there is, so
+        # memory stays O(chunk)), keep its shifted logits for the backward instead of recomputing
+        # the matmul: with z - max, log-probs are (z - max) - log s.
+        ctx.kept_logits = num_rows * vocab_size <= CHUNK_ELEMENTS and any(ctx.needs_input_grad[:2])
+        kept = (shifted_z, torch.log(sum_exp)) if ctx.kept_logits else ()
+        ctx.save_for_backward(hidden, scaled_hidden, weight, targets, logsumexp, entropy, *kept)
         ctx.temperature = temperature
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
         return (logp, entropy) if with_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, scaled_hidden, weight, targets, logsumexp, entropy = ctx.saved_tensors
+        hidden, scaled_hidden, weight, targets, logsumexp, entropy, *kept = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_rows, vocab_size = hidden.shape[0], weight.shape[0]
         # fp32 accumulator over vocabulary chunks; dW is written chunk by chunk, exactly once.
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
         grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if want_weight else None
         for start, end in _chunks(vocab_size, max(1, CHUNK_ELEMENTS // max(num_rows, 1))):
-            z = (scaled_hidden @ weight[start:end].t()).float()
+            if kept:  # one chunk, kept by the forward: (z - max, log s) instead of (z, max + log s)
+                z, lse = kept
+            else:
+                z, lse = (scaled_hidden @ weight[start:end].t()).float(), logsumexp
             rows, cols = _targets_in(targets, start, end)
-            grad_logits = _grad_of_logits(z, logsumexp, entropy, grad_logp, grad_entropy, rows, cols, ctx.temperature)
+            grad_logits = _grad_of_logits(z, lse, entropy, grad_logp, grad_entropy, rows, cols, ctx.temperature)
             _accumulate_linear_grads(grad_logits, hidden, weight, start, end, grad_hidden, grad_weight)
         if want_hidden:
             grad_hidden = grad_hidden.to(hidden.dtype)
