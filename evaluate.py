@@ -179,6 +179,7 @@ def main(argv=None):
 
     results = {}
     for path in args.models:
+        print(f"evaluating {path}: {len(rows)} answers", flush=True)
         policy = Transformer.from_pretrained(path, device=args.device).eval()
         texts, batches, lengths, truncated = sample_answers(
             policy, tok, [r["prompt"] for r in rows], batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

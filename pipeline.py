@@ -22,7 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+from data.loaders import read_records
+
 ROOT = Path(__file__).resolve().parent
+
+
+def run_eval(flags):
+    if subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *flags], cwd=ROOT).returncode != 0:
+        sys.exit("evaluate.py failed")
 
 
 def main(argv=None):
@@ -44,6 +51,9 @@ def main(argv=None):
     a("--score-args", default="", help="extra flags for both train_score.py runs")
     a("--ppo-args", default="", help="extra flags for every ppo_lag.py run")
     a("--eval-args", default="", help="extra flags for evaluate.py")
+    a("--arena", action="store_true",
+      help="also run the paper's arena (SFT vs each aligned policy, judged by the reward and cost models); "
+           "the only evaluation when --eval-prompts has no 'harmful' labels")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -95,13 +105,19 @@ def main(argv=None):
         stage(name, "ppo_lag.py", flags, out / name / "actor")
         policies[name] = out / name / "actor"
 
+    eval_flags = ["--reward-model", str(score_models["reward"]), "--cost-model", str(score_models["cost"]),
+                  *synthetic, *data_flag("--prompts", args.eval_prompts), "--show", "0", *shlex.split(args.eval_args)]
+    labelled = args.eval_prompts is None or all("harmful" in r for _, r in read_records(args.eval_prompts))
+    if args.arena or not labelled:
+        for name, path in policies.items():
+            if name != "sft":
+                print(f"== arena: sft vs {name}", flush=True)
+                run_eval(["--arena", str(sft_model), str(path), "--out", str(out / "arena" / name), *eval_flags])
+    if not labelled:
+        return None
+
     print("== evaluate", flush=True)
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--models", *map(str, policies.values()),
-           "--reward-model", str(score_models["reward"]), "--cost-model", str(score_models["cost"]),
-           "--out", str(out / "eval"), *synthetic, *data_flag("--prompts", args.eval_prompts),
-           "--show", "0", *shlex.split(args.eval_args)]
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        sys.exit("evaluate.py failed")
+    run_eval(["--models", *map(str, policies.values()), "--out", str(out / "eval"), *eval_flags])
     results = json.loads((out / "eval" / "eval.json").read_text())["results"]
 
     print("\n== summary (held-out prompts, ground-truth judge, answers sampled at temperature 1)")

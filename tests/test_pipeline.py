@@ -21,7 +21,7 @@ REDUCED = [
 @pytest.mark.slow
 def test_pipeline_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch"}
-    cmd = [sys.executable, str(ROOT / "pipeline.py"), "--out", str(tmp_path), "--algos", "ppo_lag", "ppo", *REDUCED]
+    cmd = [sys.executable, str(ROOT / "pipeline.py"), "--out", str(tmp_path), "--algos", "ppo_lag", "ppo", "--arena", *REDUCED]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for product in ["sft/model", "reward_model/model", "cost_model/model", "ppo_lag/actor", "ppo/actor"]:
@@ -34,6 +34,9 @@ def test_pipeline_smoke(tmp_path):
                     "truncated", "mean_reward", "mean_cost"):
             assert isinstance(metrics[key], float), key
     assert "summary" in first.stdout and "ppo_lag" in first.stdout
+    for name in ("ppo_lag", "ppo"):
+        arena = json.loads((tmp_path / "arena" / name / "arena.json").read_text())
+        assert len(arena["cells"]) == 4 and abs(sum(c["share"] for c in arena["cells"].values()) - 1) < 1e-9
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0
