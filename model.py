@@ -472,7 +472,8 @@ def sample_token(logits, temperature: float, top_p: float, generator=None, noise
     (noise_rows: see Transformer.generate)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         sorted_probs = sorted_logits.softmax(-1)

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then SEEDS=("$@"); else SEEDS=(0 1 2); fi
-ALGOS="ppo_lag ppo reward_shaping:0.5 reward_shaping:2 reward_shaping:8"
+ALGOS="ppo_lag ppo reward_shaping:0.5 reward_shaping:1 reward_shaping:2 reward_shaping:8"
 JOBS=${JOBS:-$(nproc)}
 mkdir -p runs
 python -c "from data.synthetic import ensure_synthetic; ensure_synthetic('runs/synthetic', seed=0)"

@@ -70,7 +70,7 @@ _last_masks = [None, None]  # (key, masks) of the latest call: every layer of a 
 
 
 def _masks(batch, q_len, k_len, causal, kv_start, device):
-    """(mask for SDPA, rows that see some key), or None when every key is visible.
+    """(mask for SDPA, rows that see some key or None if all do), or None when every key is visible.
 
     A row with no visible key makes SDPA's softmax 0/0 = NaN, and that NaN would leak into dK/dV
     through the backward even if the output were zeroed after the fact. So such rows see every key
@@ -85,7 +85,8 @@ def _masks(batch, q_len, k_len, causal, kv_start, device):
     masks = None
     if visible is not None:
         row_sees_something = visible.any(dim=-1, keepdim=True)  # [B or 1, 1, Tq, 1]
-        masks = (visible | ~row_sees_something, row_sees_something)
+        # The common case (decoding, no fully padded row) needs no zeroing afterwards.
+        masks = (visible, None) if bool(row_sees_something.all()) else (visible | ~row_sees_something, row_sees_something)
     _last_masks[:] = [key, masks]
     return masks
 
@@ -116,7 +117,8 @@ def flash_attention_torch(q, k, v, *, causal=True, kv_start=None, softmax_scale=
     out = F.scaled_dot_product_attention(
         q_bhtd, k_bhtd, v_bhtd, attn_mask=safe_visible, scale=scale, enable_gqa=gqa
     )
-    out = torch.where(row_sees_something, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if row_sees_something is not None:
+        out = torch.where(row_sees_something, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.transpose(1, 2)
 
 
