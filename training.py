@@ -192,6 +192,8 @@ def load_model(spec: str, head: str, d: Dist, *, seed: int = 0, mixed_precision:
     bf16 compute with fp32 master weights and fp32 gradient reduction on GPUs), materialised
     empty, then filled from a full state dict that only rank 0 reads. In a plain process: the
     model itself on the device."""
+    if cpu_offload and d.device.type != "cuda":
+        raise ValueError("CPU offload moves sharded parameters from the GPUs to host memory: it needs --device cuda")
     state, score_stats = None, None
     if Path(spec).is_dir():
         args, saved_head, config = read_config(spec)

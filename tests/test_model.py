@@ -351,3 +351,18 @@ def test_noise_rows_make_samples_independent_of_the_split():
     assert torch.equal(whole, halves)
     plain = m.generate(ids[2:4], mask[2:4], max_new_tokens=8, generator=torch.Generator().manual_seed(123))
     assert not torch.equal(plain, whole[2:4])  # without noise_rows the halves would draw other noise
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    args = ModelArgs(**CONFIGS["gqa_theta"])
+    m = Transformer(args)
+    m.init_weights(seed=0)
+    ids, mask = left_padded_batch(args.vocab_size, [9, 5], seed=0)
+    grads = []
+    for checkpointing in (False, True):
+        m.zero_grad()
+        m.activation_checkpointing = checkpointing
+        m(ids, mask, targets=torch.roll(ids, -1, 1)).sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
