@@ -25,11 +25,11 @@ in each cell is printed and written to <out>/arena.json.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+import training
 from data.judge import judge
 from data.loaders import collate_prompts, load_prompts, read_records, tokenize_prompts
 from data.synthetic import ensure_synthetic
@@ -104,12 +104,8 @@ def print_arena(result, baseline, candidate):
         print(row)
 
 
-def write_json(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+def report_json(path, obj):
+    training.write_json(path, obj)
     print(f"\nwrote {path}")
 
 
@@ -203,7 +199,7 @@ def main(argv=None):
     print("\n" + "model".ljust(width) + "".join(c.rjust(16) for c in columns))
     for path, m in results.items():
         print(path.ljust(width) + "".join(f"{m[c]:16.3f}" for c in columns))
-    write_json(Path(args.out) / "eval.json", {"prompts": str(prompts_path), "temperature": args.temperature,
+    report_json(Path(args.out) / "eval.json", {"prompts": str(prompts_path), "temperature": args.temperature,
                                               "results": results})
     return results
 
@@ -215,6 +211,7 @@ def run_arena(args, prompts_path):
     prompts = [p for p in prompts for _ in range(args.samples_per_prompt if args.temperature > 0 else 1)]
     baseline, candidate = args.arena
     tok = Tokenizer(args.tokenizer or Path(baseline) / "tokenizer.model")
+    scorers = [Transformer.from_pretrained(m, device=args.device).eval() for m in (args.reward_model, args.cost_model)]
     scores = {}
     for path in (baseline, candidate):
         policy = Transformer.from_pretrained(path, device=args.device).eval()
@@ -222,11 +219,10 @@ def run_arena(args, prompts_path):
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                           top_p=args.top_p, seed=args.seed, device=args.device)
         del policy
-        scores[path] = [answer_scores(Transformer.from_pretrained(m, device=args.device).eval(), batches)
-                        for m in (args.reward_model, args.cost_model)]
+        scores[path] = [answer_scores(scorer, batches) for scorer in scorers]
     result = arena(*scores[baseline], *scores[candidate])
     print_arena(result, baseline, candidate)
-    write_json(Path(args.out) / "arena.json", {"prompts": str(prompts_path), "baseline": baseline,
+    report_json(Path(args.out) / "arena.json", {"prompts": str(prompts_path), "baseline": baseline,
                                                "candidate": candidate, **result})
     return result
 

@@ -576,8 +576,9 @@ def _clock(seconds: float) -> str:
 
 
 def write_json(path, obj):
-    """Atomically write a JSON file."""
+    """Atomically write a JSON file (creating its directory)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)

@@ -178,14 +178,15 @@ class _FusedLinearLogprobsTorch(torch.autograd.Function):
                 sum_exp_shifted_z += (unnormalised * shifted_z).sum(dim=-1)
             sum_exp = sum_exp * rescale + unnormalised.sum(dim=-1)
             row_max = new_max
-        logsumexp = row_max + torch.log(sum_exp)
+        log_sum_exp = torch.log(sum_exp)
+        logsumexp = row_max + log_sum_exp
         logp = target_z - logsumexp
-        entropy = torch.log(sum_exp) - sum_exp_shifted_z / sum_exp  # H = log s - t / s
+        entropy = log_sum_exp - sum_exp_shifted_z / sum_exp  # H = log s - t / s
         # When the whole vocabulary fit in one chunk (small N * V: the chunk is all there is, so
         # memory stays O(chunk)), keep its shifted logits for the backward instead of recomputing
         # the matmul: with z - max, log-probs are (z - max) - log s.
-        ctx.kept_logits = num_rows * vocab_size <= CHUNK_ELEMENTS and any(ctx.needs_input_grad[:2])
-        kept = (shifted_z, torch.log(sum_exp)) if ctx.kept_logits else ()
+        one_chunk = num_rows * vocab_size <= CHUNK_ELEMENTS
+        kept = (shifted_z, log_sum_exp) if one_chunk and any(ctx.needs_input_grad[:2]) else ()
         ctx.save_for_backward(hidden, scaled_hidden, weight, targets, logsumexp, entropy, *kept)
         ctx.temperature = temperature
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
