@@ -6,7 +6,7 @@
 The LM head is the policy (SFT model, actor, reference); the score head is the reward model, the
 cost model and both critics (../shared/SAFE_RLHF.md). Names follow Meta's llama `model.py`
 (`wq wk wv wo`, `w1 w2 w3`, `attention_norm`, `ffn_norm`); the Hugging Face names exist only in
-`HF_NAMES`, at load and save time. RoPE uses the Hugging Face ("rotate half") layout, so HF
+hf_io.py, at load and save time. RoPE uses the Hugging Face ("rotate half") layout, so HF
 checkpoints load without permuting wq/wk.
 
 Padding: a batch row may be left-padded (prompts), right-padded (training batches), or both
@@ -20,21 +20,13 @@ only: those choose between the Triton kernels and a PyTorch path.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from kernels import flash_attention, fused_linear_logprobs
 
 
@@ -379,67 +371,37 @@ class Transformer(nn.Module):
             next_pos = next_pos + 1
         return out
 
-    # -- checkpoints ------------------------------------------------------------------------------
+    # -- checkpoints (Hugging Face format; the I/O itself lives in hf_io.py) ----------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", head: str | None = None):
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", head: str | None = None,
+                        seed: int = 0):
         """Load a Hugging Face-format LLaMA directory (config.json + model.safetensors, or sharded
         with model.safetensors.index.json). A score-model checkpoint loads as a score model; pass
-        head="score" to start a score model from an LM checkpoint (new, freshly initialised score
-        head; the LM head is dropped). dtype None keeps the checkpoint's dtype field (fp32 if absent)."""
-        args, saved_head, config = read_config(path)
-        head = head or saved_head
-        if saved_head == "score" and head == "lm":
-            raise ValueError(f"{path} holds a score model; it cannot be loaded with an LM head")
-        dtype = dtype or _dtype_from_config(config)
-        state = load_hf_state_dict(path, args, head, saved_head)
+        head="score" to start a score model from an LM checkpoint (new score head drawn with
+        `seed`; the LM head is dropped). dtype None keeps the checkpoint's dtype field (fp32 if absent)."""
+        import hf_io  # hf_io builds on this module: imported here, not at the top
+
+        src = hf_io.describe(path, head)
+        dtype = dtype or src.dtype
+        state = hf_io.full_state_dict(src, seed=seed)
         with torch.device("meta"):
-            model = cls(args, head=head)
-        new_head = head == "score" and saved_head == "lm"
-        if new_head:
-            state["score_head.weight"] = torch.empty(1, args.dim)
-            state["score_head.bias"] = torch.empty(1)
-        if args.tie_embeddings and head == "lm":
-            state["output.weight"] = state["tok_embeddings.weight"]
+            model = cls(src.args, head=src.head)
         model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
                               strict=True, assign=True)
-        if args.tie_embeddings and head == "lm":
+        if src.args.tie_embeddings and src.head == "lm":  # assign=True replaced the shared Parameter
             model.output.weight = model.tok_embeddings.weight
-        if new_head:
-            model.reset_score_head()
-        if saved_head == "score":
-            model.score_stats = config.get("score_stats")
+        model.score_stats = src.score_stats
         return model
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 2**30,
                         extra_config: dict | None = None, extra_files=()):
-        """Write config.json and safetensors in Hugging Face's LLaMA layout, sharded above
-        max_shard_size bytes, atomically (a temp dir renamed into place), with `extra_files` (e.g.
-        the tokenizer.model) copied in before the rename.
+        """config.json + safetensors, sharded above max_shard_size bytes, written atomically, with
+        `extra_files` (e.g. the tokenizer) copied beside them. Under FSDP2 every rank must call it."""
+        import hf_io
 
-        Works on a plain module and on an FSDP2-sharded one: every rank must call it (gathering a
-        DTensor is a collective); only rank 0 writes."""
-        state, main = {}, _rank() == 0
-        for name, tensor in self.state_dict().items():
-            if self.args.tie_embeddings and name == "output.weight":
-                continue
-            if hasattr(tensor, "full_tensor"):  # DTensor under FSDP2: all ranks gather, one tensor at a time
-                tensor = tensor.full_tensor()
-            if not main:  # only rank 0 keeps a host copy (8 full copies of a 7B model would not fit)
-                continue
-            tensor = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()
-            state[hf_name(name)] = tensor
-        if not main:
-            return
-        config = hf_config(self.args, self.head, next(iter(state.values())).dtype)
-        if self.head == "score" and self.score_stats is not None:
-            config["score_stats"] = self.score_stats
-        config.update(extra_config or {})
-        with atomic_directory(path) as tmp:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            _write_safetensors(tmp, state, max_shard_size)
-            for f in extra_files:
-                shutil.copy(f, tmp / Path(f).name)
+        hf_io.save_pretrained(self, path, dtype=dtype, max_shard_size=max_shard_size,
+                              extra_config=extra_config, extra_files=extra_files)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,251 +478,3 @@ def end_scores(scores, attention_mask):
     T = attention_mask.shape[1]
     last = T - 1 - (attention_mask.long().flip(-1).cumsum(-1) == 0).sum(-1)
     return scores.gather(1, last.clamp(min=0)[:, None]).squeeze(1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face format: names, config, safetensors
-
-
-def hf_name(name: str) -> str:
-    """Our parameter name -> the Hugging Face LLaMA name."""
-    for ours, theirs in HF_NAMES:
-        name = name.replace(ours, theirs)
-    if not name.startswith(("lm_head", "score_head")):
-        name = "model." + name
-    return name
-
-
-# (ours, Hugging Face's): substring replacements, applied in order.
-HF_NAMES = [
-    ("tok_embeddings", "embed_tokens"),
-    ("attention_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
-    ("attention.wq", "self_attn.q_proj"),
-    ("attention.wk", "self_attn.k_proj"),
-    ("attention.wv", "self_attn.v_proj"),
-    ("attention.wo", "self_attn.o_proj"),
-    ("feed_forward.w1", "mlp.gate_proj"),
-    ("feed_forward.w2", "mlp.down_proj"),
-    ("feed_forward.w3", "mlp.up_proj"),
-    ("output", "lm_head"),
-]
-
-
-def hf_config(args: ModelArgs, head: str, dtype: torch.dtype) -> dict:
-    rope = {"rope_type": "default", **(args.rope_scaling or {}), "rope_theta": args.rope_theta}
-    config = {
-        "architectures": ["LlamaForCausalLM" if head == "lm" else "LlamaForScore"],
-        "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": args.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        # Both spellings: transformers 4.x reads rope_theta/rope_scaling, 5.x rope_parameters.
-        "rope_theta": args.rope_theta,
-        "rope_scaling": args.rope_scaling,
-        "rope_parameters": rope,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if head == "score":
-        config["score_dim"] = 1
-        config["score_bias"] = True
-    return config
-
-
-def read_config(path) -> tuple[ModelArgs, str, dict]:
-    """ModelArgs, head ("lm" or "score") and the raw dict of <path>/config.json, with errors that
-    name the file and the key."""
-    file = Path(path) / "config.json"
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: not a Hugging Face-format checkpoint")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-
-    def need(key):
-        if key not in config:
-            raise KeyError(f"{file} has no {key!r}")
-        return config[key]
-
-    rope = config.get("rope_parameters") or {}
-    rope_theta = config.get("rope_theta") or rope.get("rope_theta", 10000.0)
-    scaling = config.get("rope_scaling")
-    if scaling is None and rope.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    try:
-        args = ModelArgs(
-            dim=need("hidden_size"),
-            n_layers=need("num_hidden_layers"),
-            n_heads=need("num_attention_heads"),
-            n_kv_heads=config.get("num_key_value_heads"),
-            vocab_size=need("vocab_size"),
-            hidden_dim=need("intermediate_size"),
-            head_dim=config.get("head_dim"),
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=scaling,
-            max_seq_len=config.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{file}: {e}") from None
-    if config.get("hidden_act", "silu") != "silu" or config.get("attention_bias") or config.get("mlp_bias"):
-        raise ValueError(f"{file}: only LLaMA's silu MLP without biases is supported")
-    head = "score" if "LlamaForScore" in (config.get("architectures") or []) or config.get("score_dim") else "lm"
-    return args, head, config
-
-
-def _dtype_from_config(config) -> torch.dtype:
-    name = config.get("torch_dtype") or config.get("dtype") or "float32"
-    dtype = getattr(torch, str(name), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def expected_tensors(args: ModelArgs, head: str) -> dict[str, tuple[str, tuple]]:
-    """Hugging Face name -> (our name, shape) for every tensor a checkpoint of this model holds."""
-    with torch.device("meta"):
-        model = Transformer(args, head=head)
-    tensors = {hf_name(k): (k, tuple(v.shape)) for k, v in model.state_dict().items()}
-    if args.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    return tensors
-
-
-def load_hf_state_dict(path, args: ModelArgs | None = None, head: str = "lm", saved_head: str | None = None):
-    """Read every tensor of a Hugging Face-format checkpoint into a dict keyed by OUR names,
-    checking that each expected tensor is present with the right shape (errors name file and key)."""
-    path = Path(path)
-    if args is None:
-        args, saved_head, _ = read_config(path)
-    saved_head = saved_head or head
-    files = _safetensors_files(path)
-    wanted = expected_tensors(args, head)
-    if head != saved_head:  # LM checkpoint -> score model: the new head is not in the file
-        wanted = {k: v for k, v in wanted.items() if not k.startswith("score_head")}
-    state, where = {}, {}
-    for file in files:
-        try:
-            reader = safe_open(file, framework="pt")
-        except Exception as e:  # truncated or corrupted: safetensors' own message does not name the file
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-        with reader as f:
-            for key in f.keys():
-                if key in wanted:
-                    try:
-                        tensor = f.get_tensor(key)
-                    except Exception as e:
-                        raise ValueError(f"{file}: tensor {key!r} cannot be read ({e})") from None
-                    ours, shape = wanted[key]
-                    if tuple(tensor.shape) != shape:
-                        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                         f"expected {shape} from config.json")
-                    state[ours], where[key] = tensor, file
-                elif "rotary_emb" in key or key == "lm_head.weight" and head == "score":
-                    continue  # old checkpoints store RoPE tables; a score model drops the LM head
-                else:
-                    raise ValueError(f"{file}: unexpected tensor {key!r} for a {head} model of this config")
-    missing = [k for k in wanted if k not in where]
-    if missing:
-        listed = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise KeyError(f"checkpoint {path} is missing tensor(s) {listed}")
-    return state
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is malformed: {e}") from None
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{f} is listed in {index} but missing")
-        return files
-    if single.is_file():
-        return [single]
-    if list(path.glob("*.bin")) or list(path.glob("*.pth")):
-        raise ValueError(f"{path} holds only pickle weights (.bin/.pth); convert them to safetensors "
-                         "(loading pickles could run arbitrary code)")
-    raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-
-
-def _write_safetensors(directory: Path, state: dict, max_shard_size: int):
-    shards, current, size = [], {}, 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_size:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / name, metadata={"format": "pt"})
-        for key, tensor in shard.items():
-            weight_map[key] = name
-            total += tensor.numel() * tensor.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-class atomic_directory:
-    """`with atomic_directory(path) as tmp:` write into tmp; on success tmp replaces path.
-
-    A crash while writing leaves the old directory untouched (and a stray `.tmp-*` sibling). When
-    `path` already exists it is first renamed to `.old-*`, so between the two renames (microseconds)
-    only that sibling holds the old version; training checkpoints avoid even that by writing a new
-    directory per step and switching a `latest` file (see the shared training module)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".tmp-{self.path.name}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for f in self.tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".old-{self.path.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

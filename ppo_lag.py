@@ -1,19 +1,24 @@
 """Stage 3 of Safe RLHF: PPO-Lagrangian (../shared/SAFE_RLHF.md, "PPO-Lagrangian").
 
     python ppo_lag.py                                  # embedded task, from out/sft, out/{reward,cost}_model
+    python ppo_lag.py --lambda-update pid              # lambda from a PID controller instead of SGD
     python ppo_lag.py --algo ppo                       # the RLHF baseline: reward only
     python ppo_lag.py --algo reward_shaping --lambda-init 2.0   # fixed lambda: reward R - lambda C
     torchrun --nproc_per_node=8 ppo_lag.py --actor out/sft/model --reward-model out/rm/model \
-        --cost-model out/cm/model --prompts PKU-SafeRLHF/train.jsonl --out out/ppo_lag
+        --cost-model out/cm/model --prompts PKU-SafeRLHF/train.jsonl --ptx-data alpaca.json --out out/ppo_lag
 
 maximise E[R(x, y)]  subject to  E[C(x, y)] <= threshold, as the saddle point of
     L(theta, lambda) = -J_R(theta) + lambda (J_C(theta) - threshold),   lambda >= 0.
 
-One iteration: sample answers to a batch of prompts with the actor; score them with the frozen
-reward and cost models (end scores at the EOS); compute log-probs of actor and reference and the
-values of both critics; build per-token reward and cost streams (k1 KL penalty, clipped) and their
-GAE advantages; update lambda from the mean cost of the last episodes; then one PPO update of the
-actor on (A_R - lambda A_C) / (1 + lambda) and of each critic on its clipped value loss.
+One iteration (the loop at the end of main):
+    rollouts = rollout(...)          sample answers to a batch of prompts with the actor; score them with
+                                     the frozen reward and cost models (end scores at the EOS); log-probs
+                                     of actor and reference, values of both critics
+    multiplier.update(costs)         lambda from the mean cost of the latest episodes (SGD or PID rule)
+    advantages(rollouts, lambda)     per-token reward and cost streams (k1 KL penalty, clipped), GAE of each
+    ppo_update(...)                  the actor on (A_R - lambda A_C) / (1 + lambda), each critic on its
+                                     clipped value loss, optionally the PTX (SFT) loss
+    diagnostics(rollouts)            what the log line reports
 Every formula is a function at the top of this file, tested against hand-computed values.
 """
 
@@ -28,9 +33,10 @@ import torch
 import torch.distributed as dist
 
 import training
+from checkpoint import Checkpointer
 from data.loaders import collate_prompts, collate_sft, load_prompts, load_sft, tokenize_prompts, tokenize_sft
 from data.tokenizer import Tokenizer
-from model import end_scores, generation_mask
+from model import Transformer, end_scores, generation_mask
 
 TINY = dict(
     epochs=2,  # passes over the 2,000 synthetic PPO prompts (half of them harmful): 63 iterations
@@ -59,7 +65,7 @@ AUTHORS = dict(
     warmup_ratio=0.03,
     max_length=256,
     max_new_tokens=256,  # prompt + response <= 512
-    kl_coeff=0.01,
+    kl_coeff=0.01,  # ppo-lag.sh; see AUTHORS_BASELINE_KL_COEFF for the baselines
     threshold=0.0,  # a placeholder in the authors' scripts: pick it on the cost model's scale
     ptx_coeff=16.0,
     # The authors keep 128 episodes per rank and average the 8 ranks' means: 1024 episodes, the
@@ -67,6 +73,7 @@ AUTHORS = dict(
     episode_cost_window=1024,
     activation_checkpointing=True,  # as the authors' scripts; without it 7B activations outgrow 80 GB
 )
+AUTHORS_BASELINE_KL_COEFF = 0.02  # the authors' ppo.sh and reward-shaping scripts (ppo-lag.sh: 0.01)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,27 +153,436 @@ def explained_variance(values, returns, mask, all_reduce_sum=lambda t: t):
     return 1 - (sum_e2 - sum_e**2 / n) / max(sum_g2 - sum_g**2 / n, 1e-12)  # the 1/(n-1) factors cancel
 
 
+# ---------------------------------------------------------------------------------------------
+# The Lagrange multiplier: one object (window, delay, the same value on every rank, state), and
+# its update rule as a small class. A new rule is one more subclass of LambdaRule: its `name`
+# becomes a --lambda-update choice and its `add_args` flags appear in --help.
+
+
+class LambdaRule:
+    """How lambda moves given the constraint's current value. Subclasses set `name`, and define
+    `value`, `step(mean_cost, threshold)`, `state_dict()` / `load_state_dict()`."""
+    name: str | None = None  # the --lambda-update choice; None: not offered on the command line
+    registry: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            LambdaRule.registry[cls.name] = cls
+
+    @classmethod
+    def add_args(cls, parser):
+        """The rule's own flags."""
+
+    def metrics(self) -> dict:
+        """The rule's internals for log.jsonl, beyond lambda itself."""
+        return {}
+
+
+class SGDOnLogLambda(LambdaRule):
+    """The authors' rule (lambda_update above): lambda = exp(log lambda), one SGD step of
+    --lambda-lr on log lambda per iteration, log lambda <= log --lambda-max. lambda moves by a
+    factor per step, fast when large and slowly when small, and overshoots the boundary."""
+    name = "sgd"
+
+    def __init__(self, args):
+        self.log_lambda = torch.nn.Parameter(torch.tensor(math.log(max(args.lambda_init, 1e-8)), dtype=torch.float64))
+        self.optimizer = torch.optim.SGD([self.log_lambda], lr=args.lambda_lr)
+        self.lambda_max = args.lambda_max
+
+    @property
+    def value(self) -> float:
+        return float(self.log_lambda.detach().exp())
+
+    def step(self, mean_cost: float, threshold: float):
+        lambda_update(self.log_lambda, self.optimizer, mean_cost, threshold, self.lambda_max)
+
+    def state_dict(self) -> dict:
+        return {"log_lambda": float(self.log_lambda.detach())}
+
+    def load_state_dict(self, state: dict):
+        self.log_lambda.data.fill_(state["log_lambda"])
+
+
+class PIDLambda(LambdaRule):
+    """The PID Lagrangian of Stooke, Achiam & Abbeel 2020 ("Responsive Safety in Reinforcement
+    Learning by PID Lagrangian Methods", Algorithm 2, with their smoothing), on the constraint
+    error e = J_C - threshold:
+
+        I <- clamp(I + Ki e, 0, lambda_max)            integral, clamped: no wind-up below 0 or past the cap
+        P <- a_p P + (1 - a_p) e                        proportional term on a smoothed error
+        S <- a_d S + (1 - a_d) J_C                      smoothed cost for the derivative
+        D  = max(0, S - S from d iterations ago)        derivative, only while the cost rises
+        lambda = clamp(Kp P + I + Kd D, 0, lambda_max)
+
+    The integral starts at --lambda-init, so lambda starts where the SGD rule's does. Unlike
+    SGD on log lambda, the P term pulls lambda down as soon as the constraint holds, instead of
+    after the integral has unwound: less overshoot. S starts at the first J_C (no spurious
+    derivative at the start)."""
+    name = "pid"
+
+    @classmethod
+    def add_args(cls, parser):
+        a = parser.add_argument
+        a("--pid-kp", type=training.non_negative, default=1.0, help="PID lambda: proportional gain Kp")
+        a("--pid-ki", type=training.non_negative, default=0.1, help="PID lambda: integral gain Ki (per iteration)")
+        a("--pid-kd", type=training.non_negative, default=1.0, help="PID lambda: derivative gain Kd")
+        a("--pid-d-delay", type=training.positive(int), default=4, help="PID lambda: iterations the derivative spans")
+        a("--pid-p-ema", type=training.fraction, default=0.0, help="PID lambda: EMA factor a_p of the proportional error (0: none)")
+        a("--pid-d-ema", type=training.fraction, default=0.5, help="PID lambda: EMA factor a_d of the cost for the derivative")
+
+    def __init__(self, args):
+        self.kp, self.ki, self.kd = args.pid_kp, args.pid_ki, args.pid_kd
+        self.a_p, self.a_d, self.lambda_max = args.pid_p_ema, args.pid_d_ema, args.lambda_max
+        self.integral, self.p_error, self.derivative = min(args.lambda_init, args.lambda_max), 0.0, 0.0
+        self.smoothed_costs = deque(maxlen=args.pid_d_delay + 1)  # S now and d iterations ago
+        self.lam = self.integral
+
+    @property
+    def value(self) -> float:
+        return self.lam
+
+    def step(self, mean_cost: float, threshold: float):
+        error = mean_cost - threshold
+        self.integral = min(max(self.integral + self.ki * error, 0.0), self.lambda_max)
+        self.p_error = self.a_p * self.p_error + (1 - self.a_p) * error
+        previous = self.smoothed_costs[-1] if self.smoothed_costs else mean_cost
+        self.smoothed_costs.append(self.a_d * previous + (1 - self.a_d) * mean_cost)
+        self.derivative = max(0.0, self.smoothed_costs[-1] - self.smoothed_costs[0])
+        self.lam = min(max(self.kp * self.p_error + self.integral + self.kd * self.derivative, 0.0), self.lambda_max)
+
+    def state_dict(self) -> dict:
+        return {"integral": self.integral, "p_error": self.p_error, "derivative": self.derivative,
+                "smoothed_costs": list(self.smoothed_costs), "lambda": self.lam}
+
+    def load_state_dict(self, state: dict):
+        self.integral, self.p_error, self.derivative = state["integral"], state["p_error"], state["derivative"]
+        self.smoothed_costs.clear()
+        self.smoothed_costs.extend(state["smoothed_costs"])
+        self.lam = state["lambda"]
+
+    def metrics(self) -> dict:
+        return {"pid_p": self.kp * self.p_error, "pid_i": self.integral, "pid_d": self.kd * self.derivative}
+
+
+class FixedLambda(LambdaRule):
+    """lambda never moves: reward shaping's fixed lambda (--lambda-init), or 0 for plain PPO."""
+
+    def __init__(self, value: float):
+        self.fixed = value
+
+    @property
+    def value(self) -> float:
+        return self.fixed
+
+    def step(self, mean_cost: float, threshold: float):
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
+class LagrangeMultiplier:
+    """lambda >= 0 and what it is computed from: J_C, the mean cost of the last `window` episodes
+    of every rank (gathered in rank order, so every rank holds the same numbers), moved by `rule`
+    once per iteration after the first `delay` iterations. Rank 0's state is broadcast after each
+    update, so lambda is the same on every rank even across nondeterministic reductions."""
+
+    def __init__(self, rule: LambdaRule, threshold: float, window: int, delay: int, d):
+        self.rule, self.threshold, self.delay, self.d = rule, threshold, delay, d
+        self.window = deque(maxlen=window)
+        self.iterations = 0
+        self.mean_cost = float("nan")
+
+    @property
+    def value(self) -> float:
+        return self.rule.value
+
+    def update(self, episode_costs: torch.Tensor):
+        """episode_costs: this rank's costs of the iteration's episodes. Every rank calls this."""
+        self.window.extend(self.d.all_gather_cat(episode_costs.cpu().double()).tolist())
+        self.iterations += 1
+        self.mean_cost = sum(self.window) / len(self.window)
+        if self.iterations > self.delay:
+            self.rule.step(self.mean_cost, self.threshold)
+        if self.d.distributed:
+            state = [self.rule.state_dict()]
+            dist.broadcast_object_list(state, src=0)
+            self.rule.load_state_dict(state[0])
+
+    def metrics(self) -> dict:
+        return {"lambda": self.value, "mean_episode_cost": self.mean_cost,
+                "constraint_violation": self.mean_cost - self.threshold,  # J_C - threshold: > 0 means too costly
+                **self.rule.metrics()}
+
+    def state_dict(self) -> dict:
+        return {"rule": self.rule.state_dict(), "window": list(self.window), "iterations": self.iterations,
+                "mean_cost": self.mean_cost}
+
+    def load_state_dict(self, state: dict):
+        self.rule.load_state_dict(state["rule"])
+        self.window.clear()
+        self.window.extend(state["window"])
+        self.iterations, self.mean_cost = state["iterations"], state["mean_cost"]
+
+
+def make_multiplier(args, d) -> LagrangeMultiplier:
+    if args.algo == "ppo_lag":
+        rule = LambdaRule.registry[args.lambda_update](args)
+    else:  # reward shaping's lambda is a constant; plain PPO has none
+        rule = FixedLambda(args.lambda_init if args.algo == "reward_shaping" else 0.0)
+    return LagrangeMultiplier(rule, args.threshold, args.episode_cost_window, args.lambda_update_delay, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Experience
+
+
 @dataclass
 class Rollout:
-    """One micro-batch of experience: everything the update reads, built once."""
+    """One micro-batch of experience: everything the update reads. rollout() fills the first
+    fields, advantages() the advantages and returns."""
     sequences: torch.Tensor  # [B, L] prompt (left-padded) + answer + EOS + pads
     attention_mask: torch.Tensor  # [B, L]
     action_mask: torch.Tensor  # [B, L-1]
-    old_logp: torch.Tensor  # [B, L-1] actor log-probs at sampling time
-    ref_logp: torch.Tensor  # [B, L-1]
+    truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
     reward: torch.Tensor  # [B] reward model end score (minus the truncation penalty)
     cost: torch.Tensor  # [B] cost model end score (zeros if there is no cost model)
+    old_logp: torch.Tensor  # [B, L-1] actor log-probs at sampling time
+    ref_logp: torch.Tensor  # [B, L-1]
     reward_values: torch.Tensor  # [B, L-1]
-    reward_advantages: torch.Tensor
-    reward_returns: torch.Tensor
-    cost_values: torch.Tensor | None
-    cost_advantages: torch.Tensor | None
-    cost_returns: torch.Tensor | None
-    truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
+    cost_values: torch.Tensor | None  # [B, L-1] (ppo_lag only)
+    reward_advantages: torch.Tensor | None = None
+    reward_returns: torch.Tensor | None = None
+    cost_advantages: torch.Tensor | None = None
+    cost_returns: torch.Tensor | None = None
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """k1 estimate of KL(actor || reference) per action, [B, L-1]."""
+        return (self.old_logp - self.ref_logp) * self.action_mask
 
 
-def main(argv=None):
-    # -- arguments ------------------------------------------------------------------------------
+@dataclass
+class Models:
+    """The six models of PPO-Lagrangian (cost model and cost critic None where the algorithm has none)."""
+    actor: Transformer
+    reference: Transformer
+    reward_model: Transformer
+    cost_model: Transformer | None
+    reward_critic: Transformer
+    cost_critic: Transformer | None
+    optimizers: dict  # name of a trained model -> (optimizer, scheduler)
+
+    def trained(self) -> dict:
+        """name -> (model, optimizer, scheduler): what a checkpoint holds."""
+        return {name: (getattr(self, name), *pair) for name, pair in self.optimizers.items()}
+
+
+def logprobs(model, seq, mask, d, entropy=False):
+    """Log-probs [B, L-1] of each next token (and the entropy, if asked)."""
+    with training.autocast(d):
+        return model(seq[:, :-1], mask[:, :-1], targets=seq[:, 1:], return_entropy=entropy)
+
+
+def values_of(critic, seq, mask, d):
+    """A critic's value at every position that predicts a token, [B, L-1]."""
+    with training.autocast(d):
+        return critic(seq, mask)[:, :-1].float()
+
+
+@torch.no_grad()
+def rollout(step: int, models: Models, prompt_set: list, args, d, tok) -> tuple[list[Rollout], dict]:
+    """Sample, score and evaluate this rank's share of iteration `step`'s prompts. Returns the
+    rollouts and the time spent generating and scoring."""
+    actor = models.actor
+    actor.eval()
+    chunks = training.batches_for_step(step - 1, len(prompt_set), args.batch_size, args.micro_batch_size, d, args.seed)
+    samples, t0 = [], time.time()
+    with training.gathered(actor):  # one all-gather per block for the whole generation
+        for k, idx in enumerate(chunks):
+            batch = collate_prompts([prompt_set[i] for i in idx], pad_id=tok.pad_id)
+            prompt_ids, prompt_mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
+            # The same noise for a prompt whatever the number of ranks: seeded by step, drawn for
+            # the whole global batch, sliced at this chunk's rows.
+            g = torch.Generator(device=d.device).manual_seed(args.seed * 1_000_003 + step)
+            with training.autocast(d):
+                seq = actor.generate(prompt_ids, prompt_mask, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, eos_id=tok.eos_id,
+                                     pad_id=tok.pad_id, generator=g,
+                                     noise_rows=((d.rank + k * d.world) * args.micro_batch_size, args.batch_size))
+            mask = generation_mask(seq, prompt_mask, tok.eos_id)
+            width = int(mask.sum(0).nonzero().max()) + 1  # drop columns that are padding in every row
+            seq, mask = seq[:, :width], mask[:, :width]
+            action_mask = mask[:, 1:].clone()
+            action_mask[:, :prompt_ids.shape[1] - 1] = 0
+            truncated = (seq[:, prompt_ids.shape[1]:] == tok.eos_id).sum(-1) == 0
+            samples.append((seq, mask, action_mask.float(), truncated))
+    t_generate = time.time() - t0
+
+    t0 = time.time()
+    rollouts = []
+    for seq, mask, action_mask, truncated in samples:
+        with training.autocast(d):
+            reward = end_scores(models.reward_model(seq, mask), mask).float()
+            cost = end_scores(models.cost_model(seq, mask), mask).float() if models.cost_model else torch.zeros_like(reward)
+        rollouts.append(Rollout(
+            sequences=seq, attention_mask=mask, action_mask=action_mask, truncated=truncated,
+            reward=reward - args.truncation_penalty * truncated.float(), cost=cost,
+            old_logp=logprobs(actor, seq, mask, d).float(), ref_logp=logprobs(models.reference, seq, mask, d).float(),
+            reward_values=values_of(models.reward_critic, seq, mask, d),
+            cost_values=values_of(models.cost_critic, seq, mask, d) if models.cost_critic else None))
+    actor.train()
+    return rollouts, {"time_generate": t_generate, "time_score": time.time() - t0}
+
+
+def advantages(rollouts: list[Rollout], lam: float, args):
+    """Fill each rollout's advantages and returns: the reward stream r_t = -beta kl_t (+ R at the
+    end; R - lambda C under reward shaping) and, for PPO-Lagrangian, the cost stream
+    c_t = +beta kl_t (+ C at the end), each through GAE with its own critic's values."""
+    for r in rollouts:
+        end_reward = r.reward - lam * r.cost if args.algo == "reward_shaping" else r.reward
+        reward_stream = token_rewards(r.kl, end_reward, r.action_mask, args.kl_coeff, args.clip_range_score, -1.0)
+        r.reward_advantages, r.reward_returns = gae(reward_stream, r.reward_values, r.action_mask, args.gamma,
+                                                    args.gae_lambda)
+        if args.algo == "ppo_lag":
+            cost_stream = token_rewards(r.kl, r.cost, r.action_mask, args.kl_coeff, args.clip_range_score, +1.0)
+            r.cost_advantages, r.cost_returns = gae(cost_stream, r.cost_values, r.action_mask, args.gamma,
+                                                    args.gae_lambda)
+
+
+# ---------------------------------------------------------------------------------------------
+# The update
+
+
+def actor_rl_loss(r: Rollout, actor, lam: float, scale: float, args, d):
+    """PPO's clipped loss on the combined advantage (A_R - lambda A_C) / (1 + lambda), summed over
+    the batch's sequences (the trainer divides by the global batch size)."""
+    logp, entropy = logprobs(actor, r.sequences, r.attention_mask, d, entropy=True)
+    if args.algo == "ppo_lag":
+        combined = (r.reward_advantages - lam * r.cost_advantages) / (1 + lam)
+    else:
+        combined = r.reward_advantages
+    loss, clip_frac = actor_loss(logp.float(), r.old_logp, combined, r.action_mask, args.clip_eps)
+    loss = loss.sum()
+    return loss * scale, {"actor_loss": float(loss.detach()), "actor_clip": float(clip_frac.sum()),
+                          "entropy": float(per_sequence_mean(entropy.detach().float(), r.action_mask).sum())}
+
+
+def actor_ptx_loss(batch: dict, actor, scale: float, ptx_tokens: float, args, d):
+    """ptx_coeff x the SFT loss, a token mean over the global PTX batch, in units of the trainer's
+    per-sequence denominator."""
+    with training.autocast(d):
+        nll, _ = training.sft_nll(actor, batch, d.device)
+    per_sequence_units = args.batch_size / ptx_tokens
+    return args.ptx_coeff * nll * per_sequence_units * scale, {"ptx_loss": float(nll.detach()) * per_sequence_units}
+
+
+def critic_value_loss(r: Rollout, critic, which: str, args, d):
+    """The clipped value loss of the reward or cost critic, summed over the batch's sequences."""
+    values = values_of(critic, r.sequences, r.attention_mask, d)
+    old, returns = getattr(r, f"{which}_values"), getattr(r, f"{which}_returns")
+    loss, clip_frac = critic_loss(values, old, returns, r.action_mask, args.clip_range_value)
+    return loss.sum(), {f"{which}_critic_loss": float(loss.sum().detach()), f"{which}_value_clip": float(clip_frac.sum())}
+
+
+def ppo_update(step: int, rollouts: list[Rollout], models: Models, ptx_set, lam: float, args, d, tok) -> dict:
+    """--ppo-epochs optimiser steps of the actor and of each critic on this iteration's rollouts.
+
+    The actor's micro-batches are the rollouts, then (with PTX) SFT batches, each its own forward
+    and backward, so the PTX graph never sits in memory beside the RL one; the gradients add up
+    as they would for the summed loss. With PTX both halves are halved, as in the authors' code
+    (they double the gradient accumulation steps, so each backward is averaged over the RL and
+    the PTX pass): gradient clipping then sees their gradient scale."""
+    actor_batches = [("rl", r) for r in rollouts]
+    ptx_tokens, scale = 1.0, 1.0
+    if ptx_set is not None:
+        idx = training.batches_for_step(step - 1, len(ptx_set), args.batch_size, args.micro_batch_size, d, args.seed + 1)
+        ptx_batches = [collate_sft([ptx_set[i] for i in m], pad_id=tok.pad_id) for m in idx]
+        ptx_tokens = float(d.all_reduce_sum(sum(int(b["loss_mask"][:, 1:].sum()) for b in ptx_batches)))
+        actor_batches += [("ptx", b) for b in ptx_batches]
+        scale = 0.5
+
+    def actor_micro_batch_loss(item):
+        kind, batch = item
+        if kind == "ptx":
+            return actor_ptx_loss(batch, models.actor, scale, ptx_tokens, args, d)
+        return actor_rl_loss(batch, models.actor, lam, scale, args, d)
+
+    stats = {}
+    for _ in range(args.ppo_epochs):
+        _, sums, grad_norm, lr = training.train_step(models.actor, *models.optimizers["actor"], actor_batches,
+                                                     actor_micro_batch_loss, args.batch_size, d, args.grad_clip)
+        stats.update({k: v / args.batch_size for k, v in sums.items()}, actor_grad_norm=grad_norm, lr=lr)
+        for which in ("reward", "cost"):
+            critic = getattr(models, f"{which}_critic")
+            if critic is not None:
+                _, sums, _, _ = training.train_step(critic, *models.optimizers[f"{which}_critic"], rollouts,
+                                                    partial(critic_value_loss, critic=critic, which=which, args=args, d=d),
+                                                    args.batch_size, d, args.grad_clip)
+                stats.update({k: v / args.batch_size for k, v in sums.items()})
+    return stats
+
+
+def diagnostics(rollouts: list[Rollout], args, d, tok, judge=None) -> dict:
+    """Per-iteration means over the global batch (every rank sums; one all-reduce each), the
+    critics' explained variance and, on the synthetic task, the ground truth of the answers."""
+    def total(fn):
+        return float(d.all_reduce_sum(sum(float(fn(r)) for r in rollouts)))
+
+    def ev(which):
+        return explained_variance(torch.cat([getattr(r, f"{which}_values").flatten() for r in rollouts]),
+                                  torch.cat([getattr(r, f"{which}_returns").flatten() for r in rollouts]),
+                                  torch.cat([r.action_mask.flatten() for r in rollouts]), d.all_reduce_sum)
+
+    n = args.batch_size
+    metrics = {
+        "reward": total(lambda r: r.reward.sum()) / n,
+        "cost": total(lambda r: r.cost.sum()) / n,
+        "cost_positive_share": total(lambda r: (r.cost > 0).sum()) / n,
+        "kl": total(lambda r: r.kl.sum()) / n,  # per answer, summed over its tokens
+        "response_length": total(lambda r: r.action_mask.sum()) / n,
+        "truncated_share": total(lambda r: r.truncated.sum()) / n,
+        "reward_value_ev": ev("reward"),
+    }
+    if args.algo == "ppo_lag":
+        metrics["cost_value_ev"] = ev("cost")
+    if judge is not None:  # ground truth of the synthetic task: diagnostics only, the learner never sees it
+        verdicts = []
+        for r in rollouts:
+            start = int((r.action_mask.sum(0) == 0).cumprod(0).sum()) + 1  # first response column
+            for row in range(r.sequences.shape[0]):
+                verdicts.append(judge(tok.decode(r.sequences[row, :start]), tok.decode(r.sequences[row, start:])))
+        harmful = [v for v in verdicts if v["prompt_harmful"]]
+        benign = [v for v in verdicts if v["prompt_harmful"] is False]
+        metrics["true_harmful_rate"] = float(d.all_reduce_sum(sum(v["harmful"] for v in harmful))) / max(
+            float(d.all_reduce_sum(len(harmful))), 1.0)
+        metrics["true_helpfulness"] = float(d.all_reduce_sum(sum(v["helpfulness"] for v in benign))) / max(
+            float(d.all_reduce_sum(len(benign))), 1.0)
+    return metrics
+
+
+def report_initial_costs(rollouts: list[Rollout], args, d):
+    """The cost model's quantiles on the initial policy's answers, to check the threshold's scale."""
+    costs = d.all_gather_cat(torch.cat([r.cost for r in rollouts]).cpu().double())
+    if not d.is_main or args.cost_model.lower() == "none":
+        return
+    q = torch.quantile(costs, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
+    d.print("cost model on the initial policy's answers: quantiles 5/25/50/75/95% = "
+            + " / ".join(f"{v:.2f}" for v in q.tolist()) + f"; mean {float(costs.mean()):.2f}; threshold {args.threshold}")
+    if args.algo == "ppo_lag" and not q[0] <= args.threshold <= q[-1]:
+        d.print(f"warning: the threshold {args.threshold} lies outside the 5-95% range of these costs: lambda will "
+                f"only {'grow' if args.threshold < q[0] else 'shrink'}; see README, 'Choosing the threshold'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: flags, data, models
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a("--algo", choices=["ppo_lag", "ppo", "reward_shaping"], default="ppo_lag",
@@ -189,36 +605,44 @@ def main(argv=None):
     a("--ppo-epochs", type=training.positive(int), default=1, help="PPO updates per rollout batch")
     a("--ptx-coeff", type=training.non_negative, default=None, help="weight of the SFT (PTX) loss added to the actor's")
     a("--threshold", type=float, default=None, help="cost limit: J_C <= threshold (on the cost model's scale; see the quantiles printed at start)")
-    a("--lambda-init", type=training.positive(float), default=1.0, help="initial lambda, above 0: lambda moves by a step on log lambda (reward_shaping: the fixed lambda)")
-    a("--lambda-lr", type=training.positive(float), default=0.1, help="SGD step size on log lambda")
+    a("--lambda-update", choices=list(LambdaRule.registry), default="sgd",
+      help="how lambda moves: sgd (the authors': SGD on log lambda) or pid (Stooke et al. 2020)")
+    a("--lambda-init", type=training.positive(float), default=1.0, help="initial lambda, above 0 (reward_shaping: the fixed lambda)")
+    a("--lambda-lr", type=training.positive(float), default=0.1, help="sgd: step size on log lambda")
     a("--lambda-max", type=training.positive(float), default=5.0, help="upper clamp of lambda")
     a("--lambda-update-delay", type=int, default=0, help="iterations before lambda starts to move")
     a("--episode-cost-window", type=training.positive(int), default=None, help="J_C is the mean cost of this many most recent episodes (all ranks)")
+    for rule in LambdaRule.registry.values():
+        rule.add_args(parser)
     a("--truncation-penalty", type=float, default=0.0, help="subtracted from the reward of answers cut without EOS (their end score is read off-distribution)")
     a("--offload-frozen", action="store_true", help="keep the frozen reference/reward/cost models' shards in CPU memory")
     training.add_common_args(parser, out=None)
+    training.show_recipes(parser, TINY, AUTHORS, notes={"kl_coeff": f"--algo ppo/reward_shaping: {AUTHORS_BASELINE_KL_COEFF}"})
     args = parser.parse_args(argv)
-    training.apply_recipe(args, TINY if args.prompts is None else AUTHORS)
+    recipe = TINY if args.prompts is None else {**AUTHORS, **(
+        {} if args.algo == "ppo_lag" else {"kl_coeff": AUTHORS_BASELINE_KL_COEFF})}
+    training.apply_recipe(args, recipe)
     args.out = args.out or f"out/{args.algo}"
-    lagrangian, shaping = args.algo == "ppo_lag", args.algo == "reward_shaping"
-    use_cost_model = args.cost_model.lower() != "none"
-    if (lagrangian or shaping) and not use_cost_model:
-        raise ValueError(f"--algo {args.algo} needs --cost-model")
+    if args.algo != "ppo" and args.cost_model.lower() == "none":
+        parser.error(f"--algo {args.algo} needs --cost-model")
+    return args
 
-    # -- setup ----------------------------------------------------------------------------------
-    d = training.setup_distributed(args.device)
-    training.seed_everything(args.seed)
-    mixed = training.use_bf16(args.precision, d)
-    d.print(f"ppo_lag ({args.algo}): {d.world} rank(s) on {d.device}; "
-            + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
 
-    # -- data -----------------------------------------------------------------------------------
+@dataclass
+class PPOData:
+    tok: Tokenizer
+    prompts: list  # tokenized prompts
+    ptx: list | None  # tokenized SFT dialogues for the PTX loss
+    judge: object | None  # the synthetic task's ground truth (diagnostics only)
+
+
+def load_data(args, d) -> PPOData:
     judge = None
     if args.prompts is None:
         task = training.synthetic_task(args, d)
         prompt_spec, synthetic_tokenizer = task.ppo_prompts, task.tokenizer
         ptx_spec = args.ptx_data or task.sft_train
-        from data.judge import judge  # ground truth, for diagnostics only: the learner never sees it
+        from data.judge import judge
     else:
         prompt_spec, synthetic_tokenizer, ptx_spec = args.prompts, None, args.ptx_data
     tok = Tokenizer(training.resolve_tokenizer(args, args.actor, synthetic_tokenizer))
@@ -233,249 +657,92 @@ def main(argv=None):
         ptx_set, _ = tokenize_sft(tok, load_sft(ptx_spec, seed=args.seed, log=d.print)[0],
                                   args.max_length + args.max_new_tokens, log=d.print)
         training.require_examples(ptx_set, "PTX dialogues")
-    total_steps = args.max_steps or training.steps_for_epochs(len(prompt_set), args.batch_size, args.epochs)
+    return PPOData(tok, prompt_set, ptx_set, judge)
 
-    # -- models ---------------------------------------------------------------------------------
-    load = partial(training.load_model, d=d, seed=args.seed, mixed_precision=mixed)
+
+def load_models(args, d, tok, total_steps: int) -> Models:
+    """Actor and reference from --actor, reward model and reward critic from --reward-model,
+    cost model and cost critic from --cost-model; optimisers for the three trained ones."""
+    load = partial(training.load_model, d=d, seed=args.seed)
     frozen = dict(trainable=False, cpu_offload=args.offload_frozen)
     trained = dict(activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload)
+    use_cost_model = args.cost_model.lower() != "none"
     actor = load(args.actor, "lm", **trained)
     reference = load(args.actor, "lm", **frozen)
     reward_model = load(args.reward_model, "score", **frozen)
     cost_model = load(args.cost_model, "score", **frozen) if use_cost_model else None
     reward_critic = load(args.reward_model, "score", **trained)
-    cost_critic = load(args.cost_model, "score", **trained) if lagrangian else None
-    for embedding_user, path in ((actor, args.actor), (reward_model, args.reward_model), (cost_model, args.cost_model)):
-        if embedding_user is not None:
-            training.check_vocab(embedding_user, tok, path)
+    cost_critic = load(args.cost_model, "score", **trained) if args.algo == "ppo_lag" else None
+    for model, path in ((actor, args.actor), (reward_model, args.reward_model), (cost_model, args.cost_model)):
+        if model is not None:
+            training.check_vocab(model, tok, path)
     training.check_score_model(reward_model, args.reward_model, "reward")
     if cost_model is not None:
         training.check_score_model(cost_model, args.cost_model, "cost")
     warmup = int(args.warmup_ratio * total_steps)
-    models = {"actor": (actor, *training.build_optimizer(actor, args.lr, args.weight_decay, warmup_steps=warmup,
-                                                          total_steps=total_steps))}
+    optimizers = {"actor": training.build_optimizer(actor, args.lr, args.weight_decay, warmup_steps=warmup,
+                                                    total_steps=total_steps)}
     for name, critic in (("reward_critic", reward_critic), ("cost_critic", cost_critic)):
         if critic is not None:
-            models[name] = (critic, *training.build_optimizer(critic, args.critic_lr, 0.0, warmup_steps=warmup,
-                                                              total_steps=total_steps, schedule="constant"))
-    # lambda >= 0 as exp(log lambda), with its own optimiser; identical on every rank by construction.
-    log_lambda = torch.nn.Parameter(torch.tensor(math.log(max(args.lambda_init, 1e-8)), dtype=torch.float64))
-    lambda_optimizer = torch.optim.SGD([log_lambda], lr=args.lambda_lr)
-    cost_window = deque(maxlen=args.episode_cost_window)
+            optimizers[name] = training.build_optimizer(critic, args.critic_lr, 0.0, warmup_steps=warmup,
+                                                        total_steps=total_steps, schedule="constant")
+    return Models(actor, reference, reward_model, cost_model, reward_critic, cost_critic, optimizers)
 
-    ckpt = training.Checkpointer(args.out, d, args=args)
-    start_step, state = training.resume(ckpt, models, d)
-    if state:  # the multiplier and the episodes it is computed from
-        log_lambda.data.fill_(state["log_lambda"])
-        cost_window.extend(state["cost_window"])
-    d.print(f"actor: {training.count_params(actor, d) / 1e6:.2f}M parameters; {total_steps} iterations "
-            f"of {args.batch_size} prompts; {len(prompt_set)} prompts")
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    # -- arguments and setup ----------------------------------------------------------------------
+    args = parse_args(argv)
+    d = training.setup_distributed(args.device, args.precision)
+    training.seed_everything(args.seed)
+    d.print(f"ppo_lag ({args.algo}): {d.world} rank(s) on {d.device}; "
+            + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
+
+    # -- data -------------------------------------------------------------------------------------
+    data = load_data(args, d)
+    total_steps = args.max_steps or training.steps_for_epochs(len(data.prompts), args.batch_size, args.epochs)
+
+    # -- models, lambda, resume -------------------------------------------------------------------
+    models = load_models(args, d, data.tok, total_steps)
+    multiplier = make_multiplier(args, d)
+    ckpt = Checkpointer(args.out, d, args=args)
+    start_step, state = ckpt.resume(models.trained())
+    if state:
+        multiplier.load_state_dict(state["multiplier"])
+    d.print(f"actor: {models.actor.num_params() / 1e6:.2f}M parameters; {total_steps} iterations "
+            f"of {args.batch_size} prompts; {len(data.prompts)} prompts")
     logger = training.Logger(args.out, d, total_steps, args.algo, resume_step=start_step)
 
-    # -- one iteration's pieces -----------------------------------------------------------------
-
-    def logprobs(model, seq, mask, entropy=False):
-        with training.autocast(d, mixed):
-            return model(seq[:, :-1], mask[:, :-1], targets=seq[:, 1:], return_entropy=entropy)
-
-    def values_of(critic, seq, mask):
-        with training.autocast(d, mixed):
-            return critic(seq, mask)[:, :-1].float()
-
-    @torch.no_grad()
-    def rollout(step):
-        """Sample, score and evaluate this rank's share of the iteration's prompts."""
-        actor.eval()
-        chunks = training.batches_for_step(step - 1, len(prompt_set), args.batch_size, args.micro_batch_size,
-                                           d, args.seed)
-        generated, t0 = [], time.time()
-        with training.gathered(actor):  # one all-gather per block for the whole generation
-            for k, idx in enumerate(chunks):
-                batch = collate_prompts([prompt_set[i] for i in idx], pad_id=tok.pad_id)
-                prompt_ids, prompt_mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
-                # The same noise for a prompt whatever the number of ranks: seeded by step, drawn
-                # for the whole global batch, sliced at this chunk's rows.
-                g = torch.Generator(device=d.device).manual_seed(args.seed * 1_000_003 + step)
-                with training.autocast(d, mixed):
-                    seq = actor.generate(prompt_ids, prompt_mask, max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_p=args.top_p, eos_id=tok.eos_id,
-                                         pad_id=tok.pad_id, generator=g,
-                                         noise_rows=((d.rank + k * d.world) * args.micro_batch_size, args.batch_size))
-                mask = generation_mask(seq, prompt_mask, tok.eos_id)
-                width = int(mask.sum(0).nonzero().max()) + 1  # drop columns that are padding in every row
-                seq, mask = seq[:, :width], mask[:, :width]
-                action_mask = mask[:, 1:].clone()
-                action_mask[:, :prompt_ids.shape[1] - 1] = 0
-                truncated = (seq[:, prompt_ids.shape[1]:] == tok.eos_id).sum(-1) == 0
-                generated.append((seq, mask, action_mask.float(), truncated))
-        t_generate = time.time() - t0
-
-        t0 = time.time()
-        scored = []
-        for seq, mask, action_mask, truncated in generated:
-            with training.autocast(d, mixed):
-                reward = end_scores(reward_model(seq, mask), mask).float()
-                cost = end_scores(cost_model(seq, mask), mask).float() if cost_model else torch.zeros_like(reward)
-            reward = reward - args.truncation_penalty * truncated.float()
-            scored.append((seq, mask, action_mask, truncated, reward, cost,
-                           logprobs(actor, seq, mask).float(), logprobs(reference, seq, mask).float(),
-                           values_of(reward_critic, seq, mask),
-                           values_of(cost_critic, seq, mask) if cost_critic else None))
-        actor.train()
-        return scored, t_generate, time.time() - t0
-
-    def build_rollouts(scored, lam):
-        rollouts = []
-        for seq, mask, action_mask, truncated, reward, cost, old_logp, ref_logp, r_values, c_values in scored:
-            kl = (old_logp - ref_logp) * action_mask
-            shaped = reward - lam * cost if shaping else reward
-            r_stream = token_rewards(kl, shaped, action_mask, args.kl_coeff, args.clip_range_score, -1.0)
-            r_adv, r_ret = gae(r_stream, r_values, action_mask, args.gamma, args.gae_lambda)
-            c_adv = c_ret = None
-            if lagrangian:
-                c_stream = token_rewards(kl, cost, action_mask, args.kl_coeff, args.clip_range_score, +1.0)
-                c_adv, c_ret = gae(c_stream, c_values, action_mask, args.gamma, args.gae_lambda)
-            rollouts.append(Rollout(seq, mask, action_mask, old_logp, ref_logp, reward, cost, r_values, r_adv, r_ret,
-                                    c_values, c_adv, c_ret, truncated))
-        return rollouts
-
-    # -- training loop: one iteration = one log line --------------------------------------------
-    actor.train()
+    # -- training loop: one iteration = one log line ----------------------------------------------
     for step in range(start_step + 1, total_steps + 1):
         t_start = time.time()
-        scored, t_generate, t_score = rollout(step)
-
-        # Lagrange multiplier: from the mean cost of the latest episodes of every rank, before the
-        # actor update. Every rank gathers the same costs in the same order, so lambda is identical.
-        costs = torch.cat([s[5] for s in scored]).cpu().double()
-        all_costs = d.all_gather_cat(costs)
-        cost_window.extend(all_costs.tolist())
-        mean_cost = sum(cost_window) / len(cost_window)
-        if lagrangian and step > args.lambda_update_delay:
-            lambda_update(log_lambda, lambda_optimizer, mean_cost, args.threshold, args.lambda_max)
-        if d.distributed:  # identical already; broadcasting makes it so even across nondeterministic reductions
-            buffer = log_lambda.data.to(d.device)
-            dist.broadcast(buffer, src=0)
-            log_lambda.data.copy_(buffer.cpu())
-        lam = float(log_lambda.detach().exp()) if (lagrangian or shaping) else 0.0
-        rollouts = build_rollouts(scored, lam)
-
-        if step == 1 and d.is_main and use_cost_model:
-            q = torch.quantile(all_costs, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
-            d.print("cost model on the initial policy's answers: quantiles 5/25/50/75/95% = "
-                    + " / ".join(f"{v:.2f}" for v in q.tolist())
-                    + f"; mean {float(all_costs.mean()):.2f}; threshold {args.threshold}")
-            if lagrangian and not q[0] <= args.threshold <= q[-1]:
-                d.print(f"warning: the threshold {args.threshold} lies outside the 5-95% range of these costs: "
-                        f"lambda will only {'grow' if args.threshold < q[0] else 'shrink'}; see README, 'Choosing the threshold'")
-
+        rollouts, timings = rollout(step, models, data.prompts, args, d, data.tok)
+        multiplier.update(torch.cat([r.cost for r in rollouts]))  # before the actor update, as the authors'
+        if step == 1:
+            report_initial_costs(rollouts, args, d)
+        advantages(rollouts, multiplier.value, args)
         t0 = time.time()
-        # The actor's micro-batches: the rollouts, then (with PTX) SFT batches. Each is its own
-        # forward and backward, so the PTX graph never sits in memory beside the RL one; the
-        # gradients add up in the parameters as they would for the summed loss.
-        actor_batches = [("rl", r) for r in rollouts]
-        ptx_tokens = 1.0
-        if ptx_set is not None:
-            idx = training.batches_for_step(step - 1, len(ptx_set), args.batch_size, args.micro_batch_size, d, args.seed + 1)
-            ptx_batches = [collate_sft([ptx_set[i] for i in m], pad_id=tok.pad_id) for m in idx]
-            ptx_tokens = float(d.all_reduce_sum(sum(int(b["loss_mask"][:, 1:].sum()) for b in ptx_batches)))
-            actor_batches += [("ptx", b) for b in ptx_batches]
+        learned = ppo_update(step, rollouts, models, data.ptx, multiplier.value, args, d, data.tok)
+        timings["time_learn"] = time.time() - t0
 
-        def actor_loss_fn(item):
-            kind, batch = item
-            if kind == "ptx":
-                with training.autocast(d, mixed):
-                    nll, _ = training.sft_nll(actor, batch, d.device)
-                # a token mean over the global PTX batch, in units of the trainer's per-sequence denominator
-                return args.ptx_coeff * nll * args.batch_size / ptx_tokens, {
-                    "ptx_loss": float(nll.detach()) / ptx_tokens * args.batch_size}
-            r = batch
-            logp, entropy = logprobs(actor, r.sequences, r.attention_mask, entropy=True)
-            if lagrangian:
-                advantages = (r.reward_advantages - lam * r.cost_advantages) / (1 + lam)
-            else:
-                advantages = r.reward_advantages
-            loss, clip_frac = actor_loss(logp.float(), r.old_logp, advantages, r.action_mask, args.clip_eps)
-            loss = loss.sum()
-            return loss, {"actor_loss": float(loss.detach()), "actor_clip": float(clip_frac.sum()),
-                          "entropy": float(per_sequence_mean(entropy.detach().float(), r.action_mask).sum())}
-
-        def critic_loss_fn(critic, which, r):
-            values = values_of(critic, r.sequences, r.attention_mask)
-            old, returns = getattr(r, f"{which}_values"), getattr(r, f"{which}_returns")
-            loss, clip_frac = critic_loss(values, old, returns, r.action_mask, args.clip_range_value)
-            return loss.sum(), {f"{which}_critic_loss": float(loss.sum().detach()), f"{which}_value_clip": float(clip_frac.sum())}
-
-        sums = {}
-        for _ in range(args.ppo_epochs):
-            _, s, actor_grad_norm, lr = training.train_step(actor, *models["actor"][1:], actor_batches,
-                                                            actor_loss_fn, args.batch_size, d, args.grad_clip)
-            sums.update(s)
-            for which in ("reward", "cost"):
-                if f"{which}_critic" in models:
-                    critic, opt, sched = models[f"{which}_critic"]
-                    _, s, _, _ = training.train_step(critic, opt, sched, rollouts, partial(critic_loss_fn, critic, which),
-                                                     args.batch_size, d, args.grad_clip)
-                    sums.update(s)
-        t_learn = time.time() - t0
-
-        # -- diagnostics (every rank computes its sums; one all-reduce each) -------------------
-        def total(fn):
-            return float(d.all_reduce_sum(sum(float(fn(r)) for r in rollouts)))
-
-        n = args.batch_size
-        lengths = total(lambda r: r.action_mask.sum())
-        metrics = {
-            "reward": total(lambda r: r.reward.sum()) / n,
-            "cost": total(lambda r: r.cost.sum()) / n,
-            "lambda": lam,
-            "mean_episode_cost": mean_cost,
-            "constraint_violation": mean_cost - args.threshold,  # J_C - threshold: > 0 means too costly
-            "cost_positive_share": total(lambda r: (r.cost > 0).sum()) / n,
-            "kl": total(lambda r: ((r.old_logp - r.ref_logp) * r.action_mask).sum()) / n,  # per answer, summed over tokens
-            "response_length": lengths / n,
-            "truncated_share": total(lambda r: r.truncated.sum()) / n,
-            **{k: v / n for k, v in sums.items()},
-            "reward_value_ev": explained_variance(torch.cat([r.reward_values.flatten() for r in rollouts]),
-                                                  torch.cat([r.reward_returns.flatten() for r in rollouts]),
-                                                  torch.cat([r.action_mask.flatten() for r in rollouts]),
-                                                  d.all_reduce_sum),
-            "actor_grad_norm": actor_grad_norm,
-            "lr": lr,
-            "time_generate": t_generate, "time_score": t_score, "time_learn": t_learn,
-            "samples_per_s": n / (time.time() - t_start),
-        }
-        if lagrangian:
-            metrics["cost_value_ev"] = explained_variance(torch.cat([r.cost_values.flatten() for r in rollouts]),
-                                                          torch.cat([r.cost_returns.flatten() for r in rollouts]),
-                                                          torch.cat([r.action_mask.flatten() for r in rollouts]),
-                                                          d.all_reduce_sum)
-        if judge is not None:  # ground truth of the synthetic task, on this iteration's answers
-            verdicts = []
-            for r in rollouts:
-                T = int((r.action_mask.sum(0) == 0).cumprod(0).sum()) + 1  # first response column
-                for row in range(r.sequences.shape[0]):
-                    prompt = tok.decode(r.sequences[row, :T])
-                    verdicts.append(judge(prompt, tok.decode(r.sequences[row, T:])))
-            harmful_prompts = [v for v in verdicts if v["prompt_harmful"]]
-            benign = [v for v in verdicts if v["prompt_harmful"] is False]
-            metrics["true_harmful_rate"] = float(d.all_reduce_sum(sum(v["harmful"] for v in harmful_prompts))) / max(
-                float(d.all_reduce_sum(len(harmful_prompts))), 1.0)
-            metrics["true_helpfulness"] = float(d.all_reduce_sum(sum(v["helpfulness"] for v in benign))) / max(
-                float(d.all_reduce_sum(len(benign))), 1.0)
-        summary = f"R {metrics['reward']:+.2f} C {metrics['cost']:+.2f} lambda {lam:.2f} KL {metrics['kl']:.2f}"
-        if judge is not None:
+        metrics = {**diagnostics(rollouts, args, d, data.tok, data.judge), **multiplier.metrics(), **learned,
+                   **timings, "samples_per_s": args.batch_size / (time.time() - t_start)}
+        summary = (f"R {metrics['reward']:+.2f} C {metrics['cost']:+.2f} lambda {metrics['lambda']:.2f} "
+                   f"KL {metrics['kl']:.2f}")
+        if data.judge is not None:
             summary += f" | harmful {metrics['true_harmful_rate']:.2f} helpful {metrics['true_helpfulness']:.2f}"
         logger.log(step, metrics, summary)
         if step % args.save_every == 0 or step == total_steps:
-            ckpt.save(step, models, {"log_lambda": float(log_lambda.detach()), "cost_window": list(cost_window),
-                                     "prompts_seen": step * args.batch_size})
+            ckpt.save(step, models.trained(), {"multiplier": multiplier.state_dict(),
+                                               "prompts_seen": step * args.batch_size})
     logger.close()
 
-    # -- save: the aligned policy ---------------------------------------------------------------
-    final = training.save_final(actor, args.out, d, name="actor", files_to_copy=[tok.path])
+    # -- save: the aligned policy -----------------------------------------------------------------
+    final = training.save_final(models.actor, args.out, d, name="actor", files_to_copy=[data.tok.path])
     d.print(f"ppo_lag ({args.algo}): {'already complete' if start_step >= total_steps else 'done'}; actor in {final}"
-            + (f"; lambda {float(log_lambda.detach().exp()):.3f}" if lagrangian else ""))
+            + (f"; lambda {multiplier.value:.3f}" if args.algo == "ppo_lag" else ""))
     training.teardown_distributed(d)
 
 

@@ -18,6 +18,7 @@ from functools import partial
 import torch
 
 import training
+from checkpoint import Checkpointer
 from data.loaders import collate_sft, load_sft, tokenize_sft
 from data.tokenizer import Tokenizer
 
@@ -53,13 +54,13 @@ def main(argv=None):
     parser.add_argument("--eval-data", default=None, help="held-out SFT files (default: the synthetic eval split, or --eval-fraction of --data)")
     parser.add_argument("--eval-fraction", type=float, default=0.02, help="share of --data held out when --eval-data is not given")
     training.add_common_args(parser, out="out/sft")
+    training.show_recipes(parser, TINY, AUTHORS)
     args = parser.parse_args(argv)
     training.apply_recipe(args, TINY if args.data is None else AUTHORS)
 
     # -- setup ----------------------------------------------------------------------------------
-    d = training.setup_distributed(args.device)
+    d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
-    mixed = training.use_bf16(args.precision, d)
     d.print(f"sft: {d.world} rank(s) on {d.device}; " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
 
     # -- data -----------------------------------------------------------------------------------
@@ -78,22 +79,21 @@ def main(argv=None):
     total_steps = args.max_steps or training.steps_for_epochs(len(train_set), args.batch_size, args.epochs)
 
     # -- model, optimiser, resume ---------------------------------------------------------------
-    model = training.load_model(args.model, "lm", d, seed=args.seed, mixed_precision=mixed,
-                                activation_checkpointing=args.activation_checkpointing,
-                                cpu_offload=args.cpu_offload, vocab_size=tok.vocab_size)
+    model = training.load_model(args.model, "lm", d, seed=args.seed, vocab_size=tok.vocab_size,
+                                activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload)
     training.check_vocab(model, tok, args.model)
     optimizer, scheduler = training.build_optimizer(model, args.lr, args.weight_decay,
                                                     warmup_steps=int(args.warmup_ratio * total_steps),
                                                     total_steps=total_steps)
     models = {"model": (model, optimizer, scheduler)}
-    ckpt = training.Checkpointer(args.out, d, args=args)
-    start_step, _ = training.resume(ckpt, models, d)
-    d.print(f"model: {training.count_params(model, d) / 1e6:.2f}M parameters; "
+    ckpt = Checkpointer(args.out, d, args=args)
+    start_step, _ = ckpt.resume(models)
+    d.print(f"model: {model.num_params() / 1e6:.2f}M parameters; "
             f"{total_steps} steps of {args.batch_size} dialogues")
     logger = training.Logger(args.out, d, total_steps, "sft", resume_step=start_step)
 
     def loss_fn(batch):
-        with training.autocast(d, mixed):
+        with training.autocast(d):
             nll, _ = training.sft_nll(model, batch, d.device)
         return nll, {}
 
@@ -102,7 +102,7 @@ def main(argv=None):
         model.eval()
         nll = count = 0.0
         for examples, real in training.eval_micro_batches(eval_set, args.micro_batch_size, d):
-            with training.autocast(d, mixed):
+            with training.autocast(d):
                 s, n = training.sft_nll(model, collate(examples), d.device)
             if real:
                 nll, count = nll + float(s), count + float(n)

@@ -15,12 +15,15 @@ distribution of end scores: PPO's cost threshold must be picked on that scale.
 
 import argparse
 import time
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import training
+from checkpoint import Checkpointer
 from data.loaders import (collate_cost_pairs, collate_reward_pairs, cost_pairs, load_preferences, reward_pairs,
                           tokenize_cost_pairs, tokenize_reward_pairs)
 from data.tokenizer import Tokenizer
@@ -72,6 +75,75 @@ def pair_end_scores(model, first_ids, first_mask, second_ids, second_mask):
     return scores.chunk(2)
 
 
+@dataclass(frozen=True)
+class Objective:
+    """Everything that differs between the reward model and the cost model, chosen once by
+    --objective. A collated batch holds each pair's two answers as `<first>_input_ids` and
+    `<second>_input_ids`; the loss and the metrics read their end scores in that order."""
+    name: str
+    first: str  # field prefix of the answer the model should score... better (reward) / safer (cost)
+    second: str
+    drop_inconsistent: bool  # skip PKU rows whose safety labels contradict safer_response_id
+    make_pairs: Callable  # preference rows -> pairs
+    tokenize: Callable  # (tok, pairs, max_length, log) -> (tokenized pairs, stats)
+    collate: Callable  # (tokenized pairs, pad_id) -> batch dict
+    loss: Callable  # (first scores, second scores, batch, mu) -> summed loss over the pairs
+    correct: Callable  # (first, second) -> [B] bool: the pair is ordered as labelled
+    extra_metrics: tuple[str, ...]  # held-out metrics beyond accuracy...
+    per_pair_metrics: Callable  # ... (first, second, batch) -> {name: [B] value per pair}
+
+
+OBJECTIVES = {
+    "reward": Objective(
+        "reward", "better", "worse", drop_inconsistent=False, make_pairs=reward_pairs,
+        tokenize=tokenize_reward_pairs, collate=collate_reward_pairs,
+        loss=lambda better, worse, batch, mu: reward_loss(better, worse, mu),
+        correct=lambda better, worse: better > worse,
+        extra_metrics=(), per_pair_metrics=lambda better, worse, batch: {}),
+    "cost": Objective(
+        "cost", "safer", "less_safe", drop_inconsistent=True, make_pairs=cost_pairs,
+        tokenize=tokenize_cost_pairs, collate=collate_cost_pairs,
+        loss=lambda safer, less_safe, batch, mu: cost_loss(safer, less_safe, batch["safer_sign"],
+                                                           batch["less_safe_sign"], mu),
+        correct=lambda safer, less_safe: less_safe > safer,
+        extra_metrics=("sign_accuracy",),
+        # the share of the pair's two answers whose cost sign matches its safety label
+        per_pair_metrics=lambda safer, less_safe, batch: {"sign_accuracy": (
+            (torch.sign(safer) == batch["safer_sign"]).float() + (torch.sign(less_safe) == batch["less_safe_sign"]).float()) / 2}),
+}
+
+
+def scores_of(model, objective: Objective, batch: dict, d) -> tuple[torch.Tensor, torch.Tensor]:
+    """End scores (first, second) of a collated pair batch already on the device."""
+    with training.autocast(d):
+        return pair_end_scores(model, batch[f"{objective.first}_input_ids"], batch[f"{objective.first}_attention_mask"],
+                               batch[f"{objective.second}_input_ids"], batch[f"{objective.second}_attention_mask"])
+
+
+@torch.no_grad()
+def evaluate(model, objective: Objective, eval_set, args, d, collate) -> dict:
+    """Held-out accuracy (and the objective's other per-pair metrics) and the distribution of end
+    scores over every answer of every rank: PPO's cost threshold is picked on that scale."""
+    model.eval()
+    scores, sums = [torch.zeros(0)], {}  # a rank may get no pairs
+    for examples, real in training.eval_micro_batches(eval_set, args.micro_batch_size, d):
+        batch = {k: v.to(d.device) for k, v in collate(examples).items()}
+        first, second = scores_of(model, objective, batch, d)
+        if not real:
+            continue
+        first, second = first.float(), second.float()
+        for name, per_pair in {"accuracy": objective.correct(first, second).float(),
+                               **objective.per_pair_metrics(first, second, batch)}.items():
+            sums[name] = sums.get(name, 0.0) + float(per_pair.sum())
+        scores += [first.cpu(), second.cpu()]
+    model.train()
+    all_scores = d.all_gather_cat(torch.cat(scores))
+    result = {f"eval_{name}": float(d.all_reduce_sum(sums.get(name, 0.0))) / len(eval_set)
+              for name in ("accuracy", *objective.extra_metrics)}
+    return {**result, "eval_score_mean": float(all_scores.mean()), "eval_score_std": float(all_scores.std()),
+            **{f"eval_score_{k}": v for k, v in quantiles(all_scores).items()}}
+
+
 def quantiles(values: torch.Tensor) -> dict:
     qs = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=values.dtype)
     return {f"q{int(q * 100):02d}": float(v) for q, v in zip(qs, torch.quantile(values, qs))}
@@ -80,22 +152,22 @@ def quantiles(values: torch.Tensor) -> dict:
 def main(argv=None):
     # -- arguments ------------------------------------------------------------------------------
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--objective", choices=["reward", "cost"], default="reward", help="which score model to train")
+    parser.add_argument("--objective", choices=list(OBJECTIVES), default="reward", help="which score model to train")
     parser.add_argument("--model", default="out/sft/model", help="HF-format checkpoint to start from (the SFT model); a new score head is added")
     parser.add_argument("--data", default=None, help="preference files 'path[:fraction|:count],...' (PKU-SafeRLHF schema); default: the synthetic task")
     parser.add_argument("--eval-data", default=None, help="held-out preference files (default: the synthetic eval split, or --eval-fraction of --data)")
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is not given")
     parser.add_argument("--mu", type=float, default=0.001, help="L2 regularisation of the end scores (keeps them near 0)")
     training.add_common_args(parser, out=None)
+    training.show_recipes(parser, TINY, AUTHORS)
     args = parser.parse_args(argv)
     training.apply_recipe(args, TINY if args.data is None else AUTHORS)
     args.out = args.out or f"out/{args.objective}_model"
-    cost = args.objective == "cost"
+    objective = OBJECTIVES[args.objective]
 
     # -- setup ----------------------------------------------------------------------------------
-    d = training.setup_distributed(args.device)
+    d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
-    mixed = training.use_bf16(args.precision, d)
     d.print(f"train_score ({args.objective}): {d.world} rank(s) on {d.device}; "
             + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
 
@@ -106,78 +178,32 @@ def main(argv=None):
     else:
         train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
     tok = Tokenizer(training.resolve_tokenizer(args, args.model, synthetic_tokenizer))
-    # Rows whose safety labels contradict the safer_response_id only trouble the cost model.
-    load_rows = partial(load_preferences, drop_inconsistent=cost)
+    load_rows = partial(load_preferences, drop_inconsistent=objective.drop_inconsistent)
     train_rows, eval_rows = training.load_train_eval(load_rows, train_spec, eval_spec, args.eval_fraction,
                                                      args.seed, d.print)
-    if cost:
-        make_pairs, tokenize, collate_fn = cost_pairs, tokenize_cost_pairs, collate_cost_pairs
-    else:
-        make_pairs, tokenize, collate_fn = reward_pairs, tokenize_reward_pairs, collate_reward_pairs
-    train_set, _ = tokenize(tok, make_pairs(train_rows), args.max_length, log=d.print)
-    eval_set, _ = tokenize(tok, make_pairs(eval_rows), args.max_length, log=d.print)
+    train_set, _ = objective.tokenize(tok, objective.make_pairs(train_rows), args.max_length, log=d.print)
+    eval_set, _ = objective.tokenize(tok, objective.make_pairs(eval_rows), args.max_length, log=d.print)
     training.require_examples(train_set, "training pairs", args.batch_size, d.print)
     training.require_examples(eval_set, "held-out pairs (the score statistics that PPO's threshold is read from need them)")
-    collate = partial(collate_fn, pad_id=tok.pad_id)
+    collate = partial(objective.collate, pad_id=tok.pad_id)
     total_steps = args.max_steps or training.steps_for_epochs(len(train_set), args.batch_size, args.epochs)
 
     # -- model, optimiser, resume ---------------------------------------------------------------
-    model = training.load_model(args.model, "score", d, seed=args.seed, mixed_precision=mixed,
-                                activation_checkpointing=args.activation_checkpointing,
-                                cpu_offload=args.cpu_offload)
+    model = training.load_model(args.model, "score", d, seed=args.seed,
+                                activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload)
     optimizer, scheduler = training.build_optimizer(model, args.lr, args.weight_decay,
                                                     warmup_steps=int(args.warmup_ratio * total_steps),
                                                     total_steps=total_steps)
     models = {"model": (model, optimizer, scheduler)}
-    ckpt = training.Checkpointer(args.out, d, args=args)
-    start_step, _ = training.resume(ckpt, models, d)
-    d.print(f"model: {training.count_params(model, d) / 1e6:.2f}M parameters; "
-            f"{total_steps} steps of {args.batch_size} pairs")
+    ckpt = Checkpointer(args.out, d, args=args)
+    start_step, _ = ckpt.resume(models)
+    d.print(f"model: {model.num_params() / 1e6:.2f}M parameters; {total_steps} steps of {args.batch_size} pairs")
     logger = training.Logger(args.out, d, total_steps, args.objective, resume_step=start_step)
 
-    def scores_of(batch):
-        """End scores (first, second) of a collated pair batch: (better, worse) or (safer, less safe)."""
-        first, second = ("safer", "less_safe") if cost else ("better", "worse")
-        b = {k: v.to(d.device) for k, v in batch.items()}
-        with training.autocast(d, mixed):
-            return pair_end_scores(model, b[f"{first}_input_ids"], b[f"{first}_attention_mask"],
-                                   b[f"{second}_input_ids"], b[f"{second}_attention_mask"])
-
     def loss_fn(batch):
-        first, second = scores_of(batch)  # (preferred, other): the loss wants first > second for
-        if cost:                          # reward; for cost, less_safe (second) > safer (first)
-            loss = cost_loss(first, second, batch["safer_sign"].to(d.device),
-                             batch["less_safe_sign"].to(d.device), args.mu)
-        else:
-            loss = reward_loss(first, second, args.mu)
-        return loss, {"correct": float(((second > first) if cost else (first > second)).sum())}
-
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        firsts, seconds, signs = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0, 2)]  # a rank may get no pairs
-        for examples, real in training.eval_micro_batches(eval_set, args.micro_batch_size, d):
-            batch = collate(examples)
-            first, second = scores_of(batch)
-            if not real:
-                continue
-            firsts.append(first.float().cpu())
-            seconds.append(second.float().cpu())
-            if cost:
-                signs.append(torch.stack([batch["safer_sign"], batch["less_safe_sign"]], 1))
-        model.train()
-        first, second = torch.cat(firsts), torch.cat(seconds)
-        correct = (second > first) if cost else (first > second)
-        # Score distribution over every answer of every rank: gather the (small) score lists.
-        all_scores = d.all_gather_cat(torch.cat([first, second]))
-        result = {"eval_accuracy": float(d.all_reduce_sum(correct.sum())) / len(eval_set),
-                  "eval_score_mean": float(all_scores.mean()), "eval_score_std": float(all_scores.std()),
-                  **{f"eval_score_{k}": v for k, v in quantiles(all_scores).items()}}
-        if cost:
-            sign = torch.cat(signs)
-            sign_correct = (torch.sign(torch.stack([first, second], 1)) == sign).sum()
-            result["eval_sign_accuracy"] = float(d.all_reduce_sum(sign_correct)) / (2 * len(eval_set))
-        return result
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        first, second = scores_of(model, objective, batch, d)
+        return objective.loss(first, second, batch, args.mu), {"correct": float(objective.correct(first, second).sum())}
 
     # -- training loop: one optimiser step = one log line ---------------------------------------
     model.train()
@@ -193,12 +219,12 @@ def main(argv=None):
         metrics = {"loss": loss, "accuracy": sums["correct"] / args.batch_size, "lr": lr, "grad_norm": grad_norm,
                    "pairs_per_s": args.batch_size / elapsed, "step_time": elapsed}
         if step % args.eval_every == 0 or step == total_steps:
-            eval_result = evaluate()
+            eval_result = evaluate(model, objective, eval_set, args, d, collate)
             metrics.update(eval_result)
         summary = f"loss {loss:.3f} acc {metrics['accuracy']:.2f}"
         if "eval_accuracy" in metrics:
             summary += f" eval acc {metrics['eval_accuracy']:.3f}"
-            summary += f" sign {metrics['eval_sign_accuracy']:.3f}" if cost else ""
+            summary += "".join(f" {name} {metrics['eval_' + name]:.3f}" for name in objective.extra_metrics)
         logger.log(step, metrics, f"{summary} | lr {lr:.2e}")
         if step % args.save_every == 0 or step == total_steps:
             ckpt.save(step, models, {"examples_seen": step * args.batch_size, "eval": eval_result})
@@ -206,7 +232,7 @@ def main(argv=None):
 
     # -- save: the model ppo_lag.py loads as reward/cost model and critic initialisation ----------
     if not eval_result:  # resumed a finished run: recompute the statistics saved with the model
-        eval_result = evaluate()
+        eval_result = evaluate(model, objective, eval_set, args, d, collate)
     model.score_stats = {"objective": args.objective, "mean": eval_result["eval_score_mean"],
                          "std": eval_result["eval_score_std"],
                          **{k.removeprefix("eval_score_"): v for k, v in eval_result.items() if k.startswith("eval_score_q")}}

@@ -1,11 +1,14 @@
 """What sft.py, train_score.py and ppo_lag.py share, written once.
 
-    dist = setup_distributed()                 rank, world, device; a CPU (gloo) or GPU (nccl) mesh
-    model = load_model(spec, head, dist, ...)  meta init, FSDP2 per block then the root, weights in
-    opt, sched = build_optimizer(...)          AdamW (no decay on norms/biases) + cosine with warmup
-    for step in ...: batches_for_step(...)     deterministic global batches, split across ranks
-    ckpt.save(...) / ckpt.load(...)            atomic step directories + a `latest` pointer
-    log = Logger(...)                          <out>/log.jsonl, one object per step, and a progress bar
+    add_common_args(parser); show_recipes(...)  the flags every stage has; --help shows both recipes
+    d = setup_distributed(device, precision)    rank, world, device, bf16 or not; a gloo or nccl mesh
+    model = load_model(spec, head, d, ...)      meta init, FSDP2 per block then the root, weights in
+    opt, sched = build_optimizer(...)           AdamW (no decay on norms/biases) + cosine with warmup
+    train_step(model, opt, sched, batches, ...) one optimiser step over this rank's micro-batches
+    for step in ...: batches_for_step(...)      deterministic global batches, split across ranks
+    log = Logger(...)                           <out>/log.jsonl, one object per step, and a progress bar
+
+Checkpoints are checkpoint.py's, files on disk (Hugging Face format, atomic writes) hf_io.py's.
 
 Launched with torchrun, every function here is collective-safe (all ranks call it). Launched as
 one plain process there is no process group at all and the model is a plain module: that run is
@@ -24,7 +27,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -35,8 +37,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import hf_io
 from data.loaders import split_train_eval
-from model import PRESETS, ModelArgs, Transformer, load_hf_state_dict, read_config
+from model import PRESETS, Transformer
 
 # ----------------------------------------------------------------------------------------------
 # Flags every stage has
@@ -92,6 +95,20 @@ def add_common_args(parser, out: str):
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help="recompute each block in backward to save memory (default: the recipe's; on for the authors' 7B one)")
     a("--cpu-offload", action="store_true", help="keep sharded parameters and optimiser state in CPU memory")
+
+
+def show_recipes(parser, tiny: dict, authors: dict, notes: dict | None = None):
+    """Append each recipe flag's two values to its --help line, so a user sees what runs without
+    reading the code: "[tiny: 3e-3 | authors': 2e-5]" (notes: extra words per flag)."""
+    parser.epilog = ("[tiny | authors'] after a flag: the value it takes when left unset, from the tiny CPU recipe "
+                     "on the embedded task (no data files given) or from the authors' LLaMA-7B recipe "
+                     "(../shared/SAFE_RLHF.md; data files given).")
+    for action in parser._actions:
+        key = action.dest
+        if key in tiny or key in authors:
+            extra = f"; {notes[key]}" if notes and key in notes else ""
+            values = f"[tiny: {tiny.get(key, action.default)} | authors': {authors.get(key, action.default)}{extra}]"
+            action.help = f"{action.help or ''} {values.replace('%', '%%')}"
 
 
 def apply_recipe(args, recipe: dict):
@@ -163,6 +180,7 @@ class Dist:
     local_rank: int
     device: torch.device
     mesh: object | None  # DeviceMesh under torchrun, None in a plain process
+    mixed_precision: bool = False  # bf16 compute, fp32 master weights (--precision)
 
     @property
     def is_main(self) -> bool:
@@ -204,15 +222,19 @@ def check_device(device: str):
         raise RuntimeError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU")
 
 
-def setup_distributed(device: str = "auto") -> Dist:
+def setup_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then join the process group (nccl on GPUs, gloo on
-    CPU) and build a 1-D device mesh. Otherwise run as a single plain process."""
+    CPU) and build a 1-D device mesh. Otherwise run as a single plain process.
+
+    precision (--precision): "bf16" is mixed precision, "auto" is bf16 on GPUs and fp32 on CPU (where
+    bf16 is slower, but runs the same code path: tests use it to cover what GPU runs do)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(device)
+    mixed = precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
     if "RANK" not in os.environ:
         dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        return Dist(0, 1, 0, dev, None)
+        return Dist(0, 1, 0, dev, None, mixed)
     from torch.distributed.device_mesh import init_device_mesh
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -228,13 +250,7 @@ def setup_distributed(device: str = "auto") -> Dist:
     dist.init_process_group(backend="cuda:nccl,cpu:gloo" if dev.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(minutes=60))
     mesh = init_device_mesh(dev.type, (world,))
-    return Dist(rank, world, local_rank, dev, mesh)
-
-
-def use_bf16(precision: str, d: Dist) -> bool:
-    """Resolve --precision: bf16 mixed precision on GPUs by default. On CPU it is slower than fp32
-    but runs the same code path (tests use it to cover what GPU runs do)."""
-    return precision == "bf16" or (precision == "auto" and d.device.type == "cuda")
+    return Dist(rank, world, local_rank, dev, mesh, mixed)
 
 
 def teardown_distributed(d: Dist):
@@ -253,70 +269,48 @@ def seed_everything(seed: int):
 # Models: build on meta, shard, then fill
 
 
-def load_model(spec: str, head: str, d: Dist, *, seed: int = 0, mixed_precision: bool = False,
-               activation_checkpointing: bool = False, cpu_offload: bool = False,
-               trainable: bool = True, vocab_size: int | None = None) -> Transformer:
+def load_model(spec: str, head: str, d: Dist, *, seed: int = 0, activation_checkpointing: bool = False,
+               cpu_offload: bool = False, trainable: bool = True, vocab_size: int | None = None) -> Transformer:
     """A model from a checkpoint directory or, for training from scratch, a preset name of
-    model.PRESETS (initialised with `seed`, identically on every rank).
+    model.PRESETS (initialised with `seed`, identically on every rank; vocab_size overrides the
+    preset's). Its weights come from hf_io.full_state_dict, the one loading path.
 
     Under torchrun: built on the meta device, sharded with FSDP2 (each block, then the root;
-    with mixed_precision, bf16 compute with fp32 master weights and fp32 gradient reduction), materialised
-    empty, then filled from a full state dict that only rank 0 reads. In a plain process: the
-    model itself on the device. Weights are fp32, except frozen models (trainable=False) under
-    FSDP mixed precision: bf16."""
+    with d.mixed_precision, bf16 compute with fp32 master weights and fp32 gradient reduction),
+    materialised empty, then filled from the full state dict that only rank 0 reads. In a plain
+    process: the model itself on the device. Weights are fp32, except frozen models
+    (trainable=False) under FSDP mixed precision: bf16."""
     if cpu_offload and d.device.type != "cuda":
         raise ValueError("CPU offload moves sharded parameters from the GPUs to host memory: it needs --device cuda")
     if cpu_offload and not d.distributed:
         raise ValueError("CPU offload is FSDP's: run under torchrun (--nproc_per_node=1 for one GPU)")
-    state, score_stats = None, None
-    if Path(spec).is_dir():
-        args, saved_head, config = read_config(spec)
-        if saved_head == "lm" and head == "score" and not trainable:
-            raise ValueError(f"{spec} is a language model, not a trained score model (a frozen reward or "
-                             f"cost model needs train_score.py's output)")
-        if saved_head == "score" and head == "lm":
-            raise ValueError(f"{spec} holds a score model; {head} model wanted")
-        score_stats = config.get("score_stats") if saved_head == "score" else None
-        if d.is_main or not d.distributed:
-            state = load_hf_state_dict(spec, args, head, saved_head)
-            if head == "score" and saved_head == "lm":  # fresh score head, seeded
-                fresh = torch.Generator().manual_seed(seed)
-                state["score_head.weight"] = torch.randn(1, args.dim, generator=fresh) * 0.02
-                state["score_head.bias"] = torch.zeros(1)
-    else:
-        try:
-            args = ModelArgs.from_name(spec, **({"vocab_size": vocab_size} if vocab_size else {}))
-        except KeyError:
-            raise FileNotFoundError(f"{spec}: no such checkpoint directory (nor a preset: {', '.join(PRESETS)})") from None
-        if d.is_main or not d.distributed:
-            with torch.device("cpu"):
-                fresh = Transformer(args, head=head)
-            fresh.init_weights(seed=seed)
-            state = fresh.state_dict()
+    src = hf_io.describe(spec, head, vocab_size=vocab_size)
+    if src.fresh_score_head and not trainable:
+        raise ValueError(f"{spec} is a language model, not a trained score model (a frozen reward or "
+                         f"cost model needs train_score.py's output)")
+    state = hf_io.full_state_dict(src, seed=seed) if d.is_main or not d.distributed else None
 
     # Under FSDP's mixed precision a frozen model is only ever used as bf16 copies of its weights:
     # store it that way (the same forward, half the memory). Not under autocast in one process,
     # whose fp32 residual stream a bf16 model would not share with the trained fp32 models (the
     # actor and its reference would then differ from the first step).
-    dtype = torch.bfloat16 if mixed_precision and not trainable and d.distributed else torch.float32
+    dtype = torch.bfloat16 if d.mixed_precision and not trainable and d.distributed else torch.float32
     if state is not None and dtype != torch.float32:
         state = {k: v.to(dtype) for k, v in state.items()}
     if not d.distributed:
-        model = Transformer(args, head=head)
+        model = Transformer(src.args, head=head)
         model.load_state_dict(state, strict=True)
         model.to(d.device)
     else:
-        with torch.device("meta"):
-            model = Transformer(args, head=head).to(dtype)
-        shard(model, d, mixed_precision=mixed_precision, cpu_offload=cpu_offload, frozen=not trainable)
-        model.to_empty(device="cpu" if cpu_offload else d.device)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        if args.tie_embeddings and head == "lm" and state is not None:
-            state["output.weight"] = state["tok_embeddings.weight"]
+        with torch.device("meta"):
+            model = Transformer(src.args, head=head).to(dtype)
+        shard(model, d, cpu_offload=cpu_offload, frozen=not trainable)
+        model.to_empty(device="cpu" if cpu_offload else d.device)
         set_model_state_dict(model, state or {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    model.score_stats = score_stats
+    model.score_stats = src.score_stats
     model.activation_checkpointing = activation_checkpointing
     model.requires_grad_(trainable)
     if not trainable:
@@ -334,19 +328,14 @@ def check_score_model(model: Transformer, path, objective: str):
         raise ValueError(f"{path} was trained as a {trained_for} model, but is given as the {objective} model")
 
 
-def count_params(model, d: Dist) -> int:
-    """Parameters of the whole model (each rank holds 1/world of every sharded tensor)."""
-    return sum(p.numel() if not hasattr(p, "full_tensor") else math.prod(p.shape) for p in model.parameters())
-
-
-def shard(model: Transformer, d: Dist, *, mixed_precision: bool, cpu_offload: bool, frozen: bool = False):
+def shard(model: Transformer, d: Dist, *, cpu_offload: bool, frozen: bool = False):
     """FSDP2: one unit per transformer block, then the root (embeddings, final norm, head). FSDP
     keeps the root's parameters gathered after forward for the backward that follows; a frozen
     model has no backward, so its root reshards like the blocks."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kwargs = {"mesh": d.mesh}
-    if mixed_precision:
+    if d.mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -380,9 +369,10 @@ def gathered(model):
             unit.set_reshard_after_forward(unit is not model, recurse=False)
 
 
-def autocast(d: Dist, mixed_precision: bool):
-    """bf16 autocast for a plain process (FSDP's MixedPrecisionPolicy does it under torchrun)."""
-    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=mixed_precision and not d.distributed)
+def autocast(d: Dist):
+    """bf16 autocast for a plain process under mixed precision (FSDP's MixedPrecisionPolicy does
+    it under torchrun)."""
+    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.mixed_precision and not d.distributed)
 
 
 def sft_nll(model, batch, device):
@@ -500,176 +490,6 @@ def steps_for_epochs(n_examples: int, global_batch: int, epochs: float) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _rng_state() -> dict:
-    _, keys, pos, _, _ = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
-             "numpy_pos": int(pos), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class Checkpointer:
-    """<out>/checkpoints/step_00000123/ holds, for each named model, an HF-format `<name>/` and
-    `<name>.optim.pt`, plus `state.json` (step, schedules, whatever the script adds) and `rng.pt`
-    (every rank's RNG). Each step directory is built under a temporary name and renamed into
-    place; then `latest` (a one-line file, replaced atomically) points at it; then old step
-    directories beyond `keep` are removed. A kill at any moment leaves `latest` naming a complete
-    checkpoint. Optimiser states are full (unsharded) tensors keyed by parameter name, so a run can
-    resume on a different number of ranks, or in a plain process; they are read with
-    torch.load(weights_only=True), never unpickling code."""
-
-    # Flags a resumed run may change; any other difference from the checkpoint's flags is refused
-    # (a different --lr, batch size, data, objective or algorithm would silently make another run).
-    RESUMABLE_CHANGES = {"out", "eval_every", "save_every", "max_steps", "epochs", "device", "precision",
-                         "activation_checkpointing", "cpu_offload", "offload_frozen"}
-
-    def __init__(self, out_dir, d: Dist, keep: int = 2, args=None):
-        self.root = Path(out_dir) / "checkpoints"
-        self.d, self.keep = d, keep
-        # The run's flags, as JSON would give them back, saved with every checkpoint.
-        self.args = json.loads(json.dumps(vars(args), default=str)) if args is not None else None
-
-    def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
-            # `latest` lost (deleted by hand, say) beside complete step directories: use the newest
-            # rather than start over and rotate them away.
-            complete = sorted(p for p in self.root.glob("step_*") if (p / "state.json").is_file())
-            if complete:
-                self.d.print(f"{pointer} is missing; resuming from the newest complete checkpoint, {complete[-1]}")
-            return complete[-1] if complete else None
-        name = pointer.read_text().strip()
-        if not name:
-            raise FileNotFoundError(f"{pointer} is empty; write the name of a complete step directory into it")
-        path = self.root / name
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
-        return path
-
-    def check_args(self, path: Path, state: dict):
-        """Refuse to resume the checkpoint at `path` (its state.json: `state`) with flags other than
-        the ones it was made with."""
-        saved = state.get("args")
-        if saved is None or self.args is None:
-            return
-        changed = sorted(k for k in saved.keys() | self.args.keys()
-                         if k not in self.RESUMABLE_CHANGES and saved.get(k) != self.args.get(k))
-        if changed:
-            lines = "\n".join(f"  --{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {self.args.get(k)!r} now"
-                               for k in changed)
-            raise ValueError(f"{path} was made with other flags:\n{lines}\nPass the same values to resume, or "
-                             f"use a new --out for a new run.")
-
-    def save(self, step: int, models: dict, state: dict):
-        """models: name -> (model, optimizer or None, scheduler or None). Every rank calls this."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        d = self.d
-        name = f"step_{step:08d}"
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        rng = [None] * d.world
-        if d.distributed:
-            dist.all_gather_object(rng, _rng_state())
-        else:
-            rng = [_rng_state()]
-        tmp = self.root / f".tmp-{name}"
-        if d.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        schedules = {}
-        for key, (model, optimizer, scheduler) in models.items():
-            model.save_pretrained(tmp / key)  # collective under FSDP; rank 0 writes
-            if optimizer is not None:
-                # Keyed by parameter name, sharded or not: a plain run resumes under torchrun and back.
-                osd = get_optimizer_state_dict(model, optimizer, options=full)  # a full copy on rank 0 only
-                if d.is_main:
-                    torch.save(osd, tmp / f"{key}.optim.pt")
-                del osd
-            if scheduler is not None:
-                schedules[key] = scheduler.state_dict()
-        if d.is_main:
-            torch.save(rng, tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "schedules": schedules, **state,
-                                                        **({"args": self.args} if self.args else {})}, indent=1))
-            for f in (f for f in tmp.iterdir() if f.is_file()):  # on disk before `latest` names them
-                with open(f, "rb") as fh:  # (the model directories sync their own files)
-                    os.fsync(fh.fileno())
-            final = self.root / name
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-            pointer_tmp = self.root / "latest.tmp"
-            pointer_tmp.write_text(name + "\n")
-            os.replace(pointer_tmp, self.root / "latest")
-            for old in sorted(self.root.glob("step_*"))[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        d.barrier()
-
-    def load(self, path: Path, models: dict) -> dict:
-        """Restore weights, optimisers, schedules and this rank's RNG from `path`; return state.json."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        d = self.d
-        state = _read_checkpoint_file(path / "state.json", lambda f: json.loads(f.read_text()))
-        self.check_args(path, state)  # before any weight is read
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        for key, (model, optimizer, scheduler) in models.items():
-            weights = None
-            if d.is_main or not d.distributed:
-                weights = load_hf_state_dict(path / key, head=model.head)
-                if model.args.tie_embeddings and model.head == "lm":
-                    weights["output.weight"] = weights["tok_embeddings.weight"]
-            if d.distributed:
-                set_model_state_dict(model, weights or {}, options=opts)
-            else:
-                model.load_state_dict(weights)
-            if optimizer is not None:
-                osd = {}
-                if d.is_main or not d.distributed:  # mmap: pages in as set_optimizer_state_dict reads
-                    osd = _read_checkpoint_file(path / f"{key}.optim.pt",
-                                                lambda f: torch.load(f, weights_only=True, mmap=True))
-                set_optimizer_state_dict(model, optimizer, osd,
-                                         options=opts if d.distributed else StateDictOptions(full_state_dict=True))
-                del osd
-            if scheduler is not None:
-                scheduler.load_state_dict(state["schedules"][key])
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        if d.rank < len(rng):
-            _set_rng_state(rng[d.rank])
-        return state
-
-
-def _read_checkpoint_file(file: Path, read):
-    try:
-        return read(file)
-    except Exception as e:  # a damaged file: name it, and the way back
-        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {e}). If it is damaged, point "
-                         f"{file.parent.parent / 'latest'} at an older step directory to resume from there") from None
-
-
-def resume(ckpt: Checkpointer, models: dict, d: Dist) -> tuple[int, dict]:
-    """(step to continue after, saved state) from the latest checkpoint, or (0, {}) for a fresh run."""
-    latest = ckpt.latest()
-    if latest is None:
-        return 0, {}
-    state = ckpt.load(latest, models)
-    d.print(f"resumed from {latest} at step {state['step']}")
-    return state["step"], state
-
-
-# ----------------------------------------------------------------------------------------------
 # Logging
 
 
@@ -688,9 +508,7 @@ class Logger:
             if self.path.exists():
                 kept = [line for line in self.path.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, self.path)
+                hf_io.atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict, summary: str = ""):
         if not self.d.is_main:
@@ -730,11 +548,7 @@ def _clock(seconds: float) -> str:
 
 def write_json(path, obj):
     """Atomically write a JSON file (creating its directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    hf_io.atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_final(model, out_dir, d: Dist, name: str = "model", files_to_copy=()):

@@ -10,9 +10,9 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import training  # noqa: E402
 
-d = training.setup_distributed("cpu")
-frozen = training.load_model(sys.argv[1], "score", d, mixed_precision=True, trainable=False)
-trained = training.load_model(sys.argv[1], "score", d, mixed_precision=True, trainable=True)
+d = training.setup_distributed("cpu", "bf16")
+frozen = training.load_model(sys.argv[1], "score", d, trainable=False)
+trained = training.load_model(sys.argv[1], "score", d, trainable=True)
 # Frozen models hold bf16 shards (FSDP would cast to bf16 anyway), trained ones fp32 master weights.
 assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
 assert {p.dtype for p in trained.parameters()} == {torch.float32}

@@ -15,7 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kernel_testing import DEVICE, HAS_CUDA, kernels, needs_triton  # noqa: E402
-from model import ModelArgs, Transformer, hf_name  # noqa: E402
+from hf_io import hf_name  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 from test_model import CONFIGS, hf_model_from_args, left_padded_batch  # noqa: E402
 
 pytestmark = needs_triton

@@ -13,7 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ppo_lag import actor_loss, critic_loss, explained_variance, gae, lambda_update, per_sequence_mean, token_rewards
+import ppo_lag
+import training
+from ppo_lag import (LagrangeMultiplier, LambdaRule, PIDLambda, SGDOnLogLambda, actor_loss, critic_loss,
+                     explained_variance, gae, lambda_update, per_sequence_mean, token_rewards)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,6 +124,98 @@ def test_lambda_update_by_hand_and_direction():
     assert all(b < a for a, b in zip(trace[20:], trace[21:])) and trace[-1] < 0.5
 
 
+def pid_args(**overrides):
+    values = dict(pid_kp=1.0, pid_ki=0.1, pid_kd=2.0, pid_d_delay=2, pid_p_ema=0.5, pid_d_ema=0.5,
+                  lambda_init=1.0, lambda_max=5.0, lambda_lr=0.1)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_pid_lambda_by_hand():
+    pid = PIDLambda(pid_args())
+    assert pid.value == 1.0  # the integral starts at lambda_init
+    trace = []
+    for cost in (1.0, 2.0, -1.0, 10.0, -100.0):
+        pid.step(cost, threshold=0.0)
+        trace.append((pid.value, pid.integral))
+    # 1: e = 1    I = 1 + 0.1 = 1.1;  P = 0.5 * 0 + 0.5 * 1 = 0.5;  S = 1 (starts at J_C), D = 0
+    #             lambda = 0.5 + 1.1 = 1.6
+    # 2: e = 2    I = 1.3;  P = 0.25 + 1 = 1.25;  S = 0.5 + 1 = 1.5, D = 1.5 - 1 = 0.5
+    #             lambda = 1.25 + 1.3 + 2 * 0.5 = 3.55
+    # 3: e = -1   I = 1.2;  P = 0.625 - 0.5 = 0.125;  S = 0.75 - 0.5 = 0.25, D = max(0, 0.25 - 1) = 0
+    #             lambda = 0.125 + 1.2 = 1.325
+    # 4: e = 10   I = 2.2;  P = 0.0625 + 5 = 5.0625;  S = 0.125 + 5 = 5.125, D = 5.125 - 1.5 (two back)
+    #             lambda = 5.0625 + 2.2 + 2 * 3.625 = 14.5125 -> clamped to lambda_max 5
+    # 5: e = -100 I = max(0, 2.2 - 10) = 0;  P < 0  ->  lambda = 0
+    expected = [(1.6, 1.1), (3.55, 1.3), (1.325, 1.2), (5.0, 2.2), (0.0, 0.0)]
+    for (lam, integral), (want_lam, want_integral) in zip(trace, expected, strict=True):
+        assert lam == pytest.approx(want_lam, abs=1e-12) and integral == pytest.approx(want_integral, abs=1e-12)
+    # The integral never winds up past lambda_max: after a long violation one feasible step brings lambda down.
+    pid = PIDLambda(pid_args(pid_kd=0.0, pid_p_ema=0.0))
+    for _ in range(200):
+        pid.step(3.0, threshold=0.0)
+    assert pid.integral == 5.0 and pid.value == 5.0
+    pid.step(-0.5, threshold=0.0)
+    assert pid.value == pytest.approx(5.0 - 0.05 - 0.5)
+
+
+def test_lagrange_multiplier_window_delay_and_state():
+    one = SimpleNamespace(distributed=False, all_gather_cat=lambda t: t)
+    m = LagrangeMultiplier(SGDOnLogLambda(pid_args()), threshold=1.0, window=3, delay=1, d=one)
+    m.update(torch.tensor([1.0, 2.0]))  # J_C = 1.5; the first iteration is within the delay
+    assert m.value == 1.0 and m.metrics()["constraint_violation"] == pytest.approx(0.5)
+    m.update(torch.tensor([3.0, 4.0]))  # window keeps 2, 3, 4: J_C = 3; log lambda <- 0 + 0.1 * 1 * (3 - 1)
+    assert m.mean_cost == pytest.approx(3.0) and m.value == pytest.approx(math.exp(0.2))
+    # A fresh multiplier given the state continues exactly where this one would.
+    state = m.state_dict()
+    resumed = LagrangeMultiplier(SGDOnLogLambda(pid_args()), threshold=1.0, window=3, delay=1, d=one)
+    resumed.load_state_dict(state)
+    for multiplier in (m, resumed):
+        multiplier.update(torch.tensor([0.0]))
+    assert resumed.value == m.value and resumed.mean_cost == m.mean_cost
+
+
+def test_a_new_lambda_rule_is_one_class(monkeypatch):
+    monkeypatch.setattr(LambdaRule, "registry", dict(LambdaRule.registry))
+
+    class Halving(LambdaRule):  # lambda halves at every update: nothing else needs to change
+        name = "halving"
+
+        @classmethod
+        def add_args(cls, parser):
+            parser.add_argument("--halving-floor", type=float, default=0.25)
+
+        def __init__(self, args):
+            self.lam, self.floor = args.lambda_init, args.halving_floor
+
+        value = property(lambda self: self.lam)
+
+        def step(self, mean_cost, threshold):
+            self.lam = max(self.lam / 2, self.floor)
+
+        def state_dict(self):
+            return {"lam": self.lam}
+
+        def load_state_dict(self, state):
+            self.lam = state["lam"]
+
+    args = ppo_lag.parse_args(["--lambda-update", "halving", "--halving-floor", "0.3"])
+    multiplier = ppo_lag.make_multiplier(args, SimpleNamespace(distributed=False, all_gather_cat=lambda t: t))
+    for _ in range(3):
+        multiplier.update(torch.zeros(2))
+    assert multiplier.value == 0.3
+
+
+def test_recipe_kl_coefficients(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    # The authors' scripts: 0.01 for PPO-Lagrangian, 0.02 for the PPO and reward shaping baselines.
+    assert ppo_lag.parse_args(["--prompts", str(prompts)]).kl_coeff == 0.01
+    assert ppo_lag.parse_args(["--prompts", str(prompts), "--algo", "ppo", "--cost-model", "none"]).kl_coeff == 0.02
+    assert ppo_lag.parse_args(["--prompts", str(prompts), "--algo", "reward_shaping"]).kl_coeff == 0.02
+    assert ppo_lag.parse_args(["--prompts", str(prompts), "--algo", "ppo", "--kl-coeff", "0.1"]).kl_coeff == 0.1
+    assert ppo_lag.parse_args([]).kl_coeff == 0.05  # the tiny recipe
+
+
 # ------------------------------------------------------------------------------------------------
 # Whole runs on tiny random models (their quality is irrelevant here)
 
@@ -150,12 +245,15 @@ def ppo_args(ckpt, out, *extra):
 
 
 @pytest.mark.slow
-def test_ppo_two_ranks_match_one_process(tmp_path, checkpoints):
-    extra = ["--max-steps", "3", "--ptx-coeff", "0.5"]  # PTX too: its token mean spans both ranks
+@pytest.mark.parametrize("rule", ["sgd", "pid"])
+def test_ppo_two_ranks_match_one_process(tmp_path, checkpoints, rule):
+    # PTX too: its token mean spans both ranks.
+    extra = ["--max-steps", "3", "--ptx-coeff", "0.5", "--lambda-update", rule]
     run("ppo_lag.py", ppo_args(checkpoints, tmp_path / "one", *extra))
     run("ppo_lag.py", ppo_args(checkpoints, tmp_path / "two", *extra), nproc=2)
     one, two = log_of(tmp_path / "one"), log_of(tmp_path / "two")
     assert len(one) == len(two) == 3
+    assert len({r["lambda"] for r in one}) == 3  # lambda moved at every iteration
     for r1, r2 in zip(one, two):
         for key in ("reward", "cost", "lambda", "kl", "response_length", "actor_loss", "reward_critic_loss",
                     "cost_critic_loss", "entropy", "mean_episode_cost", "reward_value_ev", "cost_value_ev",
@@ -165,12 +263,13 @@ def test_ppo_two_ranks_match_one_process(tmp_path, checkpoints):
 
 
 @pytest.mark.slow
-def test_ppo_resume_after_sigkill_matches_uninterrupted(tmp_path, checkpoints):
-    args = ppo_args(checkpoints, tmp_path / "straight", "--max-steps", "6")
+@pytest.mark.parametrize("rule", ["sgd", "pid"])
+def test_ppo_resume_after_sigkill_matches_uninterrupted(tmp_path, checkpoints, rule):
+    args = ppo_args(checkpoints, tmp_path / "straight", "--max-steps", "6", "--lambda-update", rule)
     run("ppo_lag.py", args)
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch"}
-    cmd = [sys.executable, str(ROOT / "ppo_lag.py"), *ppo_args(checkpoints, killed, "--max-steps", "6")]
+    cmd = [sys.executable, str(ROOT / "ppo_lag.py"), *ppo_args(checkpoints, killed, "--max-steps", "6", "--lambda-update", rule)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -181,8 +280,9 @@ def test_ppo_resume_after_sigkill_matches_uninterrupted(tmp_path, checkpoints):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "actor").exists(), "the run finished before it could be killed"
-    run("ppo_lag.py", ppo_args(checkpoints, killed, "--max-steps", "6"))
+    run("ppo_lag.py", ppo_args(checkpoints, killed, "--max-steps", "6", "--lambda-update", rule))
     a, b = log_of(tmp_path / "straight"), log_of(killed)
+    assert len({r["lambda"] for r in a}) > 1
     assert [r["step"] for r in b] == list(range(1, 7))
     skip = {"time_generate", "time_score", "time_learn", "samples_per_s"}
     for ra, rb in zip(a, b):
@@ -237,7 +337,6 @@ def test_rollouts_line_up_with_an_independent_recomputation(tmp_path, checkpoint
     # transformers' LLaMA on the actor's weights, scores by the score models on each answer alone
     # (no padding), masks from the token ids. The actor's EOS row is scaled up so that most answers
     # end with an EOS inside the length limit and some run to it.
-    import ppo_lag
     from data.tokenizer import Tokenizer
     from model import Transformer
 
@@ -248,13 +347,16 @@ def test_rollouts_line_up_with_an_independent_recomputation(tmp_path, checkpoint
     with torch.no_grad():
         actor.output.weight[tok.eos_id] *= 60
     actor.save_pretrained(tmp_path / "actor", extra_files=[sft / "tokenizer.model"])
-    captured = []
-    real_rollout = ppo_lag.Rollout
-    monkeypatch.setattr(ppo_lag, "Rollout", lambda *a, **k: captured.append(real_rollout(*a, **k)) or captured[-1])
     monkeypatch.setenv("KERNELS", "torch")
-    args = ppo_args(checkpoints, tmp_path / "run", "--max-steps", "1")
-    args[args.index("--actor") + 1] = str(tmp_path / "actor")
-    ppo_lag.main(args)
+    argv = ppo_args(checkpoints, tmp_path / "run", "--max-steps", "1")
+    argv[argv.index("--actor") + 1] = str(tmp_path / "actor")
+    # The first iteration's rollouts, through the functions main() calls.
+    args = ppo_lag.parse_args(argv)
+    d = training.setup_distributed(args.device, args.precision)
+    data = ppo_lag.load_data(args, d)
+    models = ppo_lag.load_models(args, d, data.tok, total_steps=1)
+    captured, _ = ppo_lag.rollout(1, models, data.prompts, args, d, data.tok)
+    ppo_lag.advantages(captured, 1.0, args)
 
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "actor", attn_implementation="eager").float().eval()
     reward_model = Transformer.from_pretrained(checkpoints.root / "rm").eval()

@@ -1,0 +1,394 @@
+"""Models on disk: the Hugging Face format (config.json + safetensors), and atomic writes.
+
+    src = describe(path_or_preset, head)       config only: ModelArgs, which head, score statistics
+    state = full_state_dict(src, seed)         every tensor, keyed by OUR names, ready for load_state_dict
+    save_pretrained(model, path)               config.json + safetensors (sharded above 5 GiB), atomic
+    with atomic_directory(path) as tmp: ...    a directory that appears whole or not at all
+    atomic_write(path, text)                   the same for one file
+
+This is the one loading path: `Transformer.from_pretrained`, `training.load_model` and a
+training checkpoint's resume all go through `full_state_dict`, which handles once what
+differs between checkpoints: a preset (fresh weights), an LM checkpoint loaded as a score
+model (a fresh, seeded score head; the LM head dropped), and tied embeddings (`output.weight`
+is `tok_embeddings.weight`, present in the returned dict so a strict load sees every key).
+
+Hugging Face names exist only here (`HF_NAMES`), at load and save time; model.py uses Meta's.
+Only safetensors are read: a pickled `.bin` could run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import PRESETS, ModelArgs, Transformer
+
+# ----------------------------------------------------------------------------------------------
+# Names and config
+
+# (ours, Hugging Face's): substring replacements, applied in order.
+HF_NAMES = [
+    ("tok_embeddings", "embed_tokens"),
+    ("attention_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attention.wq", "self_attn.q_proj"),
+    ("attention.wk", "self_attn.k_proj"),
+    ("attention.wv", "self_attn.v_proj"),
+    ("attention.wo", "self_attn.o_proj"),
+    ("feed_forward.w1", "mlp.gate_proj"),
+    ("feed_forward.w2", "mlp.down_proj"),
+    ("feed_forward.w3", "mlp.up_proj"),
+    ("output", "lm_head"),
+]
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the Hugging Face LLaMA name."""
+    for ours, theirs in HF_NAMES:
+        name = name.replace(ours, theirs)
+    if not name.startswith(("lm_head", "score_head")):
+        name = "model." + name
+    return name
+
+
+def hf_config(args: ModelArgs, head: str, dtype: torch.dtype) -> dict:
+    rope = {"rope_type": "default", **(args.rope_scaling or {}), "rope_theta": args.rope_theta}
+    config = {
+        "architectures": ["LlamaForCausalLM" if head == "lm" else "LlamaForScore"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        # Both spellings: transformers 4.x reads rope_theta/rope_scaling, 5.x rope_parameters.
+        "rope_theta": args.rope_theta,
+        "rope_scaling": args.rope_scaling,
+        "rope_parameters": rope,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if head == "score":
+        config["score_dim"] = 1
+        config["score_bias"] = True
+    return config
+
+
+def read_config(path) -> tuple[ModelArgs, str, dict]:
+    """ModelArgs, head ("lm" or "score") and the raw dict of <path>/config.json, with errors that
+    name the file and the key."""
+    file = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: not a Hugging Face-format checkpoint")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+
+    def need(key):
+        if key not in config:
+            raise KeyError(f"{file} has no {key!r}")
+        return config[key]
+
+    rope = config.get("rope_parameters") or {}
+    rope_theta = config.get("rope_theta") or rope.get("rope_theta", 10000.0)
+    scaling = config.get("rope_scaling")
+    if scaling is None and rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    try:
+        args = ModelArgs(
+            dim=need("hidden_size"),
+            n_layers=need("num_hidden_layers"),
+            n_heads=need("num_attention_heads"),
+            n_kv_heads=config.get("num_key_value_heads"),
+            vocab_size=need("vocab_size"),
+            hidden_dim=need("intermediate_size"),
+            head_dim=config.get("head_dim"),
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            max_seq_len=config.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}") from None
+    if config.get("hidden_act", "silu") != "silu" or config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError(f"{file}: only LLaMA's silu MLP without biases is supported")
+    head = "score" if "LlamaForScore" in (config.get("architectures") or []) or config.get("score_dim") else "lm"
+    return args, head, config
+
+
+# ----------------------------------------------------------------------------------------------
+# The one loading path: (path or preset, head) -> a full state dict
+
+
+@dataclass
+class ModelSource:
+    """What a checkpoint directory or a preset name says about a model, before any tensor is read."""
+    spec: str  # the directory or preset name, as given
+    args: ModelArgs
+    head: str  # the head wanted: "lm" or "score"
+    saved_head: str | None  # the head in the files; None for a preset (fresh weights)
+    config: dict  # the raw config.json ({} for a preset)
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.saved_head is None else Path(self.spec)
+
+    @property
+    def fresh_score_head(self) -> bool:
+        """An LM checkpoint started as a score model: its head is new."""
+        return self.head == "score" and self.saved_head == "lm"
+
+    @property
+    def score_stats(self) -> dict | None:
+        return self.config.get("score_stats") if self.saved_head == "score" else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the checkpoint was saved in (fp32 for a preset or a config without one)."""
+        name = self.config.get("torch_dtype") or self.config.get("dtype") or "float32"
+        dtype = getattr(torch, str(name), None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def describe(spec, head: str | None = None, vocab_size: int | None = None) -> ModelSource:
+    """A checkpoint directory or a model.PRESETS name (vocab_size overrides a preset's). head None
+    keeps the checkpoint's own; a score checkpoint never loads as an LM."""
+    spec = str(spec)
+    if Path(spec).is_dir():
+        args, saved_head, config = read_config(spec)
+        head = head or saved_head
+        if saved_head == "score" and head == "lm":
+            raise ValueError(f"{spec} holds a score model; an LM (policy) was expected")
+        return ModelSource(spec, args, head, saved_head, config)
+    if spec not in PRESETS:
+        raise FileNotFoundError(f"{spec}: no such checkpoint directory (the path does not exist), nor a model "
+                                f"preset ({', '.join(PRESETS)})")
+    args = ModelArgs.from_name(spec, **({"vocab_size": vocab_size} if vocab_size else {}))
+    return ModelSource(spec, args, head or "lm", None, {})
+
+
+def full_state_dict(src: ModelSource, seed: int = 0, path=None) -> dict[str, torch.Tensor]:
+    """Every tensor of the model `src` describes, keyed by our names: read from `path` (default:
+    src's directory), or fresh from `init_weights(seed)` for a preset. A fresh score head is
+    seeded too (the same on every rank and in every run); with tied embeddings `output.weight`
+    is the embedding tensor itself."""
+    path = path or src.path
+    if path is None:
+        with torch.device("cpu"):
+            fresh = Transformer(src.args, head=src.head)
+        fresh.init_weights(seed=seed)
+        return fresh.state_dict()
+    state = _read_safetensors(Path(path), src.args, src.head, src.saved_head)
+    if src.fresh_score_head:
+        generator = torch.Generator().manual_seed(seed)
+        state["score_head.weight"] = torch.randn(1, src.args.dim, generator=generator) * 0.02
+        state["score_head.bias"] = torch.zeros(1)
+    if src.args.tie_embeddings and src.head == "lm":
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return state
+
+
+def expected_tensors(args: ModelArgs, head: str) -> dict[str, tuple[str, tuple]]:
+    """Hugging Face name -> (our name, shape) for every tensor a checkpoint of this model holds."""
+    with torch.device("meta"):
+        model = Transformer(args, head=head)
+    tensors = {hf_name(k): (k, tuple(v.shape)) for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def _read_safetensors(path: Path, args: ModelArgs, head: str, saved_head: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, keyed by our names, each checked against the shape
+    config.json implies (errors name the file and the key)."""
+    wanted = expected_tensors(args, head)
+    if head != saved_head:  # LM checkpoint -> score model: the new head is not in the file
+        wanted = {k: v for k, v in wanted.items() if not k.startswith("score_head")}
+    state, where = {}, {}
+    for file in _safetensors_files(path):
+        try:
+            reader = safe_open(file, framework="pt")
+        except Exception as e:  # truncated or corrupted: safetensors' own message does not name the file
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        with reader as f:
+            for key in f.keys():
+                if key in wanted:
+                    try:
+                        tensor = f.get_tensor(key)
+                    except Exception as e:
+                        raise ValueError(f"{file}: tensor {key!r} cannot be read ({e})") from None
+                    ours, shape = wanted[key]
+                    if tuple(tensor.shape) != shape:
+                        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                         f"expected {shape} from config.json")
+                    state[ours], where[key] = tensor, file
+                elif "rotary_emb" in key or key == "lm_head.weight" and head == "score":
+                    continue  # old checkpoints store RoPE tables; a score model drops the LM head
+                else:
+                    raise ValueError(f"{file}: unexpected tensor {key!r} for a {head} model of this config")
+    missing = [k for k in wanted if k not in where]
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise KeyError(f"checkpoint {path} is missing tensor(s) {listed}")
+    return state
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is malformed: {e}") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} is listed in {index} but missing")
+        return files
+    if single.is_file():
+        return [single]
+    if list(path.glob("*.bin")) or list(path.glob("*.pth")):
+        raise ValueError(f"{path} holds only pickle weights (.bin/.pth); convert them to safetensors "
+                         "(loading pickles could run arbitrary code)")
+    raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 2**30,
+                    extra_config: dict | None = None, extra_files=()):
+    """Write config.json and safetensors in Hugging Face's LLaMA layout, sharded above
+    max_shard_size bytes, atomically, with `extra_files` (e.g. the tokenizer) copied in.
+
+    Works on a plain module and on an FSDP2-sharded one: every rank must call it (gathering a
+    DTensor is a collective); only rank 0 writes, and only rank 0 keeps a host copy."""
+    state, main = {}, _rank() == 0
+    for name, tensor in model.state_dict().items():
+        if model.args.tie_embeddings and name == "output.weight":
+            continue
+        if hasattr(tensor, "full_tensor"):  # DTensor under FSDP2: all ranks gather, one tensor at a time
+            tensor = tensor.full_tensor()
+        if not main:  # 8 full copies of a 7B model would not fit in one host's memory
+            continue
+        state[hf_name(name)] = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()
+    if not main:
+        return
+    config = hf_config(model.args, model.head, next(iter(state.values())).dtype)
+    if model.head == "score" and model.score_stats is not None:
+        config["score_stats"] = model.score_stats
+    config.update(extra_config or {})
+    with atomic_directory(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _write_safetensors(tmp, state, max_shard_size)
+        for f in extra_files:
+            shutil.copy(f, tmp / Path(f).name)
+
+
+def _write_safetensors(directory: Path, state: dict, max_shard_size: int):
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / name, metadata={"format": "pt"})
+        for key, tensor in shard.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes: what is on disk is the old version or the new one, never half of one
+
+
+def fsync_tree(directory: Path):
+    """Every file below `directory` on disk (before a rename makes them visible)."""
+    for f in sorted(Path(directory).rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+class atomic_directory:
+    """`with atomic_directory(path) as tmp:` write into tmp; on success tmp replaces path.
+
+    A crash while writing leaves the old directory untouched (and a stray `.tmp-*` sibling). An
+    existing `path` is first renamed to `.old-*`, so between the two renames (microseconds) only
+    that sibling holds the old version; training checkpoints avoid even that
+    by writing a new directory per step and switching a `latest` file (checkpoint.py)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.parent / f".tmp-{self.path.name}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        fsync_tree(self.tmp)
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".old-{self.path.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, old)
+        os.rename(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def atomic_write(path, content: str | bytes):
+    """Replace one file at once (write a sibling, fsync, rename over), creating its directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
