@@ -25,12 +25,13 @@ in each cell is printed and written to <out>/arena.json.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
 import training
-from data.judge import judge
+from data.judge import identify_task, judge
 from data.loaders import collate_prompts, load_eval_prompts, load_prompts, tokenize_prompts
 from data.synthetic import ensure_synthetic
 from data.tokenizer import Tokenizer
@@ -38,9 +39,10 @@ from model import Transformer, end_scores, generation_mask
 
 
 @torch.no_grad()
-def sample_answers(policy, tok, prompts, *, batch_size, max_new_tokens, temperature, top_p, seed, device):
+def sample_answers(policy, tok, prompts, *, batch_size, max_new_tokens, temperature, top_p, seed, device,
+                   template="safe_rlhf"):
     """Greedy (temperature 0) or sampled answers: (texts, sequences and masks per batch, lengths, truncated flags)."""
-    ids, _ = tokenize_prompts(tok, prompts, max_length=10_000, log=None)
+    ids, _ = tokenize_prompts(tok, prompts, max_length=10_000, log=None, template=template)
     g = torch.Generator(device=device).manual_seed(seed)
     texts, batches, lengths, truncated = [], [], [], []
     for i in range(0, len(ids), batch_size):
@@ -104,6 +106,20 @@ def print_arena(result, baseline, candidate):
         print(row)
 
 
+def shared_template(*paths) -> str:
+    """The conversation template the checkpoints were trained with (config.json's "template"): the
+    prompts are encoded with it. Checkpoints trained with different templates are refused."""
+    found = {}
+    for path in (p for group in paths for p in ([group] if isinstance(group, str) else group or []) if p):
+        config = Path(path) / "config.json"
+        if config.is_file():
+            found[path] = json.loads(config.read_text()).get("template", "safe_rlhf")
+    if len(set(found.values())) > 1:
+        raise ValueError("the checkpoints were trained with different templates: "
+                         + ", ".join(f"{p}: {t}" for p, t in found.items()))
+    return next(iter(found.values()), "safe_rlhf")
+
+
 def report_json(path, obj):
     training.write_json(path, obj)
     print(f"\nwrote {path}")
@@ -150,7 +166,8 @@ def main(argv=None):
                              "FILE:N or FILE:0.1 takes a seeded sample (default: the synthetic held-out prompts)")
     parser.add_argument("--synthetic-dir", default="out/synthetic", help="where the synthetic task lives (generated if missing)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic task")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one beside the first model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model or a directory "
+                                                          "(default: the one beside the first model)")
     parser.add_argument("--max-new-tokens", type=training.positive(int), default=48, help="answer length limit")
     parser.add_argument("--temperature", type=float, default=1.0, help="1.0 = the policy's own distribution, as PPO samples it (default); 0 = greedy")
     parser.add_argument("--samples-per-prompt", type=training.positive(int), default=4, help="answers sampled per prompt (rates are over all of them)")
@@ -176,8 +193,14 @@ def main(argv=None):
     if any(r["harmful"] is None for r in rows):
         raise ValueError(f"{prompts_path}: the judge's metrics need a 'harmful' field on every prompt; "
                          "for unlabelled prompts (a red-team set) compare policies with --arena")
+    unknown = [r["prompt"] for r in rows if identify_task(r["prompt"]) is None]
+    if unknown:  # the judge's rules are the embedded task's; on other prompts its verdicts mean nothing
+        raise ValueError(f"{prompts_path}: {len(unknown)} of {len(rows)} prompts are not the embedded task's "
+                         f"(e.g. {unknown[0][:60]!r}): the ground-truth judge cannot score them; compare policies "
+                         "with --arena (reward and cost models as judges)")
     rows = [r for r in rows for _ in range(args.samples_per_prompt if args.temperature > 0 else 1)]
-    tok = Tokenizer(args.tokenizer or Path(args.models[0]) / "tokenizer.model")
+    tok = Tokenizer(args.tokenizer or args.models[0])
+    template = shared_template(args.models, args.reward_model, args.cost_model)
     scorers = {name: Transformer.from_pretrained(path, dtype=args.dtype, device=args.device).eval()
                for name, path in (("reward", args.reward_model), ("cost", args.cost_model)) if path}
     for name, scorer in scorers.items():
@@ -191,7 +214,7 @@ def main(argv=None):
         training.check_vocab(policy, tok, path)
         texts, batches, lengths, truncated = sample_answers(
             policy, tok, [r["prompt"] for r in rows], batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device)
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device, template=template)
         metrics = synthetic_metrics(rows, texts, lengths, truncated)
         for name, scorer in scorers.items():
             metrics[f"mean_{name}"] = float(answer_scores(scorer, batches).mean())
@@ -224,7 +247,8 @@ def run_arena(args, prompts_path):
     training.require_examples(prompts, f"prompts in {prompts_path}")
     prompts = [p for p in prompts for _ in range(args.samples_per_prompt if args.temperature > 0 else 1)]
     baseline, candidate = args.arena
-    tok = Tokenizer(args.tokenizer or Path(baseline) / "tokenizer.model")
+    tok = Tokenizer(args.tokenizer or baseline)
+    template = shared_template(args.arena, args.reward_model, args.cost_model)
     scorers = [Transformer.from_pretrained(m, dtype=args.dtype, device=args.device).eval() for m in (args.reward_model, args.cost_model)]
     for scorer, path, name in zip(scorers, (args.reward_model, args.cost_model), ("reward", "cost")):
         training.check_score_model(scorer, path, name)
@@ -233,7 +257,7 @@ def run_arena(args, prompts_path):
         policy = Transformer.from_pretrained(path, dtype=args.dtype, device=args.device).eval()
         _, batches, _, _ = sample_answers(policy, tok, prompts, batch_size=args.batch_size,
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, seed=args.seed, device=args.device)
+                                          top_p=args.top_p, seed=args.seed, device=args.device, template=template)
         del policy
         scores[path] = [answer_scores(scorer, batches) for scorer in scorers]
     result = arena(*scores[baseline], *scores[candidate])
@@ -244,4 +268,4 @@ def run_arena(args, prompts_path):
 
 
 if __name__ == "__main__":
-    main()
+    training.run(main)

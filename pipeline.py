@@ -3,6 +3,7 @@ PPO-Lagrangian -> evaluation.
 
     python pipeline.py                                   # embedded synthetic task, tiny LLaMA, CPU
     python pipeline.py --algos ppo_lag ppo reward_shaping:1 reward_shaping:4   # with the baselines
+    python pipeline.py --algos ppo_lag ppo_lag:pid          # lambda by SGD (the authors') and by PID
     python pipeline.py --launcher "torchrun --nproc_per_node=8" --model /models/llama-7b \
         --sft-data alpaca.json --preference-data pku/train.jsonl --preference-eval-data pku/test.jsonl \
         --prompts pku/train.jsonl --eval-prompts red_team.jsonl --out runs/7b
@@ -22,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import training
+from data.judge import identify_task
 from data.loaders import load_eval_prompts
 
 ROOT = Path(__file__).resolve().parent
@@ -44,7 +47,8 @@ def main(argv=None):
     a("--prompts", default=None, help="PPO prompts (default: synthetic)")
     a("--eval-prompts", default=None, help="JSONL with 'prompt' and 'harmful' for evaluate.py (default: synthetic held-out prompts)")
     a("--algos", nargs="+", default=["ppo_lag"],
-      help="PPO runs: ppo_lag, ppo, reward_shaping:LAMBDA (each goes to <out>/<name>)")
+      help="PPO runs: ppo_lag, ppo_lag:RULE (a --lambda-update rule: sgd, pid), ppo, reward_shaping:LAMBDA "
+           "(each goes to <out>/<name>: ppo_lag, ppo_lag_pid, ppo, reward_shaping_1, ...)")
     a("--synthetic-dir", default=None, help="where the synthetic task is generated (default: <out>/synthetic)")
     a("--seed", type=int, default=0, help="training seed of every stage (the synthetic task keeps seed 0)")
     a("--sft-args", default="", help="extra flags for sft.py")
@@ -57,10 +61,30 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     out = Path(args.out)
-    algos = [spec.partition(":")[::2] for spec in args.algos]  # checked now, not after hours of SFT
-    for spec, (algo, lam) in zip(args.algos, algos):
-        if algo not in ("ppo_lag", "ppo", "reward_shaping") or (algo == "reward_shaping") != bool(lam):
-            sys.exit(f"--algos: {spec!r} is not ppo_lag, ppo or reward_shaping:LAMBDA")
+    runs = {}  # <out>/<name> -> (--algo, extra ppo_lag.py flags); checked now, not after hours of SFT
+    for spec in args.algos:
+        algo, _, option = spec.partition(":")
+        if algo == "ppo_lag" and option in ("", "sgd"):
+            runs["ppo_lag"] = (algo, [])
+        elif algo == "ppo_lag" and option == "pid":
+            runs["ppo_lag_pid"] = (algo, ["--lambda-update", "pid"])
+        elif algo == "ppo" and not option:
+            runs["ppo"] = (algo, [])
+        elif algo == "reward_shaping" and option.replace(".", "", 1).isdigit():
+            runs[f"reward_shaping_{option}"] = (algo, ["--lambda-init", option])
+        else:
+            sys.exit(f"--algos: {spec!r} is not ppo_lag, ppo_lag:pid, ppo or reward_shaping:LAMBDA")
+    # The ground-truth judge knows only the embedded task: real data is evaluated on prompts the user
+    # gives, by the judge only if they are the task's own (labelled), else by the arena.
+    if any((args.sft_data, args.preference_data, args.prompts)) and not args.eval_prompts:
+        sys.exit("real data needs --eval-prompts: a JSONL of prompts for the paper's arena (the reward and cost "
+                 "models judge the SFT policy against each aligned one); the ground-truth judge only knows the "
+                 "embedded synthetic task")
+    judged = args.eval_prompts is None or all(r["harmful"] is not None and identify_task(r["prompt"]) is not None
+                                              for r in load_eval_prompts(args.eval_prompts, log=None)[0])
+    if not judged:
+        print(f"evaluation: {args.eval_prompts} is not the embedded task's labelled prompts, so the "
+              "ground-truth judge cannot score it: the arena only (reward and cost models as judges)", flush=True)
     launcher = shlex.split(args.launcher) or [sys.executable]
     seed = ["--seed", str(args.seed)]
     synthetic = ["--synthetic-dir", args.synthetic_dir or str(out / "synthetic")]
@@ -102,27 +126,22 @@ def main(argv=None):
         score_models[objective] = product
 
     policies = {"sft": sft_model}
-    for algo, lam in algos:
-        name = algo if not lam else f"reward_shaping_{lam}"
+    for name, (algo, extra) in runs.items():
         flags = ["--algo", algo, "--actor", str(sft_model), "--reward-model", str(score_models["reward"]),
                  "--cost-model", str(score_models["cost"]), "--out", str(out / name), *synthetic, *seed,
                  *data_flag("--prompts", args.prompts), *data_flag("--ptx-data", args.sft_data),  # PTX: the SFT data
-                 *shlex.split(args.ppo_args)]
-        if lam:
-            flags += ["--lambda-init", lam]
+                 *shlex.split(args.ppo_args), *extra]
         stage(name, "ppo_lag.py", flags, out / name / "actor")
         policies[name] = out / name / "actor"
 
     eval_flags = ["--reward-model", str(score_models["reward"]), "--cost-model", str(score_models["cost"]),
                   *synthetic, *data_flag("--prompts", args.eval_prompts), "--show", "0", *shlex.split(args.eval_args)]
-    labelled = args.eval_prompts is None or all(r["harmful"] is not None
-                                                for r in load_eval_prompts(args.eval_prompts, log=None)[0])
-    if args.arena or not labelled:
+    if args.arena or not judged:
         for name, path in policies.items():
             if name != "sft":
                 print(f"== arena: sft vs {name}", flush=True)
                 run_eval(["--arena", str(sft_model), str(path), "--out", str(out / "arena" / name), *eval_flags])
-    if not labelled:
+    if not judged:
         return None
 
     print("== evaluate", flush=True)
@@ -142,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    training.run(main)

@@ -1,11 +1,13 @@
 """Figures (PNG; matplotlib is an optional dependency: pip install matplotlib).
 
     python plots.py curves out/ppo_lag/log.jsonl --out out/ppo_lag/curves.png
+    python plots.py curves out/ppo_lag/log.jsonl out/ppo_lag_pid/log.jsonl --out lambda.png   # overlaid
     python plots.py plane runs/seed*/eval/eval.json --out bench/plane.png
     python plots.py table runs/seed*/eval/eval.json          # markdown table, mean +- std over files
 
-curves: a PPO-Lagrangian run's reward, cost, lambda and J_C - threshold per iteration (and, on
-the synthetic task, the ground-truth harmful rate and helpfulness of its rollouts).
+curves: PPO-Lagrangian runs' reward, cost, lambda and J_C - threshold per iteration (and, on
+the synthetic task, the ground-truth harmful rate and helpfulness of their rollouts), one line per
+log.jsonl given.
 plane:  the helpfulness-harmlessness plane of the paper's comparison: one point per policy
 (SFT, PPO, reward shaping at each fixed lambda, PPO-Lagrangian), averaged over the eval.json
 files given (one per seed), with error bars of one standard deviation.
@@ -57,28 +59,32 @@ def markdown_table(eval_files, columns=("harmful_rate", "helpfulness", "over_ref
     return "\n".join(lines)
 
 
-def plot_curves(log_file, out):
+def plot_curves(log_files, out):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
+    runs = {"/".join(Path(f).parent.parts[-2:]): [json.loads(line) for line in Path(f).read_text().splitlines()
+                                                  if line.strip()] for f in log_files}
+    first = next(iter(runs.values()))
     panels = [("reward", "reward (end score)"), ("cost", "cost (end score)"), ("lambda", "lambda"),
               ("constraint_violation", "J_C - threshold")]
-    if "true_harmful_rate" in rows[0]:
+    if "true_harmful_rate" in first[0]:
         panels += [("true_harmful_rate", "harmful rate (ground truth)"), ("true_helpfulness", "helpfulness (ground truth)")]
     fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(10, 2.6 * (len(panels) // 2)), sharex=True)
     for ax, (key, title) in zip(axes.flat, panels):
-        ax.plot(steps, [r[key] for r in rows], lw=1.2)
+        for name, rows in runs.items():
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=1.2, label=name)
         if key == "constraint_violation":
             ax.axhline(0.0, color="k", lw=0.8, ls="--")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("iteration")
-    fig.suptitle(f"{Path(log_file).parent.name}: PPO-Lagrangian training curves")
+    if len(runs) > 1:
+        axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{', '.join(runs) if len(runs) < 4 else f'{len(runs)} runs'}: PPO-Lagrangian training curves")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
@@ -94,7 +100,8 @@ def plot_plane(eval_files, out):
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for name, metrics in table.items():
         (hx, sx), (hy, sy) = mean_std([1 - v for v in metrics["harmful_rate"]]), mean_std(metrics["helpfulness"])
-        style = {"sft": ("k", "s"), "ppo": ("tab:red", "o"), "ppo_lag": ("tab:green", "*")}.get(
+        style = {"sft": ("k", "s"), "ppo": ("tab:red", "o"), "ppo_lag": ("tab:green", "*"),
+                 "ppo_lag_pid": ("tab:olive", "*")}.get(
             name, ("tab:blue", "^"))
         ax.errorbar(hx, hy, xerr=sx, yerr=sy, color=style[0], marker=style[1], ms=11 if style[1] == "*" else 7,
                     capsize=3, ls="none")
@@ -120,7 +127,7 @@ def main(argv=None):
         return
     out = args.out or str(Path(args.inputs[0]).with_name(f"{args.kind}.png"))
     if args.kind == "curves":
-        plot_curves(args.inputs[0], out)
+        plot_curves(args.inputs, out)
     else:
         plot_plane(args.inputs, out)
 

@@ -225,7 +225,7 @@ class PIDLambda(LambdaRule):
     def add_args(cls, parser):
         a = parser.add_argument
         a("--pid-kp", type=training.non_negative, default=1.0, help="PID lambda: proportional gain Kp")
-        a("--pid-ki", type=training.non_negative, default=0.1, help="PID lambda: integral gain Ki (per iteration)")
+        a("--pid-ki", type=training.non_negative, default=0.5, help="PID lambda: integral gain Ki (per iteration)")
         a("--pid-kd", type=training.non_negative, default=1.0, help="PID lambda: derivative gain Kd")
         a("--pid-d-delay", type=training.positive(int), default=4, help="PID lambda: iterations the derivative spans")
         a("--pid-p-ema", type=training.fraction, default=0.0, help="PID lambda: EMA factor a_p of the proportional error (0: none)")
@@ -555,7 +555,8 @@ def diagnostics(rollouts: list[Rollout], args, d, tok, judge=None) -> dict:
         for r in rollouts:
             start = int((r.action_mask.sum(0) == 0).cumprod(0).sum()) + 1  # first response column
             for row in range(r.sequences.shape[0]):
-                verdicts.append(judge(tok.decode(r.sequences[row, :start]), tok.decode(r.sequences[row, start:])))
+                verdicts.append(judge(tok.decode(r.sequences[row, :start], stop_at_eos=False),
+                                      tok.decode(r.sequences[row, start:])))
         harmful = [v for v in verdicts if v["prompt_harmful"]]
         benign = [v for v in verdicts if v["prompt_harmful"] is False]
         metrics["true_harmful_rate"] = float(d.all_reduce_sum(sum(v["harmful"] for v in harmful))) / max(
@@ -645,9 +646,10 @@ def load_data(args, d) -> PPOData:
         from data.judge import judge
     else:
         prompt_spec, synthetic_tokenizer, ptx_spec = args.prompts, None, args.ptx_data
-    tok = Tokenizer(training.resolve_tokenizer(args, args.actor, synthetic_tokenizer))
+    training.check_template(args, args.actor, args.reward_model, args.cost_model)
+    tok = training.load_tokenizer(args, args.actor, synthetic_tokenizer, d)
     prompts, _ = load_prompts(prompt_spec, seed=args.seed, log=d.print)
-    prompt_set, _ = tokenize_prompts(tok, prompts, args.max_length, log=d.print)
+    prompt_set, _ = tokenize_prompts(tok, prompts, args.max_length, log=d.print, template=args.template)
     training.require_examples(prompt_set, "prompts", args.batch_size, d.print)
     ptx_set = None
     if args.ptx_coeff > 0:
@@ -655,7 +657,7 @@ def load_data(args, d) -> PPOData:
             raise ValueError(f"--ptx-coeff {args.ptx_coeff} (the authors' recipe on real data) needs --ptx-data "
                              "(SFT files, e.g. sft.py's --data), or pass --ptx-coeff 0")
         ptx_set, _ = tokenize_sft(tok, load_sft(ptx_spec, seed=args.seed, log=d.print)[0],
-                                  args.max_length + args.max_new_tokens, log=d.print)
+                                  args.max_length + args.max_new_tokens, log=d.print, template=args.template)
         training.require_examples(ptx_set, "PTX dialogues")
     return PPOData(tok, prompt_set, ptx_set, judge)
 
@@ -740,11 +742,11 @@ def main(argv=None):
     logger.close()
 
     # -- save: the aligned policy -----------------------------------------------------------------
-    final = training.save_final(models.actor, args.out, d, name="actor", files_to_copy=[data.tok.path])
+    final = training.save_final(models.actor, args.out, d, data.tok, args.template, name="actor")
     d.print(f"ppo_lag ({args.algo}): {'already complete' if start_step >= total_steps else 'done'}; actor in {final}"
             + (f"; lambda {multiplier.value:.3f}" if args.algo == "ppo_lag" else ""))
     training.teardown_distributed(d)
 
 
 if __name__ == "__main__":
-    main()
+    training.run(main)

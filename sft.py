@@ -20,7 +20,6 @@ import torch
 import training
 from checkpoint import Checkpointer
 from data.loaders import collate_sft, load_sft, tokenize_sft
-from data.tokenizer import Tokenizer
 
 # Flags left at None take a recipe: TINY for the embedded task (no --data), AUTHORS (the Safe
 # RLHF authors' LLaMA-7B script) for real data.
@@ -69,11 +68,12 @@ def main(argv=None):
         train_spec, eval_spec, synthetic_tokenizer = task.sft_train, task.sft_eval, task.tokenizer
     else:
         train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
-    tok = Tokenizer(training.resolve_tokenizer(args, args.model, synthetic_tokenizer))
+    training.check_template(args, args.model)
+    tok = training.load_tokenizer(args, args.model, synthetic_tokenizer, d)
     train_examples, eval_examples = training.load_train_eval(load_sft, train_spec, eval_spec, args.eval_fraction,
                                                              args.seed, d.print)
-    train_set, _ = tokenize_sft(tok, train_examples, args.max_length, log=d.print)
-    eval_set, _ = tokenize_sft(tok, eval_examples, args.max_length, log=d.print)
+    train_set, _ = tokenize_sft(tok, train_examples, args.max_length, log=d.print, template=args.template)
+    eval_set, _ = tokenize_sft(tok, eval_examples, args.max_length, log=d.print, template=args.template)
     training.require_examples(train_set, "training dialogues", args.batch_size, d.print)
     collate = partial(collate_sft, pad_id=tok.pad_id)
     total_steps = args.max_steps or training.steps_for_epochs(len(train_set), args.batch_size, args.epochs)
@@ -133,10 +133,10 @@ def main(argv=None):
     logger.close()
 
     # -- save: the model the next stages start from ----------------------------------------------
-    final = training.save_final(model, args.out, d, files_to_copy=[tok.path])
+    final = training.save_final(model, args.out, d, tok, args.template)
     d.print(f"sft: {'already complete' if start_step >= total_steps else 'done'}; model in {final}")
     training.teardown_distributed(d)
 
 
 if __name__ == "__main__":
-    main()
+    training.run(main)

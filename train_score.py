@@ -26,7 +26,6 @@ import training
 from checkpoint import Checkpointer
 from data.loaders import (collate_cost_pairs, collate_reward_pairs, cost_pairs, load_preferences, reward_pairs,
                           tokenize_cost_pairs, tokenize_reward_pairs)
-from data.tokenizer import Tokenizer
 from model import end_scores
 
 TINY = dict(
@@ -85,7 +84,7 @@ class Objective:
     second: str
     drop_inconsistent: bool  # skip PKU rows whose safety labels contradict safer_response_id
     make_pairs: Callable  # preference rows -> pairs
-    tokenize: Callable  # (tok, pairs, max_length, log) -> (tokenized pairs, stats)
+    tokenize: Callable  # (tok, pairs, max_length, log, template) -> (tokenized pairs, stats)
     collate: Callable  # (tokenized pairs, pad_id) -> batch dict
     loss: Callable  # (first scores, second scores, batch, mu) -> summed loss over the pairs
     correct: Callable  # (first, second) -> [B] bool: the pair is ordered as labelled
@@ -177,12 +176,15 @@ def main(argv=None):
         train_spec, eval_spec, synthetic_tokenizer = task.preference_train, task.preference_eval, task.tokenizer
     else:
         train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
-    tok = Tokenizer(training.resolve_tokenizer(args, args.model, synthetic_tokenizer))
+    training.check_template(args, args.model)
+    tok = training.load_tokenizer(args, args.model, synthetic_tokenizer, d)
     load_rows = partial(load_preferences, drop_inconsistent=objective.drop_inconsistent)
     train_rows, eval_rows = training.load_train_eval(load_rows, train_spec, eval_spec, args.eval_fraction,
                                                      args.seed, d.print)
-    train_set, _ = objective.tokenize(tok, objective.make_pairs(train_rows), args.max_length, log=d.print)
-    eval_set, _ = objective.tokenize(tok, objective.make_pairs(eval_rows), args.max_length, log=d.print)
+    train_set, _ = objective.tokenize(tok, objective.make_pairs(train_rows), args.max_length, log=d.print,
+                                      template=args.template)
+    eval_set, _ = objective.tokenize(tok, objective.make_pairs(eval_rows), args.max_length, log=d.print,
+                                     template=args.template)
     training.require_examples(train_set, "training pairs", args.batch_size, d.print)
     training.require_examples(eval_set, "held-out pairs (the score statistics that PPO's threshold is read from need them)")
     collate = partial(objective.collate, pad_id=tok.pad_id)
@@ -238,11 +240,11 @@ def main(argv=None):
                          **{k.removeprefix("eval_score_"): v for k, v in eval_result.items() if k.startswith("eval_score_q")}}
     if d.is_main:
         training.write_json(f"{args.out}/eval.json", eval_result)
-    final = training.save_final(model, args.out, d, files_to_copy=[tok.path])
+    final = training.save_final(model, args.out, d, tok, args.template)
     d.print(f"{args.objective} model: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_result.items()))
     d.print(f"train_score: {'already complete' if start_step >= total_steps else 'done'}; model in {final}")
     training.teardown_distributed(d)
 
 
 if __name__ == "__main__":
-    main()
+    training.run(main)

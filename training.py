@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 import hf_io
 from data.loaders import split_train_eval
+from data.tokenizer import TEMPLATES, Tokenizer, encode_prompt, find_tokenizer_file
 from model import PRESETS, Transformer
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +75,11 @@ def add_common_args(parser, out: str):
     """Flags shared by the stage scripts. Those defaulting to None take the script's recipe."""
     a = parser.add_argument
     a("--out", default=out, help="output dir: log.jsonl, checkpoints/, the final model")
-    a("--tokenizer", default=None, help="tokenizer.model (default: the one beside --model, else the synthetic task's)")
+    a("--tokenizer", default=None, help="tokenizer.json / tokenizer.model or a directory (default: the one beside the "
+                                        "model, else the synthetic task's)")
+    a("--template", choices=TEMPLATES, default="safe_rlhf",
+      help="conversation template: safe_rlhf (the authors': BEGINNING OF CONVERSATION: USER: ... ASSISTANT:) or chat "
+           "(the checkpoint's own chat template from tokenizer_config.json, rendered with jinja2)")
     a("--synthetic-dir", default="out/synthetic", help="where the embedded synthetic task is generated (if missing)")
     a("--data-seed", type=int, default=0, help="seed of the synthetic task (the same task for every training seed)")
     a("--epochs", type=positive(float), default=None, help="passes over the training data")
@@ -112,27 +117,76 @@ def show_recipes(parser, tiny: dict, authors: dict, notes: dict | None = None):
 
 
 def apply_recipe(args, recipe: dict):
-    """Fill the flags left at None from the recipe (the tiny CPU one or the authors' 7B one)."""
+    """Fill the flags left at None from the recipe (the tiny CPU one or the authors' 7B one), then
+    check the batch flags against the number of ranks: before any data or model is loaded."""
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % (args.micro_batch_size * world):
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} rank(s)")
     return args
 
 
-def resolve_tokenizer(args, model_path: str, synthetic_tokenizer) -> Path:
-    """--tokenizer (a tokenizer.model, or a directory holding one), else the one beside the model,
-    else the synthetic task's."""
+def run(main):
+    """Run a script's main(). An expected user error (a bad flag, file, data line, checkpoint:
+    ValueError, KeyError, FileNotFoundError, ... raised by this project's own code, whose message
+    names the culprit and the fix) prints that message once (rank 0) and exits with status 2; an
+    error raised inside a library (a bug, ours or theirs) keeps its traceback, as does every error
+    with SAFE_RLHF_DEBUG=1."""
+    try:
+        main()
+    except (ValueError, KeyError, OSError, FloatingPointError, RuntimeError) as error:
+        if os.environ.get("SAFE_RLHF_DEBUG", "0") not in ("", "0") or not _raised_here(error):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            message = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+            print(f"error: {message}\n(SAFE_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether the frame that raised `error` is this project's code (not a library's)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    file = Path(tb.tb_frame.f_code.co_filename).resolve()
+    root = Path(__file__).resolve().parent
+    return file.is_relative_to(root) and "site-packages" not in file.parts
+
+
+def load_tokenizer(args, model_path: str, synthetic_tokenizer, d: "Dist") -> Tokenizer:
+    """--tokenizer (a tokenizer.json / tokenizer.model, or a directory), else the one beside the
+    model, else the synthetic task's; checked against --template (the chat template needs one)."""
     if not Path(model_path).is_dir() and model_path not in PRESETS:
         raise FileNotFoundError(f"{model_path}: no such checkpoint directory (nor a preset: {', '.join(PRESETS)})")
-    path = args.tokenizer
-    if path is not None and Path(path).is_dir():
-        path = Path(path) / "tokenizer.model"
-    if path is None and Path(model_path).is_dir() and (Path(model_path) / "tokenizer.model").is_file():
-        path = Path(model_path) / "tokenizer.model"
-    path = path or synthetic_tokenizer
-    if path is None or not Path(path).is_file():
-        raise FileNotFoundError(f"no tokenizer found (looked for {path}); pass --tokenizer")
-    return Path(path)
+    if args.tokenizer is not None:
+        path = find_tokenizer_file(args.tokenizer)
+    elif Path(model_path).is_dir() and any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        path = find_tokenizer_file(model_path)
+    elif synthetic_tokenizer is not None:
+        path = Path(synthetic_tokenizer)
+    else:
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {model_path}; pass --tokenizer")
+    tok = Tokenizer(path)
+    encode_prompt(tok, "x", args.template)  # a chat template without jinja2 or a template fails here, not later
+    d.print(f"tokenizer: {tok.describe()}; template {args.template}")
+    return tok
+
+
+def check_template(args, *checkpoints):
+    """Every model of a run must share one conversation template: a policy trained on the chat
+    template and scored by models trained on the authors' one would be judged on text it never writes."""
+    for path in checkpoints:
+        config = Path(path) / "config.json"
+        if config.is_file():
+            trained_with = json.loads(config.read_text()).get("template", "safe_rlhf")
+            if trained_with != args.template:
+                raise ValueError(f"{path} was trained with --template {trained_with}; pass --template {trained_with} "
+                                 f"(now {args.template})")
 
 
 def check_vocab(model: Transformer, tok, path):
@@ -551,10 +605,11 @@ def write_json(path, obj):
     hf_io.atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_final(model, out_dir, d: Dist, name: str = "model", files_to_copy=()):
-    """The stage's product: an HF-format directory <out>/<name> (atomic), with e.g. the tokenizer
-    copied beside the weights so the next stage needs one path."""
+def save_final(model, out_dir, d: Dist, tok: Tokenizer, template: str, name: str = "model"):
+    """The stage's product: an HF-format directory <out>/<name> (atomic), with the tokenizer's files
+    (and its special-token and generation configs) beside the weights, so the next stage, or
+    transformers, needs one path; config.json records the conversation template."""
     target = Path(out_dir) / name
-    model.save_pretrained(target, extra_files=files_to_copy)
+    model.save_pretrained(target, extra_files=tok.files, extra_config={"template": template})
     d.barrier()
     return target

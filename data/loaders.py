@@ -102,10 +102,23 @@ def cost_pairs(preferences: Sequence[PreferenceExample]) -> list[CostPair]:
 # reading files
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each record of a JSONL file or a JSON array file."""
+    """(line number, object) for each record of a JSONL file, a JSON array file, or a Parquet file
+    (Hugging Face datasets' format; read with pyarrow, an optional dependency; "line" is the row
+    number, from 1)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or convert the file "
+                            "to JSONL") from None
+        try:
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow's message does not name the file
+            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+        return [(row_no, _check_object(path, row_no, row)) for row_no, row in enumerate(rows, start=1)]
     text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     if text.lstrip().startswith("["):
         return _read_json_array(path, text)
@@ -421,12 +434,12 @@ class TokenizedCostPair:
 
 
 def tokenize_sft(tok: Tokenizer, examples: Sequence[SFTExample], max_length: int,
-                 log: Log = print) -> tuple[list[TokenizedSFT], TokenStats]:
+                 log: Log = print, template: str = "safe_rlhf") -> tuple[list[TokenizedSFT], TokenStats]:
     """Template + truncation. Kept when truncated (its response tokens still teach), dropped when the
     prompt alone fills max_length."""
     stats, out = TokenStats("sft tokens", max_length, total=len(examples)), []
     for ex in examples:
-        ids, n_prompt = encode_dialogue(tok, ex.prompt, ex.response)
+        ids, n_prompt = encode_dialogue(tok, ex.prompt, ex.response, template)
         stats.longest = max(stats.longest, len(ids))
         if n_prompt >= max_length:
             stats.dropped_prompt_too_long += 1
@@ -441,9 +454,9 @@ def tokenize_sft(tok: Tokenizer, examples: Sequence[SFTExample], max_length: int
     return out, stats
 
 
-def _tokenize_answers(tok, prompt, answers, max_length, stats) -> list[list[int]] | None:
+def _tokenize_answers(tok, prompt, answers, max_length, stats, template) -> list[list[int]] | None:
     """Both answers of a pair, or None (counted) if either would not fit with its EOS."""
-    prompt_ids = encode_prompt(tok, prompt)
+    prompt_ids = encode_prompt(tok, prompt, template)
     sequences = [prompt_ids + tok.encode(answer) + [tok.eos_id] for answer in answers]
     stats.longest = max(stats.longest, *map(len, sequences))
     if len(prompt_ids) >= max_length:
@@ -456,11 +469,11 @@ def _tokenize_answers(tok, prompt, answers, max_length, stats) -> list[list[int]
 
 
 def tokenize_reward_pairs(tok: Tokenizer, pairs: Sequence[RewardPair], max_length: int,
-                          log: Log = print) -> tuple[list[TokenizedRewardPair], TokenStats]:
+                          log: Log = print, template: str = "safe_rlhf") -> tuple[list[TokenizedRewardPair], TokenStats]:
     """Pairs whose answers do not fit with their EOS are dropped: the reward is read at the EOS."""
     stats, out = TokenStats("reward pair tokens", max_length, total=len(pairs)), []
     for pair in pairs:
-        sequences = _tokenize_answers(tok, pair.prompt, (pair.better, pair.worse), max_length, stats)
+        sequences = _tokenize_answers(tok, pair.prompt, (pair.better, pair.worse), max_length, stats, template)
         if sequences:
             out.append(TokenizedRewardPair(*sequences))
     stats.kept = len(out)
@@ -470,11 +483,11 @@ def tokenize_reward_pairs(tok: Tokenizer, pairs: Sequence[RewardPair], max_lengt
 
 
 def tokenize_cost_pairs(tok: Tokenizer, pairs: Sequence[CostPair], max_length: int,
-                        log: Log = print) -> tuple[list[TokenizedCostPair], TokenStats]:
+                        log: Log = print, template: str = "safe_rlhf") -> tuple[list[TokenizedCostPair], TokenStats]:
     """As tokenize_reward_pairs, keeping each answer's safety sign."""
     stats, out = TokenStats("cost pair tokens", max_length, total=len(pairs)), []
     for pair in pairs:
-        sequences = _tokenize_answers(tok, pair.prompt, (pair.safer, pair.less_safe), max_length, stats)
+        sequences = _tokenize_answers(tok, pair.prompt, (pair.safer, pair.less_safe), max_length, stats, template)
         if sequences:
             out.append(TokenizedCostPair(*sequences, pair.safer_sign, pair.less_safe_sign))
     stats.kept = len(out)
@@ -484,12 +497,12 @@ def tokenize_cost_pairs(tok: Tokenizer, pairs: Sequence[CostPair], max_length: i
 
 
 def tokenize_prompts(tok: Tokenizer, prompts: Sequence[str], max_length: int,
-                     log: Log = print) -> tuple[list[list[int]], TokenStats]:
+                     log: Log = print, template: str = "safe_rlhf") -> tuple[list[list[int]], TokenStats]:
     """encode_prompt of each prompt; prompts longer than max_length are dropped (never cut: a cut
     prompt would lose the "ASSISTANT:" the policy answers after)."""
     stats, out = TokenStats("prompt tokens", max_length, total=len(prompts)), []
     for prompt in prompts:
-        ids = encode_prompt(tok, prompt)
+        ids = encode_prompt(tok, prompt, template)
         stats.longest = max(stats.longest, len(ids))
         if len(ids) > max_length:
             stats.dropped_prompt_too_long += 1

@@ -1,39 +1,97 @@
-"""Sentencepiece tokenizer and the Safe RLHF conversation template.
+"""Tokenizer (sentencepiece or Hugging Face tokenizer.json) and the conversation templates.
 
-A thin wrapper over sentencepiece: a real LLaMA / Llama-2 `tokenizer.model` works as is, and so does
-the one the synthetic task trains (data/synthetic.py uses LLaMA's trainer settings, so both take the
-same code path).
+One `Tokenizer` class, two backends, chosen by the file:
 
-The template (SAFE_RLHF.md):
+    tokenizer.model   sentencepiece: LLaMA / Llama-2 as Meta ships them and the synthetic task's tokenizer
+                      (data/synthetic.py uses LLaMA's trainer settings). Same ids and behaviour as before.
+    tokenizer.json    the `tokenizers` library: Llama-3/3.1/3.2 (byte-level BPE, no tokenizer.model at all) and any
+                      folder re-saved by transformers >= 5 (which writes tokenizer.json and no tokenizer.model).
+    a directory       its tokenizer.json if there is one, else its tokenizer.model. tokenizer.json is preferred
+                      because it is what transformers loads, it carries the added/special tokens a chat template
+                      writes, and for the Llama-2 folders that hold both files (saved by transformers 4) it gives
+                      sentencepiece's ids. Pass the tokenizer.model file itself to force sentencepiece.
 
-    BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>
+Special tokens come from the files beside the tokenizer, read the way transformers reads them:
+tokenizer_config.json (`bos_token`, `eos_token`, `pad_token`, `unk_token` as strings or {"content": ...} dicts;
+special_tokens_map.json overrides them only when tokenizer_config.json has no `added_tokens_decoder`, as in
+transformers), generation_config.json (`eos_token_id`, an int or a list) and the chat template
+(chat_template.jinja, else tokenizer_config.json's `chat_template`). Without these files (the synthetic task's
+directory holds only tokenizer.model) the sentencepiece model's own pieces are used, as before.
 
-with BOS in front. The prompt part and the response are encoded SEPARATELY and the ids concatenated
-(`encode_dialogue`). Why: at rollout time the policy is given exactly `encode_prompt(prompt)` and
-samples the response token by token after it, so the response can never merge with the prompt's
-last characters. Encoding the whole string at once would let sentencepiece merge across the
-boundary (":" with the first word, say), so SFT and the reward/cost models would train on a
-tokenisation the policy never produces. Encoded separately, sentencepiece's dummy prefix puts a
-word-start marker on the response's first token, which shows as one space after "ASSISTANT:" in
-decoded text; in token space the template is the same in training and in generation.
+- EOS. `eos_id` is the configured eos_token (Llama-3 instruct: <|eot_id|>; base: <|end_of_text|>), the token our
+  templates put after a response. `eos_ids` is every id that ends generation: eos_id first, then
+  generation_config's eos_token_id (Llama-3.1 instruct lists <|end_of_text|>, <|eom_id|> and <|eot_id|>).
+  `decode` stops at the first of any of them.
+- BOS. Prepended exactly when transformers' encode(text) would prepend it: the tokenizer.json post-processor
+  decides (transformers >= 5 ignores add_bos_token when there is a tokenizer.json); for a sentencepiece model,
+  tokenizer_config.json's add_bos_token, default True (LLaMA). `add_bos` says which. An EOS the post-processor
+  would append (add_eos_token) is not added: our templates put EOS only after a response.
+- Pad must differ from every EOS id: the reward and cost are read at the last non-pad token, which must be the
+  EOS. The first of these that is not an EOS id is used: the config's pad_token; the sentencepiece model's pad
+  piece; <|finetune_right_pad_id|> (Llama-3.1); the lowest <|reserved_special_token_N|> (Llama-3.0); the unk token
+  (LLaMA's tokenizer.model has no pad piece, so we pad with unk, id 0, which a well-formed prompt never
+  produces). If none exists the constructor refuses, naming the file. `decode` drops pad ids (so unk, when pad
+  is unk).
+- Special-token text. The tokenizers backend, like transformers, turns the text of a special token ("<|eot_id|>",
+  "</s>") inside a string into that token (the chat template relies on it); sentencepiece encodes it as plain text.
 
-Padding: pad must differ from eos, or the "last non-pad token" (where reward and cost are read)
-moves off the EOS. If the model defines a pad piece we use it; LLaMA's tokenizer.model has none
-(pad_id = -1), so we pad with unk (id 0), which a well-formed prompt never produces.
+Templates (`encode_prompt(tok, prompt, template)`, `encode_dialogue(tok, prompt, response, template)`):
+
+    "safe_rlhf" (default)  BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>, BOS in front when
+                           the tokenizer adds one (SAFE_RLHF.md). Same ids as before for the sentencepiece models.
+    "chat"                 the checkpoint's own chat template, rendered with jinja2 as transformers'
+                           apply_chat_template(messages=[{"role": "user", "content": prompt}],
+                           add_generation_prompt=True) renders it, and encoded as transformers tokenizes it
+                           (special tokens parsed, nothing added: the template writes its own BOS). Then
+                           {response}<eos>, eos = eos_id (for an instruct checkpoint its end-of-turn token,
+                           <|eot_id|>). Needs jinja2 and a tokenizer.json. Such a prompt holds EOS tokens itself
+                           (each turn ends with <|eot_id|>): decode it with decode(ids, stop_at_eos=False).
+                           Llama-3.1/3.2 templates print today's date (render_chat takes date_string=...), and
+                           templates trim message contents while the response is encoded as given.
+
+Why the prompt part and the response are encoded SEPARATELY and the ids concatenated (`encode_dialogue`): at
+rollout time the policy is given exactly `encode_prompt(prompt)` and samples the response token by token after it,
+so the response can never merge with the prompt's last characters. Encoding the whole string at once would let the
+tokenizer merge across the boundary (":" with the first word, say), so SFT and the reward/cost models would train
+on a tokenisation the policy never produces. With the split, the ids SFT and the score models train on are
+`encode_prompt(prompt) + encode(response) + [eos_id]`, and a rollout is `encode_prompt(prompt)` + sampled ids +
+an EOS: in token space the two are the same sequence, whichever template. For the chat template the prompt part
+is the rendered template with the generation prompt (Llama-3: "...<|start_header_id|>assistant<|end_header_id|>
+\\n\\n"), which is exactly the prefix transformers renders before an assistant message; for Llama-3 the whole
+dialogue's ids then equal apply_chat_template of the conversation with the answer as the assistant message.
+How the boundary shows in text depends on the tokenizer: sentencepiece (and Llama-2 tokenizer.json) puts a
+word-start marker on the response's first token, decoded as one space after "ASSISTANT:"; byte-level BPE
+(Llama-3) adds nothing, so the decoded text reads "ASSISTANT:Sure, ...".
+
+Leading spaces. sentencepiece prepends its word-start marker to every text, so " Sure" becomes "▁▁Sure";
+a tokenizer.json written by transformers >= 5 (Metaspace pre-tokenizer) does not double it (" Sure" -> "▁Sure"),
+and its decoder strips one leading space. For text that does not start with a space (every prompt the templates
+produce, and ordinary responses) the two give the same ids; a response that starts with a space does not. A
+Llama-2 tokenizer.json from transformers 4 (Prepend normalizer) gives sentencepiece's ids, and we follow the file
+(transformers >= 5 rebuilds LlamaTokenizer pipelines and does not).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+from datetime import datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
 PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+TEMPLATES = ("safe_rlhf", "chat")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # in order of preference within a directory
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+_RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>")
 
 
 def resolve_pad_id(pad_id: int, unk_id: int, eos_id: int) -> int:
-    """The id to pad with: the model's pad piece, else unk; never eos."""
+    """The id to pad with: the model's pad piece, else unk; never eos (the sentencepiece rule, kept for callers)."""
     chosen = pad_id if pad_id >= 0 else unk_id
     if chosen < 0:
         raise ValueError("tokenizer defines neither a pad nor an unk piece; cannot choose a pad id")
@@ -45,61 +103,354 @@ def resolve_pad_id(pad_id: int, unk_id: int, eos_id: int) -> int:
     return chosen
 
 
+def find_tokenizer_file(path: str | Path) -> Path:
+    """A tokenizer.json / tokenizer.model file as given, or the one in a directory (tokenizer.json preferred)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in TOKENIZER_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: malformed JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
+def _token_text(value, where: str) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it: a string, a {"content": ...}
+    dict (an AddedToken), or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{where}: expected a token string or {{\"content\": ...}}, got {json.dumps(value)[:60]}")
+
+
 class Tokenizer:
-    """encode/decode with BOS/EOS/PAD ids; `model_path` is a tokenizer.model or a directory holding one."""
+    """encode/decode with BOS/EOS/PAD ids. `model_path`: a tokenizer.model, a tokenizer.json, or a directory
+    holding either (tokenizer.json preferred). See the module docstring for how special tokens are chosen.
+
+    Attributes: path (the file loaded), backend ("sentencepiece" or "tokenizers"), vocab_size, bos_id (None if
+    the tokenizer has no BOS), eos_id, eos_ids, pad_id, unk_id, add_bos, files (the tokenizer files to copy next
+    to a saved model), chat_template (str or None), special_tokens (the configured special token strings, the
+    variables a chat template sees), and sp (sentencepiece) or tk (tokenizers.Tokenizer).
+    """
 
     def __init__(self, model_path: str | Path):
-        path = Path(model_path)
-        if path.is_dir():
-            path = path / "tokenizer.model"
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        path = find_tokenizer_file(model_path)
         self.path = path
+        directory = path.parent
+        self.files: list[Path] = [path] + [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
+        config_path = directory / "tokenizer_config.json"
+        config = _read_json(config_path)
+        special_map = _read_json(directory / "special_tokens_map.json")
+        generation = _read_json(directory / "generation_config.json")
+        self.chat_template: str | None = self._chat_template(directory, config, config_path)
+
+        # special token strings, as transformers' special_tokens_map has them, and the file each came from
+        tokens, source = {}, {}
+        sources = [(config_path, config)]
+        if "added_tokens_decoder" not in config:  # transformers reads special_tokens_map.json only then
+            sources.append((directory / "special_tokens_map.json", special_map))
+        for file, values in sources:
+            for key, value in values.items():
+                if key.endswith("_token") and (value is None or isinstance(value, (str, dict))):
+                    tokens[key], source[key] = _token_text(value, f"{file}, '{key}'"), file
+        self.special_tokens: dict[str, str] = {k: v for k, v in tokens.items() if v is not None}
+        where = config_path if config_path.is_file() else path  # the file the pad error names
+
+        self.sp = self.tk = None
+        if path.suffix == ".json":
+            self._load_tokenizers(path)
+        else:
+            self._load_sentencepiece(path)
+
+        def configured(key):
+            text = self.special_tokens.get(key)
+            if text is None:
+                return None
+            token_id = self._token_id(text)
+            if token_id is None and key != "pad_token":  # a pad_token outside the vocabulary is skipped
+                raise ValueError(f"{source[key]}: {key} {text!r} is not in the vocabulary of {path}")
+            return token_id
+
+        # BOS
+        bos = configured("bos_token")
+        if self.sp is not None:
+            self.bos_id = bos if bos is not None else (self.sp.bos_id() if self.sp.bos_id() >= 0 else None)
+            add_bos = config.get("add_bos_token", True)
+            if not isinstance(add_bos, bool):
+                raise ValueError(f"{config_path}: add_bos_token must be true or false")
+            self.add_bos = add_bos
+        else:
+            prefix = self._post_processor_prefix()
+            if bos is None and len(prefix) == 1:
+                bos = prefix[0]  # the post-processor adds a BOS the config does not name
+            if prefix and prefix != [bos]:
+                raise ValueError(f"{path}: the post-processor puts {prefix} before a text; only a BOS ({bos}) is supported")
+            self.bos_id, self.add_bos = bos, bool(prefix)
+
+        # EOS
+        eos = configured("eos_token")
+        generation_eos = generation.get("eos_token_id")
+        generation_eos = [] if generation_eos is None else generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        if any(type(i) is not int or not 0 <= i < self.vocab_size for i in generation_eos):
+            raise ValueError(f"{directory / 'generation_config.json'}: eos_token_id {generation.get('eos_token_id')} "
+                             f"is not an id of {path} (vocabulary {self.vocab_size})")
+        if eos is None and self.sp is not None and self.sp.eos_id() >= 0:
+            eos = self.sp.eos_id()
+        if eos is None and generation_eos:
+            eos = generation_eos[0]
+        if eos is None or (self.add_bos and self.bos_id is None):
+            raise ValueError(f"{path}: the template needs BOS and EOS pieces (bos={self.bos_id}, eos={eos}); set "
+                             "bos_token / eos_token in tokenizer_config.json")
+        self.eos_id: int = eos
+        self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys([eos] + generation_eos))
+
+        # unk and pad
+        unk = configured("unk_token")
+        if unk is None and self.sp is not None and self.sp.unk_id() >= 0:
+            unk = self.sp.unk_id()
+        if unk is None and self.tk is not None:
+            unk = self._token_id(getattr(self.tk.model, "unk_token", None) or "")
+        self.unk_id: int | None = unk
+        self.pad_id: int = self._choose_pad(configured("pad_token"), where)
+
+    # ---------------------------------------------------------------------------------------------
+    # loading
+
+    def _load_sentencepiece(self, path: Path):
+        self.backend = "sentencepiece"
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(path))
         except Exception as error:  # sentencepiece raises OSError/RuntimeError with a terse message
-            raise ValueError(f"{path} is not a valid sentencepiece model: {error}") from error
+            hint = (" (Llama-3's original/tokenizer.model is a tiktoken file: load the tokenizer.json of the model "
+                    "directory instead)" if path.parent.name == "original" else "")
+            raise ValueError(f"{path} is not a valid sentencepiece model: {error}{hint}") from error
         self.vocab_size: int = self.sp.vocab_size()
-        self.bos_id: int = self.sp.bos_id()
-        self.eos_id: int = self.sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{path}: the template needs BOS and EOS pieces (bos={self.bos_id}, eos={self.eos_id})")
-        self.pad_id: int = resolve_pad_id(self.sp.pad_id(), self.sp.unk_id(), self.eos_id)
+
+    def _load_tokenizers(self, path: Path):
+        self.backend = "tokenizers"
+        try:
+            import tokenizers
+        except ImportError:
+            raise ImportError(f"{path}: loading a tokenizer.json needs the tokenizers library "
+                              "(pip install 'tokenizers>=0.20')") from None
+        try:
+            self.tk = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:
+            raise ValueError(f"{path} is not a valid tokenizer.json: {error}") from error
+        self.tk.no_truncation()  # never cut or pad silently (a tokenizer.json may carry either)
+        self.tk.no_padding()
+        self.vocab_size = max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
+
+    @staticmethod
+    def _chat_template(directory: Path, config: dict, config_path: Path) -> str | None:
+        """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or a list of
+        {"name", "template"} from which the "default" one is taken), as transformers picks it."""
+        if (directory / "chat_template.jinja").is_file():
+            return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{config_path}: chat_template must be a string or a list of named templates")
+        return template
+
+    def _token_id(self, text: str) -> int | None:
+        if self.sp is not None:
+            token_id = self.sp.piece_to_id(text)  # unknown pieces map to unk: check the round trip
+            return token_id if text and self.sp.id_to_piece(token_id) == text else None
+        return self.tk.token_to_id(text) if text else None
+
+    def _post_processor_prefix(self) -> list[int]:
+        """The ids the tokenizer.json post-processor puts before a text (what transformers' encode adds)."""
+        probe = "Hello world"
+        plain = self.tk.encode(probe, add_special_tokens=False).ids
+        full = self.tk.encode(probe, add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start]
+        raise ValueError(f"{self.path}: the post-processor changes the text's own ids; cannot tell what it adds")
+
+    def _choose_pad(self, configured_pad: int | None, where: Path) -> int:
+        candidates = [configured_pad]
+        if self.sp is not None:
+            candidates.append(self.sp.pad_id() if self.sp.pad_id() >= 0 else None)
+        else:
+            added = {token.content: i for i, token in self.tk.get_added_tokens_decoder().items()}
+            candidates.append(added.get("<|finetune_right_pad_id|>"))
+            reserved = sorted((int(m.group(1)), i) for text, i in added.items() if (m := _RESERVED.fullmatch(text)))
+            candidates.append(reserved[0][1] if reserved else None)
+        candidates.append(self.unk_id)
+        for candidate in candidates:
+            if candidate is not None and candidate not in self.eos_ids:
+                return candidate
+        raise ValueError(
+            f"{where}: no pad token distinct from the EOS ids {list(self.eos_ids)} (pad_token, a reserved special "
+            f"token, unk): end scores are read at the last non-pad token, so pad must differ from every EOS. Set "
+            "pad_token in tokenizer_config.json to a token that is not an EOS")
+
+    # ---------------------------------------------------------------------------------------------
+    # encoding
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.EncodeAsIds(text)
+        """Ids of `text` (special tokens not added; for tokenizer.json, special-token text in `text` is parsed as
+        transformers does), with [bos_id] in front if bos and [eos_id] after if eos."""
+        if bos and self.bos_id is None:
+            raise ValueError(f"{self.path}: this tokenizer has no BOS token")
+        if self.sp is not None:
+            ids = self.sp.EncodeAsIds(text)
+        else:
+            ids = self.tk.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids` up to the first EOS (excluded); BOS and pad ids are dropped.
+    def decode(self, ids: Iterable[int], stop_at_eos: bool = True) -> str:
+        """Text of `ids` up to the first EOS (any of eos_ids, excluded); BOS and pad ids are dropped.
 
         generate() rows are prompt + response + eos + pads, and a sampled row may hold junk after its
         EOS; everything after the first EOS is not part of the answer. Note: when pad is unk (LLaMA),
-        unk ids are dropped too.
+        unk ids are dropped too. Other special tokens (a chat template's headers) are kept; no
+        "clean up" of spaces is done (transformers >= 5 does none for BPE either).
+
+        stop_at_eos=False decodes everything, EOS ids included as text: use it for a chat-template prompt, whose
+        turns end with the EOS token (<|eot_id|>), so that decoding stops at its system or user turn otherwise.
         """
         if hasattr(ids, "tolist"):  # torch tensor or numpy array
             ids = ids.tolist()
+        stop = set(self.eos_ids) if stop_at_eos else set()
         kept = []
         for i in ids:
-            if i == self.eos_id:
+            if i in stop:
                 break
             if i != self.bos_id and i != self.pad_id:
                 kept.append(int(i))
-        return self.sp.DecodeIds(kept)
+        if self.sp is not None:
+            return self.sp.DecodeIds(kept)
+        return self.tk.decode(kept, skip_special_tokens=False)
 
+    def token(self, token_id: int) -> str:
+        """The text of one token id (its piece)."""
+        return self.sp.id_to_piece(token_id) if self.sp is not None else self.tk.id_to_token(token_id)
+
+    def describe(self) -> str:
+        """One line for the logs."""
+        eos = ", ".join(f"{i} {self.token(i)}" for i in self.eos_ids)
+        bos = "none" if self.bos_id is None else f"{self.bos_id} {self.token(self.bos_id)}" + ("" if self.add_bos else " (not added)")
+        return (f"tokenizer {self.path} ({self.backend}): vocabulary {self.vocab_size}, bos {bos}, eos {eos}, "
+                f"pad {self.pad_id} {self.token(self.pad_id)}, chat template {'yes' if self.chat_template else 'no'}")
+
+    def __repr__(self):
+        return f"Tokenizer({str(self.path)!r})"
+
+
+# ---------------------------------------------------------------------------------------------
+# chat templates (jinja2, as transformers renders them)
+
+@functools.lru_cache(maxsize=8)
+def _compile_chat_template(template: str):
+    """The template compiled in transformers' environment: a sandbox, trim_blocks and lstrip_blocks, loop controls,
+    its tojson filter, raise_exception and strftime_now, and {% generation %} blocks rendered as plain text."""
+    try:
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ImportError("the chat template (--template chat) needs jinja2: pip install 'jinja2>=3.1'") from None
+
+    class GenerationBlocks(Extension):
+        """transformers marks assistant text with {% generation %}...{% endgeneration %}; it renders as is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' filter: no HTML escaping, and json.dumps' options
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlocks, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(template)
+
+
+def render_chat(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True, **variables) -> str:
+    """The checkpoint's chat template applied to `messages` ([{"role": ..., "content": ...}, ...]), as
+    transformers' apply_chat_template(messages, add_generation_prompt=..., tokenize=False) renders it: the
+    template sees messages (keys whose value is None dropped), tools=None, documents=None,
+    add_generation_prompt, the configured special tokens (bos_token, eos_token, ...) and `variables` (e.g.
+    date_string for Llama-3.1/3.2 templates, which otherwise print today's date)."""
+    if tok.chat_template is None:
+        raise ValueError(f"{tok.path}: no chat template (neither chat_template.jinja nor a chat_template in "
+                         "tokenizer_config.json); use --template safe_rlhf")
+    compiled = _compile_chat_template(tok.chat_template)
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    context = {"tools": None, "documents": None, **tok.special_tokens, **variables}
+    return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+
+
+# ---------------------------------------------------------------------------------------------
+# templates
 
 def format_prompt(prompt: str) -> str:
-    """The template up to and including "ASSISTANT:" (no trailing space)."""
+    """The Safe RLHF template up to and including "ASSISTANT:" (no trailing space)."""
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
-def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
-    """BOS + the templated prompt: exactly what the policy is given at rollout time."""
-    return tok.encode(format_prompt(prompt), bos=True)
+def _check_template(template: str):
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
 
 
-def encode_dialogue(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
-    """(encode_prompt + encode(response) + [eos], number of prompt tokens); see the module docstring."""
-    prompt_ids = encode_prompt(tok, prompt)
+def prompt_text(tok: Tokenizer, prompt: str, template: str = "safe_rlhf", **chat_variables) -> str:
+    """The prompt part as text: format_prompt(prompt), or the chat template rendered with the generation prompt
+    (chat_variables go to the template, e.g. date_string="26 Jul 2024" to pin Llama-3.1/3.2's date line)."""
+    _check_template(template)
+    if template == "safe_rlhf":
+        return format_prompt(prompt)
+    return render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True, **chat_variables)
+
+
+def encode_prompt(tok: Tokenizer, prompt: str, template: str = "safe_rlhf", **chat_variables) -> list[int]:
+    """The prompt part's ids: exactly what the policy is given at rollout time.
+
+    safe_rlhf: BOS (when the tokenizer adds one) + the encoded template. chat: the rendered chat template encoded
+    as transformers' apply_chat_template tokenizes it (nothing added; the template writes its own BOS)."""
+    _check_template(template)
+    if template == "safe_rlhf":
+        return tok.encode(format_prompt(prompt), bos=tok.add_bos)
+    if tok.backend != "tokenizers":
+        raise ValueError(f"{tok.path}: the chat template needs a tokenizer.json (sentencepiece would encode the "
+                         "special tokens the template writes as plain text); use --template safe_rlhf, or a "
+                         "directory with a tokenizer.json")
+    return tok.encode(prompt_text(tok, prompt, template, **chat_variables))
+
+
+def encode_dialogue(tok: Tokenizer, prompt: str, response: str, template: str = "safe_rlhf",
+                    **chat_variables) -> tuple[list[int], int]:
+    """(encode_prompt + encode(response) + [eos_id], number of prompt tokens); see the module docstring."""
+    prompt_ids = encode_prompt(tok, prompt, template, **chat_variables)
     return prompt_ids + tok.encode(response) + [tok.eos_id], len(prompt_ids)

@@ -35,13 +35,9 @@ from .attention import TRITON_AVAILABLE, flash_attention_torch
 from .logprob import fused_linear_logprobs_torch, logprobs_from_logits_torch
 
 if TRITON_AVAILABLE:
-    import triton
-
     from .attention import flash_attention_triton
     from .logprob import fused_linear_logprobs_triton, logprobs_from_logits_triton
-
-    # Fixed when the kernels above were defined (see the module docstring).
-    TRITON_INTERPRETED = bool(triton.knobs.runtime.interpret)
+    from .triton_common import INTERPRETED as TRITON_INTERPRETED  # fixed when the kernels were defined
 else:
     TRITON_INTERPRETED = False
 

@@ -29,8 +29,6 @@ Two implementations compute the same function:
 kernels/__init__.py decides which one runs.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -147,7 +145,8 @@ if TRITON_AVAILABLE:
 
     # Under the interpreter (CPU testing) the block sizes are fixed and small, and
     # deliberately unequal so that the block arithmetic is exercised.
-    INTERPRETED = bool(triton.knobs.runtime.interpret)
+    from .triton_common import autotune, dot_precision, launcher
+
     INTERPRETER_BLOCKS = {
         "fwd": dict(BLOCK_M=32, BLOCK_N=16),
         "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
@@ -158,16 +157,9 @@ if TRITON_AVAILABLE:
     # compiling for sm_90 and discarding shapes that spill registers at D = 128;
     # they have not been timed on a GPU yet.
     def _autotune(configs, key):
-        """triton.autotune on a GPU (KERNELS_AUTOTUNE=0: the first config only, to test quickly);
-        identity under the interpreter (fixed blocks)."""
-        if INTERPRETED:
-            return lambda kernel: kernel
-        if os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
-            configs = configs[:1]
-        return triton.autotune(
-            configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in configs],
-            key=key,
-        )
+        """autotune over (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
+        return autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+                         for m, n, w, s in configs], key)
 
     @triton.jit
     def _visible_key_blocks(start_m, q_len, k_len, kv_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -491,21 +483,11 @@ if TRITON_AVAILABLE:
         tl.store(dQ + batch * stride_dqb + q_head * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
                  dq.to(dQ.dtype.element_ty), mask=in_bounds[:, None])
 
-    def _dot_precision(dtype):
-        # fp32 inputs follow torch's own matmul setting (TF32 only if allowed);
-        # the flag is ignored for fp16/bf16.
-        if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-            return "ieee"
-        return "tf32"
-
     def _length_bucket(n):
         """Next power of two: lengths in one bucket share an autotuning result."""
         return 1 << max(0, int(n) - 1).bit_length()
 
-    def _launch(kernel, grid, args, name, **constexprs):
-        if INTERPRETED:
-            constexprs.update(INTERPRETER_BLOCKS[name])
-        kernel[grid](*args, **constexprs)
+    _launch = launcher(INTERPRETER_BLOCKS)
 
     class _FlashAttentionTriton(torch.autograd.Function):
         @staticmethod
@@ -514,7 +496,7 @@ if TRITON_AVAILABLE:
             k_len, kv_heads = k.shape[1], k.shape[2]
             out = torch.empty((batch, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
             lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
-            precision = _dot_precision(q.dtype)
+            precision = dot_precision(q.dtype)
             _launch(
                 _attn_fwd_kernel,
                 lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads),
@@ -533,7 +515,7 @@ if TRITON_AVAILABLE:
             q, k, v, out, lse, kv_start = ctx.saved_tensors
             batch, q_len, q_heads, head_dim = q.shape
             k_len, kv_heads = k.shape[1], k.shape[2]
-            precision = _dot_precision(q.dtype)
+            precision = dot_precision(q.dtype)
             scale = ctx.softmax_scale
 
             delta = torch.empty_like(lse)

@@ -40,8 +40,6 @@ which one runs); outputs are always fp32:
 * Triton: see the section below.
 """
 
-import os
-
 import torch
 
 try:
@@ -252,7 +250,8 @@ BACKWARD_CHUNK_ELEMENTS = 1 << 27
 VOCAB_CHUNK_ALIGN = 128
 
 if TRITON_AVAILABLE:
-    INTERPRETED = bool(triton.knobs.runtime.interpret)
+    from .triton_common import INTERPRETED, autotune, dot_precision, launcher
+
     # Fixed small blocks under the interpreter (CPU testing); autotuned on a GPU.
     INTERPRETER_BLOCKS = {
         "row": dict(BLOCK_V=32),
@@ -260,29 +259,11 @@ if TRITON_AVAILABLE:
     }
     INTERPRETER_VOCAB_SPLITS = 3
 
-    def _autotune(configs, key):
-        """triton.autotune on a GPU (KERNELS_AUTOTUNE=0: the first config only, to test quickly);
-        identity under the interpreter (fixed blocks)."""
-        if INTERPRETED:
-            return lambda kernel: kernel
-        if os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
-            configs = configs[:1]
-        return triton.autotune(configs=configs, key=key)
-
-    def _launch(kernel, grid, args, name, **constexprs):
-        if INTERPRETED:
-            constexprs.update(INTERPRETER_BLOCKS[name])
-        kernel[grid](*args, **constexprs)
-
-    def _dot_precision(dtype):
-        # fp32 inputs follow torch's own matmul setting (TF32 only if allowed).
-        if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-            return "ieee"
-        return "tf32"
+    _launch = launcher(INTERPRETER_BLOCKS)
 
     _ROW_CONFIGS = [triton.Config(dict(BLOCK_V=bv), num_warps=w) for bv, w in [(1024, 4), (2048, 8), (4096, 8), (8192, 16)]]
 
-    @_autotune(_ROW_CONFIGS, key=["vocab_size"])
+    @autotune(_ROW_CONFIGS, key=["vocab_size"])
     @triton.jit
     def _logits_logprob_fwd_kernel(LOGITS, TARGETS, LOGP, LSE, vocab_size, stride_row, inv_temperature,
                                    BLOCK_V: tl.constexpr):
@@ -302,7 +283,7 @@ if TRITON_AVAILABLE:
         tl.store(LOGP + row, target_z - lse)
         tl.store(LSE + row, lse)
 
-    @_autotune(_ROW_CONFIGS, key=["vocab_size"])
+    @autotune(_ROW_CONFIGS, key=["vocab_size"])
     @triton.jit
     def _logits_logprob_bwd_kernel(LOGITS, TARGETS, LSE, GRAD_LOGP, GRAD_LOGITS, vocab_size, stride_row,
                                    stride_grad_row, inv_temperature, BLOCK_V: tl.constexpr):
@@ -381,7 +362,7 @@ if TRITON_AVAILABLE:
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         return acc * inv_temperature
 
-    @_autotune(_fused_configs(), key=["hidden_dim", "DOT_PRECISION"])
+    @autotune(_fused_configs(), key=["hidden_dim", "DOT_PRECISION"])
     @triton.jit
     def _linear_logprob_fwd_kernel(
         H, W, TARGETS, PARTIALS,
@@ -426,7 +407,7 @@ if TRITON_AVAILABLE:
         tl.store(out + 2 * stride_kind, sum_exp_shifted_z, mask=row_ok)
         tl.store(out + 3 * stride_kind, target_z, mask=row_ok)
 
-    @_autotune(_fused_configs(), key=["hidden_dim", "DOT_PRECISION"])
+    @autotune(_fused_configs(), key=["hidden_dim", "DOT_PRECISION"])
     @triton.jit
     def _linear_logprob_grad_logits_kernel(
         H, W, TARGETS, LSE, ENTROPY, GRAD_LOGP, GRAD_ENTROPY, GRAD_Z,
@@ -486,7 +467,7 @@ if TRITON_AVAILABLE:
             vocab_size = weight.shape[0]
             num_splits = _num_vocab_splits(num_rows, hidden.device)
             partials = torch.empty((4, num_splits, num_rows), dtype=torch.float32, device=hidden.device)
-            precision = _dot_precision(hidden.dtype)
+            precision = dot_precision(hidden.dtype)
             if num_rows > 0:
                 _launch(
                     _linear_logprob_fwd_kernel,
@@ -518,7 +499,7 @@ if TRITON_AVAILABLE:
             num_rows, hidden_dim = hidden.shape
             vocab_size = weight.shape[0]
             want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            precision = _dot_precision(hidden.dtype)
+            precision = dot_precision(hidden.dtype)
 
             # fp32 accumulator across vocabulary chunks (the final result when hidden is fp32).
             grad_hidden = torch.zeros((num_rows, hidden_dim), dtype=torch.float32, device=hidden.device) if want_hidden else None

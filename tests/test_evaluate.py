@@ -49,7 +49,12 @@ def test_plots_and_table(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": i, "reward": 0.1 * i, "cost": -i, "lambda": 1.0 / i,
                                        "constraint_violation": 1 - i}) + "\n" for i in range(1, 6)))
-    plot_curves(log, tmp_path / "curves.png")
+    plot_curves([log], tmp_path / "curves.png")
+    other = tmp_path / "pid" / "log.jsonl"  # a second run overlaid
+    other.parent.mkdir()
+    other.write_text(log.read_text())
+    plot_curves([log, other], tmp_path / "both.png")
+    assert (tmp_path / "both.png").stat().st_size > 1000
     evals = []
     for seed, harm in enumerate([0.1, 0.3]):
         f = tmp_path / f"eval{seed}.json"
