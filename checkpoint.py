@@ -4,16 +4,45 @@
     start_step, state = ckpt.resume(models)     # (0, {}) for a fresh run
     ckpt.save(step, models, state)              # models: name -> (model, optimizer, scheduler)
 
-<out>/checkpoints/step_00000123/ holds, for each named model, an HF-format `<name>/` and
-`<name>.optim.pt`, plus `state.json` (step, schedules, flags, whatever the script adds: lambda and
-its state, the cost window, ...) and `rng.pt` (every rank's RNG). Each step directory is built
-under a temporary name and renamed into place; then `latest` (a one-line file, replaced
-atomically) points at it; then old step directories beyond `keep` are removed. A kill at any
-moment leaves `latest` naming a complete checkpoint.
+Sharded, through PyTorch's distributed checkpointing (DCP) with its safetensors storage
+(torch.distributed.checkpoint.HuggingFaceStorageWriter / HuggingFaceStorageReader): every rank
+writes its own shards of the weights and the optimiser state, in parallel, and reads back only
+the slices its parameters need. No rank gathers a full model or a full optimiser state, and a
+checkpoint written by N ranks resumes on any number of ranks, or in a plain process (DCP's
+resharding: tensors are keyed by parameter name, each saved shard records its offsets in the full
+tensor). Every rank must see the same <out> directory (a shared filesystem across nodes).
 
-Optimiser states are full (unsharded) tensors keyed by parameter name, so a run can resume on a
-different number of ranks, or in a plain process; they are read with torch.load(weights_only=True),
-never unpickling code. Weights are read back through hf_io.full_state_dict, the path every model load takes.
+<out>/checkpoints/step_00000123/
+    state.json          step, schedules, the script's state (lambda and its rule's state, the cost
+                        window, data position, ...), the flags, each optimiser's non-tensor state
+                        (param groups, AdamW's `step` counts), every file below with its size
+    <name>/             the weights: shard-{rank + 1:05d}-model-{i:05d}-of-{n:05d}.safetensors (DCP's
+                        names), each holding a rank's shards keyed by parameter name, with their
+                        offsets in the full tensors (the safetensors metadata's DCP_SHARDING_INFO)
+    <name>.optim/       the optimiser's tensors (exp_avg, exp_avg_sq), the same way, keyed
+                        `state.<parameter name>.<key>`
+    rng/rank_{rank:05d}.json   each rank's RNG states (torch, numpy, python, cuda), lists of ints
+
+A rank's shards are split into files of about FILE_BYTES_PER_RANK (512 MiB): DCP's writer
+serialises a whole file in memory before writing it (about twice its size), and the reader maps
+one file at a time, so a rank's host memory holds at most about one file beyond its own state.
+
+Nothing is unpickled on load: state.json and the RNG files are JSON; the tensors are read by
+HuggingFaceStorageReader, whose metadata comes from the safetensors headers (JSON), not from the
+pickled `.metadata` file of DCP's default FileSystemReader, and whose data comes from
+safetensors.safe_open. (DCP's default load planner would torch.load non-tensor entries: none are
+written, scalars go to state.json. Under torchrun, DCP and this module exchange their plans and
+file lists between the run's own processes with torch.distributed's object collectives, which
+pickle in memory; nothing read from disk is unpickled.)
+
+Atomic: all ranks write into one temporary directory, `.tmp-step_00000123`; once they all have
+(each reports its files to rank 0), rank 0 writes state.json, syncs, renames the directory into
+place, then switches `latest` (a one-line file, replaced atomically), then removes old step
+directories beyond `keep`. A kill at any moment leaves `latest` naming a complete checkpoint. On
+resume, state.json is read first (the flags are checked before any tensor is read), then every file
+it lists is checked (present, its size, a readable safetensors header): a damaged one is named,
+with the way back (an older step directory). Checkpoints of the previous layout (full tensors,
+`<name>.optim.pt`, rng.pt) are refused with a message rather than read with torch.load.
 """
 
 from __future__ import annotations
@@ -21,6 +50,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,37 +59,187 @@ import torch.distributed as dist
 
 import hf_io
 
+FORMAT = "dcp-safetensors-v1"  # state.json's "format": the layout above
+FILE_BYTES_PER_RANK = 512 * 2**20  # about this much of one rank's shards per file
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as JSON
+
 
 def _rng_state() -> dict:
-    _, keys, pos, _, _ = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
-             "numpy_pos": int(pos), "python": random.getstate()}
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state().tolist(), "numpy": keys.tolist(), "numpy_pos": int(pos),
+             "numpy_gauss": [int(has_gauss), float(gauss)], "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def _set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    has_gauss, gauss = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), int(state["numpy_pos"]),
+                         int(has_gauss), float(gauss)))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def _read_checkpoint_file(file: Path, read):
+# ----------------------------------------------------------------------------------------------
+# State dicts: tensors (sharded, to DCP) and everything else (to JSON)
+
+
+def _is_sharded_tensor(x) -> bool:
+    """What goes to the safetensors shards: every tensor but 0-dim plain ones (AdamW's `step`),
+    which go to JSON (the safetensors storage writes tensors only, and a scalar is not sharded)."""
+    return isinstance(x, torch.Tensor) and (x.ndim > 0 or hasattr(x, "full_tensor"))
+
+
+def _split(tree, path: str = "") -> tuple[object, dict]:
+    """(the JSON-able rest, {flat key: tensor}) of a nested state dict: tensors are replaced by
+    {"tensor": key}, 0-dim ones by {"scalar": value, "dtype": ...}."""
+    tensors = {}
+
+    def walk(x, where):
+        if isinstance(x, dict):
+            return {str(k): walk(v, f"{where}.{k}" if where else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{where}.{i}") for i, v in enumerate(x)]
+        if _is_sharded_tensor(x):
+            tensors[where] = x
+            return {"tensor": where}
+        if isinstance(x, torch.Tensor):
+            return {"scalar": x.item(), "dtype": str(x.dtype).removeprefix("torch.")}
+        return x
+
+    return walk(tree, path), tensors
+
+
+def _merge(template, saved, where: str = ""):
+    """The state dict shaped like `template` (a fresh optimiser's, whose tensors DCP has just
+    filled in place) with every non-tensor value from `saved` (what _split left for JSON)."""
+    if isinstance(template, dict):
+        keys = {str(k) for k in template}
+        if not isinstance(saved, dict) or keys != set(saved):
+            raise ValueError(f"the checkpoint's optimiser state at {where or 'top level'!r} has other entries "
+                             f"than this run's: {sorted(set(saved) ^ keys) if isinstance(saved, dict) else saved}")
+        return {k: _merge(v, saved[str(k)], f"{where}.{k}" if where else str(k)) for k, v in template.items()}
+    if isinstance(template, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(template):
+            raise ValueError(f"the checkpoint's optimiser state at {where!r} has another length than this run's")
+        merged = [_merge(t, s, f"{where}.{i}") for i, (t, s) in enumerate(zip(template, saved))]
+        return tuple(merged) if isinstance(template, tuple) else merged
+    if _is_sharded_tensor(template):
+        return template
+    if isinstance(template, torch.Tensor):
+        return torch.tensor(saved["scalar"], dtype=template.dtype, device=template.device)
+    return saved
+
+
+def _model_tensors(model) -> dict:
+    """Parameter name -> the model's own tensor (a DTensor shard under FSDP2), each once: a tied
+    output.weight is tok_embeddings.weight."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    aliases = ({name for name, _ in model.named_parameters(remove_duplicate=False)}
+               - {name for name, _ in model.named_parameters()})  # the same on every rank
+    return {name: tensor for name, tensor in get_model_state_dict(model).items() if name not in aliases}
+
+
+def _file_index(tensors: dict, world: int) -> dict[str, int]:
+    """Tensor name -> file number (from 1): consecutive tensors share a file until it holds about
+    FILE_BYTES_PER_RANK of each rank's shards. The same on every rank (from full shapes)."""
+    index, file, size = {}, 1, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size() // world  # numel() of a DTensor: the full tensor's
+        if size and size + nbytes > FILE_BYTES_PER_RANK:
+            file, size = file + 1, 0
+        index[name] = file
+        size += nbytes
+    return index
+
+
+def _own_files(step_dir: Path, rank: int) -> dict[str, int]:
+    """Relative path -> size of the files this rank wrote into step_dir: its RNG file and its
+    shards (DCP's safetensors writer names rank r's files shard-{r + 1:05d}-...)."""
+    mine = [f for f in step_dir.glob(f"*/shard-{rank + 1:05d}-*.safetensors")]
+    mine.append(step_dir / "rng" / f"rank_{rank:05d}.json")
+    return {str(f.relative_to(step_dir)): f.stat().st_size for f in mine}
+
+
+def _save_tensors(directory: Path, tensors: dict, d):
+    """Every rank writes its shards of `tensors` into `directory` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    writer = HuggingFaceStorageWriter(str(directory), fqn_to_index_mapping=_file_index(tensors, d.world),
+                                      save_distributed=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, storage_writer=writer, no_dist=not d.distributed)
+
+
+def _load_tensors(directory: Path, tensors: dict, d):
+    """Fill `tensors` (this rank's shards) in place from the slices of the files in `directory`
+    that overlap them, whatever number of ranks wrote them (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not d.distributed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged files
+
+
+def _way_back(path: Path) -> str:
+    return (f"If it is damaged, point {path.parent / 'latest'} at an older step directory to resume from there")
+
+
+def _read_json(file: Path, step_dir: Path):
     try:
-        return read(file)
+        return json.loads(file.read_text())
     except Exception as e:  # a damaged file: name it, and the way back
-        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {e}). If it is damaged, point "
-                         f"{file.parent.parent / 'latest'} at an older step directory to resume from there") from None
+        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {e}). {_way_back(step_dir)}") from None
+
+
+def _check_files(step_dir: Path, files: dict):
+    """Every file state.json lists is there, whole (its size), and each safetensors header reads:
+    before DCP's own, anonymous errors (or a silently smaller tensor) could arise."""
+    from safetensors import safe_open
+
+    for name, size in files.items():
+        file = step_dir / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing from this checkpoint. {_way_back(step_dir)}")
+        actual = file.stat().st_size
+        if actual != size:
+            raise ValueError(f"{file}: cannot be read: not a readable safetensors file ({actual} bytes where "
+                             f"{size} were written: truncated or overwritten). {_way_back(step_dir)}"
+                             if file.suffix == ".safetensors" else
+                             f"{file}: cannot be read ({actual} bytes where {size} were written). {_way_back(step_dir)}")
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except Exception as e:
+                raise ValueError(f"{file}: cannot be read: not a readable safetensors file ({e}). "
+                                 f"{_way_back(step_dir)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 class Checkpointer:
     # Flags a resumed run may change; any other difference from the checkpoint's flags is refused
     # (a different --lr, batch size, data, objective or algorithm would silently make another run).
     RESUMABLE_CHANGES = {"out", "eval_every", "save_every", "max_steps", "epochs", "device", "precision",
-                         "activation_checkpointing", "cpu_offload", "offload_frozen"}
+                         "activation_checkpointing", "cpu_offload", "offload_frozen", "save_dtype"}
 
     def __init__(self, out_dir, d, keep: int = 2, args=None):
         self.root = Path(out_dir) / "checkpoints"
@@ -108,36 +288,42 @@ class Checkpointer:
                              f"use a new --out for a new run.")
 
     def save(self, step: int, models: dict, state: dict):
-        """models: name -> (model, optimizer or None, scheduler or None). Every rank calls this."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        """models: name -> (model, optimizer or None, scheduler or None). Every rank calls this;
+        each writes its own shards."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         d = self.d
         name = f"step_{step:08d}"
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        rng = [None] * d.world
-        if d.distributed:
-            dist.all_gather_object(rng, _rng_state())
-        else:
-            rng = [_rng_state()]
         tmp = self.root / f".tmp-{name}"
         if d.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
-        schedules = {}
+        d.barrier()
+        hf_io.atomic_write(tmp / "rng" / f"rank_{d.rank:05d}.json", json.dumps(_rng_state()))
+        schedules, optimizers = {}, {}
         for key, (model, optimizer, scheduler) in models.items():
-            model.save_pretrained(tmp / key)  # collective under FSDP; rank 0 writes
+            _save_tensors(tmp / key, _model_tensors(model), d)
             if optimizer is not None:
-                # Keyed by parameter name, sharded or not: a plain run resumes under torchrun and back.
-                osd = get_optimizer_state_dict(model, optimizer, options=full)  # a full copy on rank 0 only
-                if d.is_main:
-                    torch.save(osd, tmp / f"{key}.optim.pt")
-                del osd
+                # Keyed by parameter name, each rank's shards: resumable on any number of ranks.
+                rest, tensors = _split(get_optimizer_state_dict(model, optimizer))
+                _save_tensors(tmp / f"{key}.optim", tensors, d)
+                optimizers[key] = rest
+                del tensors
             if scheduler is not None:
                 schedules[key] = scheduler.state_dict()
+        # Every rank's files are written (and synced: DCP's writer fsyncs each). Each rank lists its
+        # own, as it sees them: another node's directory listing could lag on a network filesystem.
+        files = _own_files(tmp, d.rank)
+        if d.distributed:
+            everyone = [None] * d.world if d.is_main else None
+            dist.gather_object(files, everyone, dst=0)
+            files = {name: size for part in everyone or [] for name, size in part.items()}
         if d.is_main:
-            torch.save(rng, tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "schedules": schedules, **state,
-                                                        **({"args": self.args} if self.args else {})}, indent=1))
+            files = dict(sorted(files.items()))
+            record = {"format": FORMAT, "step": step, "world": d.world, "schedules": schedules, **state,
+                      **({"args": self.args} if self.args else {}), "optimizers": optimizers, "files": files}
+            (tmp / "state.json").write_text(json.dumps(record, indent=1))
             hf_io.fsync_tree(tmp)  # on disk before `latest` names them
             final = self.root / name
             shutil.rmtree(final, ignore_errors=True)
@@ -149,32 +335,29 @@ class Checkpointer:
 
     def load(self, path: Path, models: dict) -> dict:
         """Restore weights, optimisers, schedules and this rank's RNG from `path`; return state.json."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         d = self.d
-        state = _read_checkpoint_file(path / "state.json", lambda f: json.loads(f.read_text()))
-        self.check_args(path, state)  # before any weight is read
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        state = _read_json(path / "state.json", path)
+        self.check_args(path, state)  # before any tensor is read
+        if state.get("format") != FORMAT:
+            raise ValueError(f"{path} is in an older checkpoint layout (full tensors in <name>/ and <name>.optim.pt, "
+                             f"read with torch.load), which this version no longer reads (it never unpickles): "
+                             f"resume it with the version that wrote it, or use a new --out")
+        _check_files(path, state["files"])
         for key, (model, optimizer, scheduler) in models.items():
-            weights = None
-            if d.is_main or not d.distributed:
-                weights = hf_io.full_state_dict(hf_io.describe(path / key, model.head))
-            if d.distributed:
-                set_model_state_dict(model, weights or {}, options=opts)
-            else:
-                model.load_state_dict(weights)
+            _load_tensors(path / key, _model_tensors(model), d)  # into the parameters themselves
             if optimizer is not None:
-                osd = {}
-                if d.is_main or not d.distributed:  # mmap: pages in as set_optimizer_state_dict reads
-                    osd = _read_checkpoint_file(path / f"{key}.optim.pt",
-                                                lambda f: torch.load(f, weights_only=True, mmap=True))
-                set_optimizer_state_dict(model, optimizer, osd,
-                                         options=opts if d.distributed else StateDictOptions(full_state_dict=True))
-                del osd
+                # A fresh optimiser's state dict (DCP's helper initialises it) as the template: its
+                # tensors are this rank's shards, filled in place; the rest comes from state.json.
+                template = get_optimizer_state_dict(model, optimizer)
+                _, tensors = _split(template)
+                _load_tensors(path / f"{key}.optim", tensors, d)
+                set_optimizer_state_dict(model, optimizer, _merge(template, state["optimizers"][key]))
+                del template, tensors
             if scheduler is not None:
                 scheduler.load_state_dict(state["schedules"][key])
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        if d.rank < len(rng):
-            _set_rng_state(rng[d.rank])
+        rng = path / "rng" / f"rank_{d.rank:05d}.json"
+        if rng.is_file():  # a rank the saving run did not have keeps its seeded state
+            _set_rng_state(_read_json(rng, path))
         return state

@@ -26,16 +26,18 @@ in each cell is printed and written to <out>/arena.json.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+import cli
 import training
 from data.judge import identify_task, judge
 from data.loaders import collate_prompts, load_eval_prompts, load_prompts, tokenize_prompts
 from data.synthetic import ensure_synthetic
 from data.tokenizer import Tokenizer
-from model import Transformer, end_scores, generation_mask
+from model import Transformer, end_scores, generation_mask, is_eos
 
 
 @torch.no_grad()
@@ -46,16 +48,18 @@ def sample_answers(policy, tok, prompts, *, batch_size, max_new_tokens, temperat
     g = torch.Generator(device=device).manual_seed(seed)
     texts, batches, lengths, truncated = [], [], [], []
     for i in range(0, len(ids), batch_size):
+        if sys.stdout.isatty() or (i // batch_size) % max(1, len(ids) // batch_size // 4) == 0:  # progress
+            print(f"  answers {i}/{len(ids)}", end="\r" if sys.stdout.isatty() else "\n", flush=True)
         batch = collate_prompts(ids[i:i + batch_size], pad_id=tok.pad_id)
         prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         out = policy.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=g)
-        mask = generation_mask(out, prompt_mask, tok.eos_id)
+                              top_p=top_p, eos_id=tok.eos_ids, pad_id=tok.pad_id, generator=g)
+        mask = generation_mask(out, prompt_mask, tok.eos_ids)
         T = prompt_ids.shape[1]
         for row in range(out.shape[0]):
             texts.append(tok.decode(out[row, T:]))
             lengths.append(int(mask[row, T:].sum()))
-            truncated.append(bool((out[row, T:] != tok.eos_id).all()))
+            truncated.append(not bool(is_eos(out[row, T:], tok.eos_ids).any()))
         batches.append((out, mask))
     return texts, batches, lengths, truncated
 
@@ -168,11 +172,11 @@ def main(argv=None):
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic task")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model or a directory "
                                                           "(default: the one beside the first model)")
-    parser.add_argument("--max-new-tokens", type=training.positive(int), default=48, help="answer length limit")
+    parser.add_argument("--max-new-tokens", type=cli.positive(int), default=48, help="answer length limit")
     parser.add_argument("--temperature", type=float, default=1.0, help="1.0 = the policy's own distribution, as PPO samples it (default); 0 = greedy")
-    parser.add_argument("--samples-per-prompt", type=training.positive(int), default=4, help="answers sampled per prompt (rates are over all of them)")
+    parser.add_argument("--samples-per-prompt", type=cli.positive(int), default=4, help="answers sampled per prompt (rates are over all of them)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    parser.add_argument("--batch-size", type=training.positive(int), default=64, help="prompts per generate() call")
+    parser.add_argument("--batch-size", type=cli.positive(int), default=64, help="prompts per generate() call")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--show", type=int, default=4, help="print this many example answers per model and kind")
     parser.add_argument("--out", default="out/eval", help="writes <out>/eval.json")
@@ -268,4 +272,4 @@ def run_arena(args, prompts_path):
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

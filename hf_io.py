@@ -6,9 +6,10 @@
     with atomic_directory(path) as tmp: ...    a directory that appears whole or not at all
     atomic_write(path, text)                   the same for one file
 
-This is the one loading path: `Transformer.from_pretrained`, `training.load_model` and a
-training checkpoint's resume all go through `full_state_dict`, which handles once what
-differs between checkpoints: a preset (fresh weights), an LM checkpoint loaded as a score
+This is the one loading path from a Hugging Face directory or a preset: `Transformer.from_pretrained`
+and `training.load_model` go through `full_state_dict` (training checkpoints are sharded, and
+checkpoint.py reads their shards straight into the model), which handles once what differs
+between checkpoints: a preset (fresh weights), an LM checkpoint loaded as a score
 model (a fresh, seeded score head; the LM head dropped), and tied embeddings (`output.weight`
 is `tok_embeddings.weight`, present in the returned dict so a strict load sees every key).
 
@@ -27,7 +28,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from model import PRESETS, ModelArgs, Transformer
 
@@ -59,11 +59,17 @@ def hf_name(name: str) -> str:
     return name
 
 
+# model_type -> the Hugging Face class-name prefix. All three share LLaMA's layout; Qwen2 adds
+# biases on the query/key/value projections, Mistral (v0.1) a sliding attention window.
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
 def hf_config(args: ModelArgs, head: str, dtype: torch.dtype) -> dict:
     rope = {"rope_type": "default", **(args.rope_scaling or {}), "rope_theta": args.rope_theta}
+    prefix = FAMILIES[args.family]
     config = {
-        "architectures": ["LlamaForCausalLM" if head == "lm" else "LlamaForScore"],
-        "model_type": "llama",
+        "architectures": [f"{prefix}ForCausalLM" if head == "lm" else f"{prefix}ForScore"],
+        "model_type": args.family,
         "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_layers,
@@ -75,14 +81,18 @@ def hf_config(args: ModelArgs, head: str, dtype: torch.dtype) -> dict:
         "max_position_embeddings": args.max_seq_len,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         # Both spellings: transformers 4.x reads rope_theta/rope_scaling, 5.x rope_parameters.
         "rope_theta": args.rope_theta,
         "rope_scaling": args.rope_scaling,
         "rope_parameters": rope,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if args.family == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    if args.family == "mistral":
+        config["sliding_window"] = args.sliding_window
+    if args.family == "qwen2":  # its q/k/v biases are implied by the architecture
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=args.n_layers)
     if head == "score":
         config["score_dim"] = 1
         config["score_bias"] = True
@@ -109,6 +119,18 @@ def read_config(path) -> tuple[ModelArgs, str, dict]:
             raise KeyError(f"{file} has no {key!r}")
         return config[key]
 
+    architectures = config.get("architectures") or []
+    family = config.get("model_type") or ("llama" if any(a.startswith("Llama") for a in architectures) else None)
+    if family not in FAMILIES:
+        raise ValueError(f"{file}: model_type {family!r} (architectures {architectures}) is not supported; supported: "
+                         "LLaMA / Llama-2 / Llama-3 (llama), Mistral (mistral), Qwen2 / Qwen2.5 (qwen2)")
+    if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias") or (
+            family != "qwen2" and config.get("attention_bias")):
+        raise ValueError(f"{file}: only LLaMA's silu MLP without biases (and Qwen2's q/k/v biases) is supported")
+    sliding_window = config.get("sliding_window") if family == "mistral" else None
+    if family == "qwen2" and config.get("use_sliding_window"):
+        raise ValueError(f"{file}: Qwen2's sliding-window layers (use_sliding_window: true) are not supported")
+
     rope = config.get("rope_parameters") or {}
     rope_theta = config.get("rope_theta") or rope.get("rope_theta", 10000.0)
     scaling = config.get("rope_scaling")
@@ -128,12 +150,13 @@ def read_config(path) -> tuple[ModelArgs, str, dict]:
             rope_scaling=scaling,
             max_seq_len=config.get("max_position_embeddings", 2048),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2",
+            sliding_window=sliding_window,
+            family=family,
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{file}: {e}") from None
-    if config.get("hidden_act", "silu") != "silu" or config.get("attention_bias") or config.get("mlp_bias"):
-        raise ValueError(f"{file}: only LLaMA's silu MLP without biases is supported")
-    head = "score" if "LlamaForScore" in (config.get("architectures") or []) or config.get("score_dim") else "lm"
+    head = "score" if any(a.endswith("ForScore") for a in architectures) or config.get("score_dim") else "lm"
     return args, head, config
 
 
@@ -285,51 +308,107 @@ def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None, 
     max_shard_size bytes, atomically, with `extra_files` (e.g. the tokenizer) copied in.
 
     Works on a plain module and on an FSDP2-sharded one: every rank must call it (gathering a
-    DTensor is a collective); only rank 0 writes, and only rank 0 keeps a host copy."""
-    state, main = {}, _rank() == 0
-    for name, tensor in model.state_dict().items():
-        if model.args.tie_embeddings and name == "output.weight":
-            continue
-        if hasattr(tensor, "full_tensor"):  # DTensor under FSDP2: all ranks gather, one tensor at a time
-            tensor = tensor.full_tensor()
-        if not main:  # 8 full copies of a 7B model would not fit in one host's memory
-            continue
-        state[hf_name(name)] = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()
-    if not main:
-        return
-    config = hf_config(model.args, model.head, next(iter(state.values())).dtype)
+    DTensor is a collective) and only rank 0 writes. Tensors are gathered one at a time and
+    streamed to disk as they arrive: each safetensors file's header is written first, from the
+    shapes alone, then each tensor's bytes right after its gather. No rank ever holds more than one
+    full tensor on the host (at 7B: the 0.5 GB embedding, not the 27 GB model). The files are
+    ordinary safetensors (8-byte-aligned header, `format: pt`), loadable by transformers."""
+    import contextlib
+
+    main = _rank() == 0
+    tensors = [(hf_name(name), tensor) for name, tensor in model.state_dict().items()
+               if not (model.args.tie_embeddings and name == "output.weight")]
+    dtypes = {key: dtype or tensor.dtype for key, tensor in tensors}
+    config = hf_config(model.args, model.head, dtypes[tensors[0][0]])
     if model.head == "score" and model.score_stats is not None:
         config["score_stats"] = model.score_stats
     config.update(extra_config or {})
-    with atomic_directory(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _write_safetensors(tmp, state, max_shard_size)
-        for f in extra_files:
-            shutil.copy(f, tmp / Path(f).name)
+    files = _plan_safetensors_files(tensors, dtypes, max_shard_size)
+    with atomic_directory(path) if main else contextlib.nullcontext() as tmp:
+        for name, entries in files.items():
+            with _SafetensorsStream(tmp / name, [(k, tuple(t.shape), dtypes[k]) for k, t in entries]) \
+                    if main else contextlib.nullcontext() as stream:
+                for key, tensor in entries:
+                    if hasattr(tensor, "full_tensor"):  # DTensor under FSDP2: every rank gathers, one tensor at a time
+                        tensor = tensor.full_tensor()
+                    if main:
+                        stream.write(key, tensor.detach().to("cpu", dtype=dtypes[key]))
+                    del tensor
+        if main:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if len(files) > 1:
+                weight_map = {key: name for name, entries in files.items() for key, _ in entries}
+                total = sum(_nbytes(t.shape, dtypes[k]) for k, t in tensors)
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for f in extra_files:
+                shutil.copy(f, tmp / Path(f).name)
 
 
-def _write_safetensors(directory: Path, state: dict, max_shard_size: int):
-    shards, current, size = [], {}, 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_size:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def _plan_safetensors_files(tensors: list, dtypes: dict, max_shard_size: int) -> dict[str, list]:
+    """File name -> [(name, tensor)], in order, a new file whenever the next tensor would take the
+    current one past max_shard_size bytes: model.safetensors, or model-0000i-of-0000n.safetensors."""
+    shards, size = [[]], 0
+    for key, tensor in tensors:
+        nbytes = _nbytes(tensor.shape, dtypes[key])
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, tensor))
         size += nbytes
-    shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / name, metadata={"format": "pt"})
-        for key, tensor in shard.items():
-            weight_map[key] = name
-            total += tensor.numel() * tensor.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return {"model.safetensors": shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards)}
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class _SafetensorsStream:
+    """One safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets)
+    first, from the shapes alone, then each tensor's bytes, in the header's order, as they come.
+    The format (https://github.com/huggingface/safetensors#format): an 8-byte little-endian header
+    length, the JSON header padded with spaces to 8 bytes, then the tensors' bytes back to back."""
+
+    def __init__(self, file: Path, entries: list[tuple[str, tuple, torch.dtype]]):
+        import sys
+
+        if sys.byteorder != "little":
+            raise NotImplementedError("safetensors are little-endian; writing them from a big-endian host is not supported")
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        self.expected = []
+        for key, shape, dtype in entries:
+            nbytes = _nbytes(shape, dtype)
+            header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.expected.append((key, tuple(shape), dtype))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.file, self.done = file, 0
+        self.fh = open(file, "wb")
+        self.fh.write(len(blob).to_bytes(8, "little") + blob)
+
+    def __enter__(self):
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor):
+        want = self.expected[self.done]
+        if (key, tuple(tensor.shape), tensor.dtype) != want:
+            raise ValueError(f"{self.file}: expected tensor {want}, got {(key, tuple(tensor.shape), tensor.dtype)}")
+        self.fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.done += 1
+
+    def __exit__(self, exc_type, exc, tb):
+        self.fh.close()
+        if exc_type is None and self.done != len(self.expected):
+            raise ValueError(f"{self.file}: {self.done} of {len(self.expected)} tensors written")
+        return False
 
 
 def _rank() -> int:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-import training
+import cli
 from data.judge import identify_task
 from data.loaders import load_eval_prompts
 
@@ -161,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

@@ -32,11 +32,12 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+import cli
 import training
 from checkpoint import Checkpointer
 from data.loaders import collate_prompts, collate_sft, load_prompts, load_sft, tokenize_prompts, tokenize_sft
 from data.tokenizer import Tokenizer
-from model import Transformer, end_scores, generation_mask
+from model import Transformer, end_scores, generation_mask, is_eos
 
 TINY = dict(
     epochs=2,  # passes over the 2,000 synthetic PPO prompts (half of them harmful): 63 iterations
@@ -224,12 +225,12 @@ class PIDLambda(LambdaRule):
     @classmethod
     def add_args(cls, parser):
         a = parser.add_argument
-        a("--pid-kp", type=training.non_negative, default=1.0, help="PID lambda: proportional gain Kp")
-        a("--pid-ki", type=training.non_negative, default=0.5, help="PID lambda: integral gain Ki (per iteration)")
-        a("--pid-kd", type=training.non_negative, default=1.0, help="PID lambda: derivative gain Kd")
-        a("--pid-d-delay", type=training.positive(int), default=4, help="PID lambda: iterations the derivative spans")
-        a("--pid-p-ema", type=training.fraction, default=0.0, help="PID lambda: EMA factor a_p of the proportional error (0: none)")
-        a("--pid-d-ema", type=training.fraction, default=0.5, help="PID lambda: EMA factor a_d of the cost for the derivative")
+        a("--pid-kp", type=cli.non_negative, default=1.0, help="PID lambda: proportional gain Kp")
+        a("--pid-ki", type=cli.non_negative, default=0.5, help="PID lambda: integral gain Ki (per iteration)")
+        a("--pid-kd", type=cli.non_negative, default=1.0, help="PID lambda: derivative gain Kd")
+        a("--pid-d-delay", type=cli.positive(int), default=4, help="PID lambda: iterations the derivative spans")
+        a("--pid-p-ema", type=cli.fraction, default=0.0, help="PID lambda: EMA factor a_p of the proportional error (0: none)")
+        a("--pid-d-ema", type=cli.fraction, default=0.5, help="PID lambda: EMA factor a_d of the cost for the derivative")
 
     def __init__(self, args):
         self.kp, self.ki, self.kd = args.pid_kp, args.pid_ki, args.pid_kd
@@ -411,15 +412,15 @@ def rollout(step: int, models: Models, prompt_set: list, args, d, tok) -> tuple[
             g = torch.Generator(device=d.device).manual_seed(args.seed * 1_000_003 + step)
             with training.autocast(d):
                 seq = actor.generate(prompt_ids, prompt_mask, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, eos_id=tok.eos_id,
+                                     temperature=args.temperature, top_p=args.top_p, eos_id=tok.eos_ids,
                                      pad_id=tok.pad_id, generator=g,
                                      noise_rows=((d.rank + k * d.world) * args.micro_batch_size, args.batch_size))
-            mask = generation_mask(seq, prompt_mask, tok.eos_id)
+            mask = generation_mask(seq, prompt_mask, tok.eos_ids)
             width = int(mask.sum(0).nonzero().max()) + 1  # drop columns that are padding in every row
             seq, mask = seq[:, :width], mask[:, :width]
             action_mask = mask[:, 1:].clone()
             action_mask[:, :prompt_ids.shape[1] - 1] = 0
-            truncated = (seq[:, prompt_ids.shape[1]:] == tok.eos_id).sum(-1) == 0
+            truncated = ~is_eos(seq[:, prompt_ids.shape[1]:], tok.eos_ids).any(-1)
             samples.append((seq, mask, action_mask.float(), truncated))
     t_generate = time.time() - t0
 
@@ -589,40 +590,41 @@ def parse_args(argv=None):
     a("--algo", choices=["ppo_lag", "ppo", "reward_shaping"], default="ppo_lag",
       help="ppo_lag: constrained (learned lambda); ppo: reward only; reward_shaping: fixed lambda, reward R - lambda C")
     a("--actor", default="out/sft/model", help="policy to fine-tune (the SFT model); also the frozen reference")
+    a("--reference", default=None, help="the frozen KL reference, when it is not --actor (rounds.py --reference sft)")
     a("--reward-model", default="out/reward_model/model", help="frozen reward model; the reward critic starts from it")
     a("--cost-model", default="out/cost_model/model", help="frozen cost model; the cost critic starts from it ('none' for --algo ppo)")
     a("--prompts", default=None, help="prompt files 'path[:fraction|:count],...' with a 'prompt' field; default: the synthetic task's")
     a("--ptx-data", default=None, help="SFT files for the PTX loss (default: the synthetic SFT data when --ptx-coeff > 0)")
-    a("--critic-lr", type=training.positive(float), default=None, help="critics' learning rate (constant after warmup)")
-    a("--max-new-tokens", type=training.positive(int), default=None, help="answer length limit; answers cut there without EOS are counted")
+    a("--critic-lr", type=cli.positive(float), default=None, help="critics' learning rate (constant after warmup)")
+    a("--max-new-tokens", type=cli.positive(int), default=None, help="answer length limit; answers cut there without EOS are counted")
     a("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
     a("--top-p", type=float, default=1.0, help="nucleus sampling mass of rollouts")
-    a("--kl-coeff", type=training.non_negative, default=None, help="beta: weight of the per-token KL(actor || reference) penalty")
+    a("--kl-coeff", type=cli.non_negative, default=None, help="beta: weight of the per-token KL(actor || reference) penalty")
     a("--clip-eps", type=float, default=0.2, help="PPO ratio clip")
     a("--clip-range-score", type=float, default=50.0, help="per-token rewards and costs are clipped to +-this")
     a("--clip-range-value", type=float, default=5.0, help="value clip around the rollout-time values")
     a("--gamma", type=float, default=1.0, help="discount")
     a("--gae-lambda", type=float, default=0.95, help="GAE lambda")
-    a("--ppo-epochs", type=training.positive(int), default=1, help="PPO updates per rollout batch")
-    a("--ptx-coeff", type=training.non_negative, default=None, help="weight of the SFT (PTX) loss added to the actor's")
+    a("--ppo-epochs", type=cli.positive(int), default=1, help="PPO updates per rollout batch")
+    a("--ptx-coeff", type=cli.non_negative, default=None, help="weight of the SFT (PTX) loss added to the actor's")
     a("--threshold", type=float, default=None, help="cost limit: J_C <= threshold (on the cost model's scale; see the quantiles printed at start)")
     a("--lambda-update", choices=list(LambdaRule.registry), default="sgd",
       help="how lambda moves: sgd (the authors': SGD on log lambda) or pid (Stooke et al. 2020)")
-    a("--lambda-init", type=training.positive(float), default=1.0, help="initial lambda, above 0 (reward_shaping: the fixed lambda)")
-    a("--lambda-lr", type=training.positive(float), default=0.1, help="sgd: step size on log lambda")
-    a("--lambda-max", type=training.positive(float), default=5.0, help="upper clamp of lambda")
+    a("--lambda-init", type=cli.positive(float), default=1.0, help="initial lambda, above 0 (reward_shaping: the fixed lambda)")
+    a("--lambda-lr", type=cli.positive(float), default=0.1, help="sgd: step size on log lambda")
+    a("--lambda-max", type=cli.positive(float), default=5.0, help="upper clamp of lambda")
     a("--lambda-update-delay", type=int, default=0, help="iterations before lambda starts to move")
-    a("--episode-cost-window", type=training.positive(int), default=None, help="J_C is the mean cost of this many most recent episodes (all ranks)")
+    a("--episode-cost-window", type=cli.positive(int), default=None, help="J_C is the mean cost of this many most recent episodes (all ranks)")
     for rule in LambdaRule.registry.values():
         rule.add_args(parser)
     a("--truncation-penalty", type=float, default=0.0, help="subtracted from the reward of answers cut without EOS (their end score is read off-distribution)")
     a("--offload-frozen", action="store_true", help="keep the frozen reference/reward/cost models' shards in CPU memory")
-    training.add_common_args(parser, out=None)
-    training.show_recipes(parser, TINY, AUTHORS, notes={"kl_coeff": f"--algo ppo/reward_shaping: {AUTHORS_BASELINE_KL_COEFF}"})
+    cli.add_common_args(parser, out=None)
+    cli.show_recipes(parser, TINY, AUTHORS, notes={"kl_coeff": f"--algo ppo/reward_shaping: {AUTHORS_BASELINE_KL_COEFF}"})
     args = parser.parse_args(argv)
     recipe = TINY if args.prompts is None else {**AUTHORS, **(
         {} if args.algo == "ppo_lag" else {"kl_coeff": AUTHORS_BASELINE_KL_COEFF})}
-    training.apply_recipe(args, recipe)
+    cli.apply_recipe(args, recipe)
     args.out = args.out or f"out/{args.algo}"
     if args.algo != "ppo" and args.cost_model.lower() == "none":
         parser.error(f"--algo {args.algo} needs --cost-model")
@@ -646,8 +648,7 @@ def load_data(args, d) -> PPOData:
         from data.judge import judge
     else:
         prompt_spec, synthetic_tokenizer, ptx_spec = args.prompts, None, args.ptx_data
-    training.check_template(args, args.actor, args.reward_model, args.cost_model)
-    tok = training.load_tokenizer(args, args.actor, synthetic_tokenizer, d)
+    tok = training.load_tokenizer(args, args.actor, synthetic_tokenizer, d, args.reward_model, args.cost_model)
     prompts, _ = load_prompts(prompt_spec, seed=args.seed, log=d.print)
     prompt_set, _ = tokenize_prompts(tok, prompts, args.max_length, log=d.print, template=args.template)
     training.require_examples(prompt_set, "prompts", args.batch_size, d.print)
@@ -663,19 +664,20 @@ def load_data(args, d) -> PPOData:
 
 
 def load_models(args, d, tok, total_steps: int) -> Models:
-    """Actor and reference from --actor, reward model and reward critic from --reward-model,
+    """Actor and reference from --actor (the reference from --reference if given), reward model and reward critic from --reward-model,
     cost model and cost critic from --cost-model; optimisers for the three trained ones."""
     load = partial(training.load_model, d=d, seed=args.seed)
     frozen = dict(trainable=False, cpu_offload=args.offload_frozen)
     trained = dict(activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload)
     use_cost_model = args.cost_model.lower() != "none"
     actor = load(args.actor, "lm", **trained)
-    reference = load(args.actor, "lm", **frozen)
+    reference = load(args.reference or args.actor, "lm", **frozen)
     reward_model = load(args.reward_model, "score", **frozen)
     cost_model = load(args.cost_model, "score", **frozen) if use_cost_model else None
     reward_critic = load(args.reward_model, "score", **trained)
     cost_critic = load(args.cost_model, "score", **trained) if args.algo == "ppo_lag" else None
-    for model, path in ((actor, args.actor), (reward_model, args.reward_model), (cost_model, args.cost_model)):
+    for model, path in ((actor, args.actor), (reference, args.reference or args.actor),
+                        (reward_model, args.reward_model), (cost_model, args.cost_model)):
         if model is not None:
             training.check_vocab(model, tok, path)
     training.check_score_model(reward_model, args.reward_model, "reward")
@@ -742,11 +744,11 @@ def main(argv=None):
     logger.close()
 
     # -- save: the aligned policy -----------------------------------------------------------------
-    final = training.save_final(models.actor, args.out, d, data.tok, args.template, name="actor")
+    final = training.save_final(models.actor, args.out, d, data.tok, args, name="actor")
     d.print(f"ppo_lag ({args.algo}): {'already complete' if start_step >= total_steps else 'done'}; actor in {final}"
             + (f"; lambda {multiplier.value:.3f}" if args.algo == "ppo_lag" else ""))
     training.teardown_distributed(d)
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

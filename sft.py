@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 
+import cli
 import training
 from checkpoint import Checkpointer
 from data.loaders import collate_sft, load_sft, tokenize_sft
@@ -52,10 +53,10 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="SFT files 'path[:fraction|:count],...' (Alpaca or prompt/response JSON[L]); default: the synthetic task")
     parser.add_argument("--eval-data", default=None, help="held-out SFT files (default: the synthetic eval split, or --eval-fraction of --data)")
     parser.add_argument("--eval-fraction", type=float, default=0.02, help="share of --data held out when --eval-data is not given")
-    training.add_common_args(parser, out="out/sft")
-    training.show_recipes(parser, TINY, AUTHORS)
+    cli.add_common_args(parser, out="out/sft")
+    cli.show_recipes(parser, TINY, AUTHORS)
     args = parser.parse_args(argv)
-    training.apply_recipe(args, TINY if args.data is None else AUTHORS)
+    cli.apply_recipe(args, TINY if args.data is None else AUTHORS)
 
     # -- setup ----------------------------------------------------------------------------------
     d = training.setup_distributed(args.device, args.precision)
@@ -68,7 +69,6 @@ def main(argv=None):
         train_spec, eval_spec, synthetic_tokenizer = task.sft_train, task.sft_eval, task.tokenizer
     else:
         train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
-    training.check_template(args, args.model)
     tok = training.load_tokenizer(args, args.model, synthetic_tokenizer, d)
     train_examples, eval_examples = training.load_train_eval(load_sft, train_spec, eval_spec, args.eval_fraction,
                                                              args.seed, d.print)
@@ -133,10 +133,10 @@ def main(argv=None):
     logger.close()
 
     # -- save: the model the next stages start from ----------------------------------------------
-    final = training.save_final(model, args.out, d, tok, args.template)
+    final = training.save_final(model, args.out, d, tok, args)
     d.print(f"sft: {'already complete' if start_step >= total_steps else 'done'}; model in {final}")
     training.teardown_distributed(d)
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

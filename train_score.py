@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import cli
 import training
 from checkpoint import Checkpointer
 from data.loaders import (collate_cost_pairs, collate_reward_pairs, cost_pairs, load_preferences, reward_pairs,
@@ -157,10 +158,10 @@ def main(argv=None):
     parser.add_argument("--eval-data", default=None, help="held-out preference files (default: the synthetic eval split, or --eval-fraction of --data)")
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is not given")
     parser.add_argument("--mu", type=float, default=0.001, help="L2 regularisation of the end scores (keeps them near 0)")
-    training.add_common_args(parser, out=None)
-    training.show_recipes(parser, TINY, AUTHORS)
+    cli.add_common_args(parser, out=None)
+    cli.show_recipes(parser, TINY, AUTHORS)
     args = parser.parse_args(argv)
-    training.apply_recipe(args, TINY if args.data is None else AUTHORS)
+    cli.apply_recipe(args, TINY if args.data is None else AUTHORS)
     args.out = args.out or f"out/{args.objective}_model"
     objective = OBJECTIVES[args.objective]
 
@@ -176,7 +177,6 @@ def main(argv=None):
         train_spec, eval_spec, synthetic_tokenizer = task.preference_train, task.preference_eval, task.tokenizer
     else:
         train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
-    training.check_template(args, args.model)
     tok = training.load_tokenizer(args, args.model, synthetic_tokenizer, d)
     load_rows = partial(load_preferences, drop_inconsistent=objective.drop_inconsistent)
     train_rows, eval_rows = training.load_train_eval(load_rows, train_spec, eval_spec, args.eval_fraction,
@@ -240,11 +240,11 @@ def main(argv=None):
                          **{k.removeprefix("eval_score_"): v for k, v in eval_result.items() if k.startswith("eval_score_q")}}
     if d.is_main:
         training.write_json(f"{args.out}/eval.json", eval_result)
-    final = training.save_final(model, args.out, d, tok, args.template)
+    final = training.save_final(model, args.out, d, tok, args)
     d.print(f"{args.objective} model: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_result.items()))
     d.print(f"train_score: {'already complete' if start_step >= total_steps else 'done'}; model in {final}")
     training.teardown_distributed(d)
 
 
 if __name__ == "__main__":
-    training.run(main)
+    cli.run(main)

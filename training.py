@@ -1,6 +1,5 @@
 """What sft.py, train_score.py and ppo_lag.py share, written once.
 
-    add_common_args(parser); show_recipes(...)  the flags every stage has; --help shows both recipes
     d = setup_distributed(device, precision)    rank, world, device, bf16 or not; a gloo or nccl mesh
     model = load_model(spec, head, d, ...)      meta init, FSDP2 per block then the root, weights in
     opt, sched = build_optimizer(...)           AdamW (no decay on norms/biases) + cosine with warmup
@@ -8,7 +7,8 @@
     for step in ...: batches_for_step(...)      deterministic global batches, split across ranks
     log = Logger(...)                           <out>/log.jsonl, one object per step, and a progress bar
 
-Checkpoints are checkpoint.py's, files on disk (Hugging Face format, atomic writes) hf_io.py's.
+The command line (flags, recipes, user errors) is cli.py's, checkpoints are checkpoint.py's, files on
+disk (Hugging Face format, atomic writes) hf_io.py's.
 
 Launched with torchrun, every function here is collective-safe (all ranks call it). Launched as
 one plain process there is no process group at all and the model is a plain module: that run is
@@ -20,7 +20,6 @@ means restoring weights, optimiser, schedule, step and RNG, nothing else.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -39,128 +38,18 @@ import torch.distributed as dist
 
 import hf_io
 from data.loaders import split_train_eval
-from data.tokenizer import TEMPLATES, Tokenizer, encode_prompt, find_tokenizer_file
+from data.tokenizer import Tokenizer, encode_prompt, find_tokenizer_file
 from model import PRESETS, Transformer
 
 # ----------------------------------------------------------------------------------------------
-# Flags every stage has
+# Data and tokenizer
 
 
-def positive(kind):
-    """argparse type: a number of `kind` above 0 (a 0 step count or batch size is never meant)."""
-    def parse(text):
-        value = kind(text)
-        if not value > 0:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-        return value
-    return parse
-
-
-def fraction(text):
-    """argparse type: a number in [0, 1)."""
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def non_negative(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def add_common_args(parser, out: str):
-    """Flags shared by the stage scripts. Those defaulting to None take the script's recipe."""
-    a = parser.add_argument
-    a("--out", default=out, help="output dir: log.jsonl, checkpoints/, the final model")
-    a("--tokenizer", default=None, help="tokenizer.json / tokenizer.model or a directory (default: the one beside the "
-                                        "model, else the synthetic task's)")
-    a("--template", choices=TEMPLATES, default="safe_rlhf",
-      help="conversation template: safe_rlhf (the authors': BEGINNING OF CONVERSATION: USER: ... ASSISTANT:) or chat "
-           "(the checkpoint's own chat template from tokenizer_config.json, rendered with jinja2)")
-    a("--synthetic-dir", default="out/synthetic", help="where the embedded synthetic task is generated (if missing)")
-    a("--data-seed", type=int, default=0, help="seed of the synthetic task (the same task for every training seed)")
-    a("--epochs", type=positive(float), default=None, help="passes over the training data")
-    a("--max-steps", type=positive(int), default=None, help="stop after this many optimiser steps (overrides --epochs)")
-    a("--batch-size", type=positive(int), default=None, help="examples per optimiser step, over all ranks")
-    a("--micro-batch-size", type=positive(int), default=None, help="examples per forward pass per rank (accumulation fills the rest)")
-    a("--lr", type=positive(float), default=None, help="peak learning rate")
-    a("--weight-decay", type=non_negative, default=None, help="AdamW weight decay (never on norms and biases)")
-    a("--warmup-ratio", type=fraction, default=None, help="share of steps with linear warmup before the cosine decay")
-    a("--max-length", type=positive(int), default=None, help="tokens per sequence (longer ones are truncated or dropped, and counted)")
-    a("--grad-clip", type=non_negative, default=1.0, help="max global gradient norm (0: no clipping)")
-    a("--eval-every", type=positive(int), default=50, help="evaluate every N steps (and at the end)")
-    a("--save-every", type=positive(int), default=100, help="checkpoint every N steps (and at the end); a rerun resumes from the latest")
-    a("--seed", type=int, default=0, help="data order, synthetic task, fresh weights")
-    a("--device", default="auto", help="auto | cpu | cuda")
-    a("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-      help="bf16: bf16 compute, fp32 master weights and gradient reduction; auto: bf16 on GPUs, fp32 on CPU")
-    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-      help="recompute each block in backward to save memory (default: the recipe's; on for the authors' 7B one)")
-    a("--cpu-offload", action="store_true", help="keep sharded parameters and optimiser state in CPU memory")
-
-
-def show_recipes(parser, tiny: dict, authors: dict, notes: dict | None = None):
-    """Append each recipe flag's two values to its --help line, so a user sees what runs without
-    reading the code: "[tiny: 3e-3 | authors': 2e-5]" (notes: extra words per flag)."""
-    parser.epilog = ("[tiny | authors'] after a flag: the value it takes when left unset, from the tiny CPU recipe "
-                     "on the embedded task (no data files given) or from the authors' LLaMA-7B recipe "
-                     "(../shared/SAFE_RLHF.md; data files given).")
-    for action in parser._actions:
-        key = action.dest
-        if key in tiny or key in authors:
-            extra = f"; {notes[key]}" if notes and key in notes else ""
-            values = f"[tiny: {tiny.get(key, action.default)} | authors': {authors.get(key, action.default)}{extra}]"
-            action.help = f"{action.help or ''} {values.replace('%', '%%')}"
-
-
-def apply_recipe(args, recipe: dict):
-    """Fill the flags left at None from the recipe (the tiny CPU one or the authors' 7B one), then
-    check the batch flags against the number of ranks: before any data or model is loaded."""
-    for key, value in recipe.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % (args.micro_batch_size * world):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {world} rank(s)")
-    return args
-
-
-def run(main):
-    """Run a script's main(). An expected user error (a bad flag, file, data line, checkpoint:
-    ValueError, KeyError, FileNotFoundError, ... raised by this project's own code, whose message
-    names the culprit and the fix) prints that message once (rank 0) and exits with status 2; an
-    error raised inside a library (a bug, ours or theirs) keeps its traceback, as does every error
-    with SAFE_RLHF_DEBUG=1."""
-    try:
-        main()
-    except (ValueError, KeyError, OSError, FloatingPointError, RuntimeError) as error:
-        if os.environ.get("SAFE_RLHF_DEBUG", "0") not in ("", "0") or not _raised_here(error):
-            raise
-        if os.environ.get("RANK", "0") == "0":
-            message = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
-            print(f"error: {message}\n(SAFE_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def _raised_here(error: BaseException) -> bool:
-    """Whether the frame that raised `error` is this project's code (not a library's)."""
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return False
-    file = Path(tb.tb_frame.f_code.co_filename).resolve()
-    root = Path(__file__).resolve().parent
-    return file.is_relative_to(root) and "site-packages" not in file.parts
-
-
-def load_tokenizer(args, model_path: str, synthetic_tokenizer, d: "Dist") -> Tokenizer:
+def load_tokenizer(args, model_path: str, synthetic_tokenizer, d: "Dist", *other_models) -> Tokenizer:
     """--tokenizer (a tokenizer.json / tokenizer.model, or a directory), else the one beside the
-    model, else the synthetic task's; checked against --template (the chat template needs one)."""
+    model, else the synthetic task's; checked against --template (the chat template needs one),
+    as are the templates model_path and other_models were trained with."""
+    check_template(args, model_path, *other_models)
     if not Path(model_path).is_dir() and model_path not in PRESETS:
         raise FileNotFoundError(f"{model_path}: no such checkpoint directory (nor a preset: {', '.join(PRESETS)})")
     if args.tokenizer is not None:
@@ -181,12 +70,13 @@ def check_template(args, *checkpoints):
     """Every model of a run must share one conversation template: a policy trained on the chat
     template and scored by models trained on the authors' one would be judged on text it never writes."""
     for path in checkpoints:
-        config = Path(path) / "config.json"
-        if config.is_file():
-            trained_with = json.loads(config.read_text()).get("template", "safe_rlhf")
-            if trained_with != args.template:
-                raise ValueError(f"{path} was trained with --template {trained_with}; pass --template {trained_with} "
-                                 f"(now {args.template})")
+        try:
+            trained_with = json.loads((Path(path) / "config.json").read_text()).get("template", "safe_rlhf")
+        except (OSError, ValueError, AttributeError):
+            continue  # a preset, or a missing or broken config.json: named where the model is loaded
+        if trained_with != args.template:
+            raise ValueError(f"{path} was trained with --template {trained_with}; pass --template {trained_with} "
+                             f"(now {args.template})")
 
 
 def check_vocab(model: Transformer, tok, path):
@@ -365,6 +255,7 @@ def load_model(spec: str, head: str, d: Dist, *, seed: int = 0, activation_check
         set_model_state_dict(model, state or {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.score_stats = src.score_stats
+    model.source_dtype = src.dtype  # what the product is saved in by default
     model.activation_checkpointing = activation_checkpointing
     model.requires_grad_(trainable)
     if not trainable:
@@ -557,6 +448,9 @@ class Logger:
         self.path = Path(out_dir) / "log.jsonl"
         self.start_time, self.start_step = time.time(), resume_step
         self.tty = sys.stderr.isatty()
+        if resume_step < total_steps:  # the first line comes after a whole step: minutes at 7B
+            d.print(f"[{name}] step {resume_step + 1}/{total_steps} running (the first step is the slowest: "
+                    "allocation, kernel compilation)")
         if d.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
@@ -605,11 +499,13 @@ def write_json(path, obj):
     hf_io.atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_final(model, out_dir, d: Dist, tok: Tokenizer, template: str, name: str = "model"):
+def save_final(model, out_dir, d: Dist, tok: Tokenizer, args, name: str = "model"):
     """The stage's product: an HF-format directory <out>/<name> (atomic), with the tokenizer's files
     (and its special-token and generation configs) beside the weights, so the next stage, or
-    transformers, needs one path; config.json records the conversation template."""
+    transformers, needs one path; config.json records the conversation template. The weights are
+    in the dtype of the checkpoint the run started from (a bf16 7B model stays 13 GB), or --save-dtype."""
     target = Path(out_dir) / name
-    model.save_pretrained(target, extra_files=tok.files, extra_config={"template": template})
+    dtype = model.source_dtype if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+    model.save_pretrained(target, dtype=dtype, extra_files=tok.files, extra_config={"template": args.template})
     d.barrier()
     return target

@@ -90,19 +90,6 @@ CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_
 _RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>")
 
 
-def resolve_pad_id(pad_id: int, unk_id: int, eos_id: int) -> int:
-    """The id to pad with: the model's pad piece, else unk; never eos (the sentencepiece rule, kept for callers)."""
-    chosen = pad_id if pad_id >= 0 else unk_id
-    if chosen < 0:
-        raise ValueError("tokenizer defines neither a pad nor an unk piece; cannot choose a pad id")
-    if chosen == eos_id:
-        raise ValueError(
-            f"pad id {chosen} equals eos id {eos_id}: end scores are read at the last non-pad "
-            "token, so pad must differ from eos (use a tokenizer with a distinct pad or unk piece)"
-        )
-    return chosen
-
-
 def find_tokenizer_file(path: str | Path) -> Path:
     """A tokenizer.json / tokenizer.model file as given, or the one in a directory (tokenizer.json preferred)."""
     path = Path(path)

@@ -2,7 +2,7 @@
 
 Entry points (the rest of the project calls only these):
 
-    flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None)
+    flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, window=None)
     logprobs_from_logits(logits, targets, temperature=1.0)
     fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False)
 
@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from .attention import TRITON_AVAILABLE, flash_attention_torch
+from .attention import TRITON_AVAILABLE, flash_attention_torch, sliding_window_attention_torch
 from .logprob import fused_linear_logprobs_torch, logprobs_from_logits_torch
 
 if TRITON_AVAILABLE:
@@ -72,9 +72,15 @@ def _autocast_inputs(*tensors):
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
-def flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None):
-    """Softmax attention, q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] -> [B, Tq, Hq, D]. See kernels/attention.py."""
+def flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, window=None):
+    """Softmax attention, q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] -> [B, Tq, Hq, D]. See kernels/attention.py.
+
+    window (Mistral's sliding window): a query sees at most `window` keys, itself included. Only
+    the PyTorch path has it; while every sequence fits in the window it changes nothing and the
+    usual dispatch applies."""
     q, k, v = _autocast_inputs(q, k, v)
+    if window is not None and k.shape[1] > window:
+        return sliding_window_attention_torch(q, k, v, window=window, kv_start=kv_start, softmax_scale=softmax_scale)
     head_dim_ok = q.shape[-1] in TRITON_HEAD_DIMS or os.environ.get("KERNELS", "").lower() == "triton"
     impl = flash_attention_triton if use_triton(q) and head_dim_ok else flash_attention_torch
     return impl(q, k, v, causal=causal, kv_start=kv_start, softmax_scale=softmax_scale)

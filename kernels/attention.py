@@ -76,7 +76,14 @@ def _masks(batch, q_len, k_len, causal, kv_start, device):
     through the backward even if the output were zeroed after the fact. So such rows see every key
     (finite math) and are zeroed with torch.where afterwards, which also zeroes their gradient.
     The result is memoised for the next call with the same kv_start tensor (the other layers of
-    the same step): the key holds kv_start itself, so its identity cannot be recycled."""
+    the same step): the key holds kv_start itself, so its identity cannot be recycled.
+
+    A single query (decoding) with left padding gets an additive fp32 mask instead (see
+    _decode_mask), unless some row sees no key yet."""
+    if q_len == 1 and kv_start is not None:
+        mask = _decode_mask(batch, k_len, kv_start, device)
+        if mask is not None:
+            return mask, None
     key = (kv_start, None if kv_start is None else kv_start._version, batch, q_len, k_len, causal, device)
     cached_key, cached = _last_masks
     if cached_key is not None and cached_key[0] is kv_start and cached_key[1:] == key[1:]:
@@ -89,6 +96,36 @@ def _masks(batch, q_len, k_len, causal, kv_start, device):
         masks = (visible, None) if bool(row_sees_something.all()) else (visible | ~row_sees_something, row_sees_something)
     _last_masks[:] = [key, masks]
     return masks
+
+
+_last_decode_mask = [None, None, None]  # (key, mask over `capacity` keys, first k_len where every row sees a key)
+
+
+def _decode_mask(batch, k_len, kv_start, device):
+    """Additive mask [B, 1, 1, k_len] (0 visible, -inf padding, fp32) of one query per row that sits
+    after every key, or None while some row sees no key (the general path zeroes such rows).
+
+    Decoding asks for it in every layer of every step with the same kv_start and one more key per
+    step, and each step's mask is a prefix of the next one's: so it is built once over a doubling
+    capacity and sliced, and the host check that every row sees a key runs once per kv_start
+    (rows see keys kv_start[b] <= j < k_len, so once all do, they do at every later step). Additive
+    because SDPA would turn a boolean mask into this one in every layer: the same values, the same
+    attention, bit for bit."""
+    key = (kv_start, kv_start._version, batch, device)
+    cached_key, mask, all_see_from = _last_decode_mask
+    same_rows = cached_key is not None and cached_key[0] is kv_start and cached_key[1:] == key[1:]
+    if not same_rows:
+        all_see_from = int(kv_start.max()) + 1  # the one host sync per kv_start
+    if not same_rows or mask.shape[-1] < k_len:
+        capacity = 64 * -(-2 * k_len // 64)
+        starts = kv_start.to(device=device, dtype=torch.long)[:, None]
+        padding = torch.arange(capacity, device=device)[None, :] < starts  # [B, capacity]
+        mask = torch.zeros(padding.shape, dtype=torch.float32, device=device).masked_fill_(padding, float("-inf"))
+        mask = mask[:, None, None, :]  # [B, 1, 1, capacity]
+        _last_decode_mask[:] = [key, mask, all_see_from]
+    if k_len < all_see_from:
+        return None
+    return mask[..., :k_len]
 
 
 def flash_attention_torch(q, k, v, *, causal=True, kv_start=None, softmax_scale=None):
@@ -114,12 +151,33 @@ def flash_attention_torch(q, k, v, *, causal=True, kv_start=None, softmax_scale=
         out = F.scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
     safe_visible, row_sees_something = masks
+    if safe_visible.is_floating_point() and safe_visible.dtype != q.dtype:
+        safe_visible = safe_visible.to(q.dtype)  # an additive decode mask (0 / -inf: exact in any dtype)
     out = F.scaled_dot_product_attention(
         q_bhtd, k_bhtd, v_bhtd, attn_mask=safe_visible, scale=scale, enable_gqa=gqa
     )
     if row_sees_something is not None:
         out = torch.where(row_sees_something, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.transpose(1, 2)
+
+
+def sliding_window_attention_torch(q, k, v, *, window, kv_start=None, softmax_scale=None):
+    """Causal attention in which query i sees keys i - window < j <= i (Mistral's sliding window,
+    the rule of Hugging Face's mask), bottom-right aligned like flash_attention. A query row that
+    sees no key returns 0 with a zero gradient."""
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len = k.shape[1]
+    key_pos = torch.arange(k_len, device=q.device)
+    query_pos = torch.arange(q_len, device=q.device) + (k_len - q_len)
+    offset = query_pos[:, None] - key_pos[None, :]
+    visible = ((offset >= 0) & (offset < window))[None, None]  # [1, 1, Tq, Tk]
+    if kv_start is not None:
+        visible = visible & (key_pos[None, :] >= kv_start.to(q.device, torch.long)[:, None])[:, None, None, :]
+    sees_some = visible.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=visible | ~sees_some, scale=softmax_scale,
+                                         enable_gqa=q_heads != k.shape[2])
+    return torch.where(sees_some, out, 0.0).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------

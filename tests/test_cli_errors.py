@@ -173,12 +173,18 @@ def test_missing_model_and_small_vocabulary(trained, task, tmp_path):
 def test_damaged_checkpoint_files_are_named(task, tmp_path):
     sft.main(sft_args(task, tmp_path / "run", "--max-steps", "2"))
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
-    (step / "model.optim.pt").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match=r"model\.optim\.pt: cannot be read.*older step directory"):
+    # The sharded layout (checkpoint.py): <name>/ and <name>.optim/ hold each rank's safetensors shards.
+    optim = step / "model.optim" / "shard-00001-model-00001-of-00001.safetensors"
+    saved = optim.read_bytes()
+    optim.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"model\.optim/shard-00001-model-00001-of-00001\.safetensors: cannot be "
+                                         r"read.*older step directory"):
         sft.main(sft_args(task, tmp_path / "run", "--max-steps", "3"))
-    weights = step / "model" / "model.safetensors"
+    optim.write_bytes(saved)
+    weights = step / "model" / "shard-00001-model-00001-of-00001.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"model/shard-00001-model-00001-of-00001\.safetensors: .*not a readable "
+                                         r"safetensors file"):
         sft.main(sft_args(task, tmp_path / "run", "--max-steps", "3"))
 
 

@@ -15,7 +15,7 @@ import sentencepiece as spm
 import torch
 
 from data.tokenizer import (PROMPT_TEMPLATE, TEMPLATES, Tokenizer, encode_dialogue, encode_prompt, format_prompt,
-                            prompt_text, render_chat, resolve_pad_id)
+                            prompt_text, render_chat)
 from make_tokenizers import (LLAMA3_CHAT_TEMPLATE, LLAMA32_CHAT_TEMPLATE, SAFE_RLHF_EXAMPLE, train_sentencepiece,
                             varied_texts, write_llama2_legacy_folder, write_llama2_t5_folder, write_llama3_folder)
 
@@ -50,15 +50,6 @@ def test_pad_piece_used_when_defined(tmp_path):
     assert tok.pad_id == 3
     tok = Tokenizer(_train_tiny_model(tmp_path / "u.model", unk_id=0, bos_id=1, eos_id=2, pad_id=-1))
     assert tok.pad_id == 0
-
-
-def test_resolve_pad_id():
-    assert resolve_pad_id(pad_id=5, unk_id=0, eos_id=2) == 5
-    assert resolve_pad_id(pad_id=-1, unk_id=0, eos_id=2) == 0
-    with pytest.raises(ValueError, match="pad id 2 equals eos id 2"):
-        resolve_pad_id(pad_id=2, unk_id=0, eos_id=2)
-    with pytest.raises(ValueError, match="pad id 2 equals eos id 2"):
-        resolve_pad_id(pad_id=-1, unk_id=2, eos_id=2)
 
 
 def test_missing_and_invalid_model_files(tmp_path):

@@ -1,0 +1,132 @@
+"""The command line of every script: the flags the stages share, the two recipes, and how an
+expected user error is reported.
+
+    parser = argparse.ArgumentParser(...); add_common_args(parser, out="out/sft")
+    show_recipes(parser, TINY, AUTHORS)          --help shows each recipe flag's two values
+    args = parser.parse_args(argv); apply_recipe(args, TINY if args.data is None else AUTHORS)
+    if __name__ == "__main__": cli.run(main)     a user error prints one message, no traceback
+"""
+
+from __future__ import annotations
+
+import argparse
+import linecache
+import os
+import sys
+from pathlib import Path
+
+from data.tokenizer import TEMPLATES
+
+def positive(kind):
+    """argparse type: a number of `kind` above 0 (a 0 step count or batch size is never meant)."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
+
+
+def fraction(text):
+    """argparse type: a number in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def non_negative(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def add_common_args(parser, out: str):
+    """Flags shared by the stage scripts. Those defaulting to None take the script's recipe."""
+    a = parser.add_argument
+    a("--out", default=out, help="output dir: log.jsonl, checkpoints/, the final model")
+    a("--tokenizer", default=None, help="tokenizer.json / tokenizer.model or a directory (default: the one beside the "
+                                        "model, else the synthetic task's)")
+    a("--template", choices=TEMPLATES, default="safe_rlhf",
+      help="conversation template: safe_rlhf (the authors': BEGINNING OF CONVERSATION: USER: ... ASSISTANT:) or chat "
+           "(the checkpoint's own chat template from tokenizer_config.json, rendered with jinja2)")
+    a("--synthetic-dir", default="out/synthetic", help="where the embedded synthetic task is generated (if missing)")
+    a("--data-seed", type=int, default=0, help="seed of the synthetic task (the same task for every training seed)")
+    a("--epochs", type=positive(float), default=None, help="passes over the training data")
+    a("--max-steps", type=positive(int), default=None, help="stop after this many optimiser steps (overrides --epochs)")
+    a("--batch-size", type=positive(int), default=None, help="examples per optimiser step, over all ranks")
+    a("--micro-batch-size", type=positive(int), default=None, help="examples per forward pass per rank (accumulation fills the rest)")
+    a("--lr", type=positive(float), default=None, help="peak learning rate")
+    a("--weight-decay", type=non_negative, default=None, help="AdamW weight decay (never on norms and biases)")
+    a("--warmup-ratio", type=fraction, default=None, help="share of steps with linear warmup before the cosine decay")
+    a("--max-length", type=positive(int), default=None, help="tokens per sequence (longer ones are truncated or dropped, and counted)")
+    a("--grad-clip", type=non_negative, default=1.0, help="max global gradient norm (0: no clipping)")
+    a("--eval-every", type=positive(int), default=50, help="evaluate every N steps (and at the end)")
+    a("--save-every", type=positive(int), default=100, help="checkpoint every N steps (and at the end); a rerun resumes from the latest")
+    a("--seed", type=int, default=0, help="data order, synthetic task, fresh weights")
+    a("--device", default="auto", help="auto | cpu | cuda")
+    a("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+      help="bf16: bf16 compute, fp32 master weights and gradient reduction; auto: bf16 on GPUs, fp32 on CPU")
+    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute each block in backward to save memory (default: the recipe's; on for the authors' 7B one)")
+    a("--cpu-offload", action="store_true", help="keep sharded parameters and optimiser state in CPU memory")
+    a("--save-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+      help="dtype of the final model (auto: the dtype of the checkpoint the run started from; fp32 from a preset)")
+
+
+def show_recipes(parser, tiny: dict, authors: dict, notes: dict | None = None):
+    """Append each recipe flag's two values to its --help line, so a user sees what runs without
+    reading the code: "[tiny: 3e-3 | authors': 2e-5]" (notes: extra words per flag)."""
+    parser.epilog = ("[tiny | authors'] after a flag: the value it takes when left unset, from the tiny CPU recipe "
+                     "on the embedded task (no data files given) or from the authors' LLaMA-7B recipe "
+                     "(../shared/SAFE_RLHF.md; data files given).")
+    for action in parser._actions:
+        key = action.dest
+        if key in tiny or key in authors:
+            extra = f"; {notes[key]}" if notes and key in notes else ""
+            values = f"[tiny: {tiny.get(key, action.default)} | authors': {authors.get(key, action.default)}{extra}]"
+            action.help = f"{action.help or ''} {values.replace('%', '%%')}"
+
+
+def apply_recipe(args, recipe: dict):
+    """Fill the flags left at None from the recipe (the tiny CPU one or the authors' 7B one), then
+    check the batch flags against the number of ranks: before any data or model is loaded."""
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % (args.micro_batch_size * world):
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} rank(s)")
+    return args
+
+
+def run(main):
+    """Run a script's main(). An expected user error (a bad flag, file, data line, checkpoint:
+    ValueError, KeyError, FileNotFoundError, ... raised by this project's own code, whose message
+    names the culprit and the fix) prints that message once (rank 0) and exits with status 2; an
+    error raised inside a library (a bug, ours or theirs) keeps its traceback, as does every error
+    with SAFE_RLHF_DEBUG=1."""
+    try:
+        main()
+    except (ValueError, KeyError, OSError, ImportError, FloatingPointError, RuntimeError) as error:
+        if os.environ.get("SAFE_RLHF_DEBUG", "0") not in ("", "0") or not _raised_here(error):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            message = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+            print(f"error: {message}\n(SAFE_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether `error` comes from a `raise` statement of this project's code (a message written
+    for the user), not from a library or from an operation that failed in our code (a bug)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    file = Path(tb.tb_frame.f_code.co_filename).resolve()
+    ours = file.is_relative_to(Path(__file__).resolve().parent) and "site-packages" not in file.parts
+    return ours and linecache.getline(str(file), tb.tb_lineno).lstrip().startswith("raise ")

@@ -1,0 +1,339 @@
+"""checkpoint.py's sharded, pickle-free checkpoints and hf_io.save_pretrained's streaming writer.
+
+In one process (fast): a save/resume round trip with pickle and torch.load made to raise, damaged
+and missing files named, a kill between the rename and the `latest` switch, old checkpoints rotated,
+an older layout refused, sharded HF output loadable by transformers.
+
+Whole scripts (slow): sft.py written by 2 ranks (killed by SIGKILL while saving its last checkpoint)
+resumes on 1 and on 4 ranks, written by 4 resumes on 2; ppo_lag.py (three optimisers, lambda's
+state) written by 2 resumes in one process; each with the losses and weights of an uninterrupted run.
+"""
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import checkpoint
+import hf_io
+import training
+from checkpoint import Checkpointer
+from model import ModelArgs, Transformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_ppo import checkpoints, ppo_args  # noqa: E402,F401  (checkpoints: the tiny PPO models, a fixture)
+from test_stages import ROOT, assert_same_weights, descendants, log_of, run  # noqa: E402
+
+PLAIN = training.Dist(0, 1, 0, torch.device("cpu"), None)
+
+
+# ------------------------------------------------------------------------------------------------
+# In one process, through the Checkpointer API
+
+
+def tiny_run(seed=0):
+    """A tiny score model (norms, a [1]-sized bias), AdamW and its schedule: name -> (model, opt, sched)."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, hidden_dim=64), head="score")
+    model.init_weights(seed=seed)
+    optimizer, scheduler = training.build_optimizer(model, 1e-2, 0.1, warmup_steps=1, total_steps=10)
+    return {"model": (model, optimizer, scheduler)}
+
+
+def train(models, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for model, optimizer, scheduler in models.values():
+            model(torch.randint(0, 64, (2, 8), generator=g)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+
+
+def no_pickle(monkeypatch) -> list:
+    """pickle.load/loads/Unpickler and torch.load raise, and are recorded (in case a caller
+    swallowed the error and fell back to something else)."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the checkpoint load path unpickled something")
+
+    class Unpickler:
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    for name in ("load", "loads"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Unpickler)
+    monkeypatch.setattr(torch, "load", refuse)
+    return calls
+
+
+def test_round_trip_without_pickle(tmp_path, monkeypatch):
+    saved = tiny_run()
+    train(saved, 3)
+    Checkpointer(tmp_path, PLAIN).save(3, saved, {"lambda": 0.5, "window": [1.0, 2.0]})
+    after_save = torch.rand(3), np.random.rand(), random.random()
+    step_dir = tmp_path / "checkpoints" / "step_00000003"
+    assert not list(step_dir.rglob("*.pt")) and not list(step_dir.rglob(".metadata"))  # no pickles written
+
+    torch.manual_seed(123)  # other RNG states, other weights: the resume must restore all of them
+    np.random.seed(123)
+    random.seed(123)
+    resumed = tiny_run(seed=7)
+    unpickled = no_pickle(monkeypatch)
+    step, state = Checkpointer(tmp_path, PLAIN).resume(resumed)
+    monkeypatch.undo()
+    assert not unpickled
+    assert step == 3 and state["lambda"] == 0.5 and state["window"] == [1.0, 2.0]
+    assert torch.equal(torch.rand(3), after_save[0])
+    assert (np.random.rand(), random.random()) == after_save[1:]
+    (a_model, a_opt, a_sched), (b_model, b_opt, b_sched) = saved["model"], resumed["model"]
+    for (name, p), q in zip(a_model.state_dict().items(), b_model.state_dict().values()):
+        assert torch.equal(p, q), name
+    sa, sb = a_opt.state_dict(), b_opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sa["state"]:
+        for key in sa["state"][i]:
+            assert torch.equal(sa["state"][i][key], sb["state"][i][key]), (i, key)
+    assert a_sched.state_dict() == b_sched.state_dict()
+    # ... so the next steps are the same.
+    train(saved, 2, seed=5)
+    train(resumed, 2, seed=5)
+    for (name, p), q in zip(a_model.state_dict().items(), b_model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_rng_states_round_trip(tmp_path):
+    models = tiny_run()
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    np.random.normal()  # numpy caches the second Gaussian of a pair: part of its state
+    random.gauss(0, 1)
+    Checkpointer(tmp_path, PLAIN).save(1, models, {})
+    expected = torch.rand(4), np.random.normal(size=3), random.gauss(0, 1), random.random()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    Checkpointer(tmp_path, PLAIN).resume(tiny_run())
+    got = torch.rand(4), np.random.normal(size=3), random.gauss(0, 1), random.random()
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]
+    rng = json.loads((tmp_path / "checkpoints" / "step_00000001" / "rng" / "rank_00000.json").read_text())
+    assert isinstance(rng["torch"], list) and isinstance(rng["numpy"], list)  # JSON, not pickles
+
+
+def test_damaged_and_missing_files_are_named(tmp_path):
+    models = tiny_run()
+    train(models, 1)
+    Checkpointer(tmp_path, PLAIN).save(1, models, {})
+    step_dir = tmp_path / "checkpoints" / "step_00000001"
+    shard = step_dir / "model.optim" / "shard-00001-model-00001-of-00001.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:len(whole) // 2])  # truncated (a full disk, a copy cut short)
+    with pytest.raises(ValueError, match=r"model\.optim/shard-00001-model-00001-of-00001\.safetensors: cannot be read: "
+                                         r"not a readable safetensors file .*truncated.*point .*latest at an older "
+                                         r"step directory"):
+        Checkpointer(tmp_path, PLAIN).resume(tiny_run())
+    shard.write_bytes(whole[:8] + b"\xff" * (len(whole) - 8))  # the right size, a garbled header
+    with pytest.raises(ValueError, match=r"shard-00001-model-00001-of-00001\.safetensors: cannot be read: not a "
+                                         r"readable safetensors file"):
+        Checkpointer(tmp_path, PLAIN).resume(tiny_run())
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.optim/shard-00001-model-00001-of-00001\.safetensors is "
+                                                r"missing from this checkpoint"):
+        Checkpointer(tmp_path, PLAIN).resume(tiny_run())
+    (step_dir / "state.json").write_text('{"step": 1, ')
+    with pytest.raises(ValueError, match=r"state\.json: cannot be read.*older step directory"):
+        Checkpointer(tmp_path, PLAIN).resume(tiny_run())
+
+
+def test_kill_before_latest_switch_and_rotation(tmp_path, monkeypatch):
+    models = tiny_run()
+    ckpt = Checkpointer(tmp_path, PLAIN)
+    train(models, 1)
+    ckpt.save(1, models, {"at": 1})
+    train(models, 1)
+    atomic_write = hf_io.atomic_write
+
+    def die_before_latest(path, content):
+        if Path(path).name == "latest":
+            raise KeyboardInterrupt("killed between the rename and the switch of latest")
+        atomic_write(path, content)
+
+    monkeypatch.setattr(hf_io, "atomic_write", die_before_latest)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(2, models, {"at": 2})
+    monkeypatch.undo()
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000001\n" and (root / "step_00000002" / "state.json").is_file()
+    step, state = Checkpointer(tmp_path, PLAIN).resume(tiny_run())
+    assert step == 1 and state["at"] == 1  # `latest` decides, not the newest directory
+    for step in (2, 3, 4):  # saving step 2 again replaces the directory; only the last two are kept
+        ckpt.save(step, models, {"at": step})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+
+    # A kill while the shards are written leaves a temporary directory, never taken for a checkpoint
+    # and removed by the next save.
+    (root / ".tmp-step_00000005" / "model").mkdir(parents=True)
+    assert Checkpointer(tmp_path, PLAIN).resume(tiny_run())[0] == 4
+    ckpt.save(6, models, {})
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_older_layout_is_refused(tmp_path):
+    step_dir = tmp_path / "checkpoints" / "step_00000002"
+    step_dir.mkdir(parents=True)
+    (step_dir / "state.json").write_text(json.dumps({"step": 2, "schedules": {}}))
+    (step_dir / "model.optim.pt").write_bytes(b"PK")
+    with pytest.raises(ValueError, match="older checkpoint layout.*never unpickles"):
+        Checkpointer(tmp_path, PLAIN).resume(tiny_run())
+
+
+def test_save_pretrained_streams_hf_shards(tmp_path):
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, hidden_dim=64, tie_embeddings=True))
+    model.init_weights(seed=0)
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "many", max_shard_size=20_000, extra_files=[tmp_path / "one" / "config.json"])
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    assert "lm_head.weight" not in index["weight_map"]  # tied: stored once
+    for name in ("one", "many"):
+        state = hf_io.full_state_dict(hf_io.describe(tmp_path / name))
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(state[key], tensor), (name, key)
+    with safe_open(tmp_path / "one" / "model.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "many")
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.log_softmax(hf(ids).logits, -1), torch.log_softmax(model(ids), -1),
+                                   rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole scripts, in subprocesses: N ranks write, M ranks resume
+
+
+SFT = ["--max-steps", "3", "--batch-size", "16", "--micro-batch-size", "4", "--eval-every", "3",
+       "--save-every", "1", "--max-length", "96"]
+
+
+def rewind_to(out, step, final="model"):
+    """As if the run had died after checkpoint `step`: later checkpoints and the final model gone."""
+    for later in (out / "checkpoints").glob("step_*"):
+        if int(later.name.removeprefix("step_")) > step:
+            shutil.rmtree(later)
+    shutil.rmtree(out / final, ignore_errors=True)
+    (out / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+
+
+def run_killed_in_save(script, args, nproc, kill_step, tmp_path):
+    """Run `script` under torchrun with rank 1 SIGKILLed inside checkpoint `kill_step`'s save, right
+    after its shards of the first model are written (rank 0 then waits in a collective until torchrun
+    tears it down)."""
+    wrapper = tmp_path / "die_in_save.py"
+    wrapper.write_text(f"""
+import os, runpy, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import checkpoint
+save = checkpoint._save_tensors
+def save_then_die(directory, tensors, d):
+    save(directory, tensors, d)
+    if directory.parent.name == ".tmp-step_{kill_step:08d}" and d.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint._save_tensors = save_then_die
+sys.argv = [{str(ROOT / script)!r}, *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(wrapper), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.wait(timeout=300) != 0, "the run was not killed"
+    finally:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def shard_shapes(directory) -> dict:
+    """File -> {tensor: shape} of a DCP safetensors directory."""
+    shapes = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            shapes[file.name] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return shapes
+
+
+@pytest.mark.slow
+def test_sft_resumes_on_other_world_sizes(tmp_path, synthetic_data):
+    args = [*SFT, "--synthetic-dir", str(synthetic_data.dir)]
+    # The uninterrupted reference, on 4 ranks; its step-2 checkpoint resumes on 2.
+    straight = tmp_path / "w4"
+    run("sft.py", [*args, "--out", str(straight)], nproc=4)
+    reference = log_of(straight)
+    shapes = shard_shapes(straight / "checkpoints" / "step_00000002" / "model")
+    assert len(shapes) == 4  # one file per rank, each with its quarter of every tensor
+    assert {s["tok_embeddings.weight"] for s in shapes.values()} == {(1024 // 4, 128)}
+
+    # 2 ranks, rank 1 SIGKILLed while writing the step-3 checkpoint: `latest` still names step 2,
+    # the half-written directory is left under its temporary name.
+    killed = tmp_path / "w2"
+    run_killed_in_save("sft.py", [*args, "--out", str(killed)], 2, 3, tmp_path)
+    ckpts = killed / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000002\n"
+    assert list((ckpts / ".tmp-step_00000003" / "model").glob("*.safetensors"))
+    assert not (ckpts / "step_00000003").exists() and not (killed / "model").exists()
+    shutil.copytree(killed, tmp_path / "w2to4")
+    shutil.copytree(straight, tmp_path / "w4to2")
+    rewind_to(tmp_path / "w4to2", 2)
+
+    for out, nproc in ((killed, 1), (tmp_path / "w2to4", 4), (tmp_path / "w4to2", 2)):
+        result = run("sft.py", [*args, "--out", str(out)], nproc=nproc)
+        assert "resumed from" in result.stdout and "step_00000002" in result.stdout, out
+        log = log_of(out)
+        assert [r["step"] for r in log] == [1, 2, 3], out
+        assert log[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-5), out
+        assert log[-1]["grad_norm"] == pytest.approx(reference[-1]["grad_norm"], rel=1e-4), out
+        assert log[-1]["eval_loss"] == pytest.approx(reference[-1]["eval_loss"], rel=1e-5), out
+        assert_same_weights(out / "model", straight / "model", rtol=1e-5)
+        assert not list((out / "checkpoints").glob(".tmp-*")), out
+
+
+@pytest.mark.slow
+def test_ppo_written_by_two_ranks_resumes_in_one_process(tmp_path, checkpoints):  # noqa: F811
+    # Three optimisers (actor and two critics), their schedules, lambda and its cost window.
+    extra = ["--max-steps", "3", "--lambda-update", "pid"]
+    straight = tmp_path / "two"
+    run("ppo_lag.py", ppo_args(checkpoints, straight, *extra), nproc=2)
+    step_dir = straight / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in step_dir.iterdir()) == [
+        "actor", "actor.optim", "cost_critic", "cost_critic.optim", "reward_critic", "reward_critic.optim", "rng",
+        "state.json"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    rewind_to(resumed, 2, final="actor")
+    result = run("ppo_lag.py", ppo_args(checkpoints, resumed, *extra))
+    assert "resumed from" in result.stdout
+    a, b = log_of(straight), log_of(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key in ("reward", "cost", "lambda", "kl", "actor_loss", "reward_critic_loss", "cost_critic_loss",
+                "mean_episode_cost", "constraint_violation"):
+        assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-5, abs=1e-6), key
+    assert_same_weights(straight / "actor", resumed / "actor", rtol=1e-5)
