@@ -4,6 +4,8 @@
     python plots.py curves out/ppo_lag/log.jsonl out/ppo_lag_pid/log.jsonl --out lambda.png   # overlaid
     python plots.py plane runs/seed*/eval/eval.json --out bench/plane.png
     python plots.py table runs/seed*/eval/eval.json          # markdown table, mean +- std over files
+    python plots.py rounds runs/rounds/seed*/rounds.json --out bench/rounds_plane.png   # rounds.py's rounds
+    python plots.py rounds-table runs/rounds/seed*/rounds.json                          # per round, mean +- std
 
 curves: PPO-Lagrangian runs' reward, cost, lambda and J_C - threshold per iteration (and, on
 the synthetic task, the ground-truth harmful rate and helpfulness of their rollouts), one line per
@@ -11,6 +13,9 @@ log.jsonl given.
 plane:  the helpfulness-harmlessness plane of the paper's comparison: one point per policy
 (SFT, PPO, reward shaping at each fixed lambda, PPO-Lagrangian), averaged over the eval.json
 files given (one per seed), with error bars of one standard deviation.
+rounds: the same plane for iterated Safe RLHF (rounds.py): one point per round, SFT -> v1 -> v2 -> v3
+as in the paper's figure, a thin line per seed (rounds.json given) and their mean, thick, with
+error bars.
 """
 
 import argparse
@@ -73,9 +78,14 @@ def plot_curves(log_files, out):
     if "true_harmful_rate" in first[0]:
         panels += [("true_harmful_rate", "harmful rate (ground truth)"), ("true_helpfulness", "helpfulness (ground truth)")]
     fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(10, 2.6 * (len(panels) // 2)), sharex=True)
+    # One colour per group (the directory above the runs, e.g. a seed), one line style per run name.
+    groups = list(dict.fromkeys(name.split("/")[0] for name in runs))
+    names = list(dict.fromkeys(name.split("/")[-1] for name in runs))
     for ax, (key, title) in zip(axes.flat, panels):
         for name, rows in runs.items():
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=1.2, label=name)
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=1.2, label=name,
+                    color=f"C{groups.index(name.split('/')[0]) % 10}",
+                    ls=("-", "--", ":", "-.")[names.index(name.split("/")[-1]) % 4])
         if key == "constraint_violation":
             ax.axhline(0.0, color="k", lw=0.8, ls="--")
         ax.set_title(title, fontsize=10)
@@ -116,18 +126,88 @@ def plot_plane(eval_files, out):
     print(f"wrote {out}")
 
 
+def round_points(rounds_files):
+    """[(seed label, {policy name: metrics})] from rounds.py's rounds.json files; policy names SFT, v1, v2, ..."""
+    runs = []
+    for f in rounds_files:
+        data = json.loads(Path(f).read_text())
+        points = {("SFT" if row["round"] == 0 else f"v{row['round']}"): row["eval"]
+                  for row in data["rounds"] if "eval" in row}
+        runs.append((f"seed {data.get('seed', Path(f).parent.name)}", points))
+    return runs
+
+
+def rounds_table(rounds_files, columns=("harmful_rate", "harmful_rate_phrasing", "harmful_rate_task", "helpfulness",
+                                        "over_refusal", "response_tokens")):
+    """Markdown: one row per round (SFT, v1, ...), mean +- std over the rounds.json files (seeds)."""
+    runs = round_points(rounds_files)
+    names = list(dict.fromkeys(name for _, points in runs for name in points))
+    lines = [f"| policy (mean ± std over {len(runs)} seed{'s' if len(runs) > 1 else ''}) | " + " | ".join(columns) + " |",
+             "| --- |" + " --- |" * len(columns)]
+    for name in names:
+        cells = []
+        for c in columns:
+            values = [points[name][c] for _, points in runs if name in points and c in points[name]]
+            if not values:
+                cells.append("")
+                continue
+            m, sd = mean_std(values)
+            cells.append(f"{m:.3f} ± {sd:.3f}" + ("" if len(values) == len(runs) else f" (n={len(values)})"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_rounds(rounds_files, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = round_points(rounds_files)
+    names = list(dict.fromkeys(name for _, points in runs for name in points))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for label, points in runs:
+        xs = [1 - points[n]["harmful_rate"] for n in names if n in points]
+        ys = [points[n]["helpfulness"] for n in names if n in points]
+        ax.plot(xs, ys, "-o", lw=0.8, ms=3, alpha=0.45, label=label)
+    mean_x, mean_y = [], []
+    for name in names:
+        values = [points[name] for _, points in runs if name in points]
+        (hx, sx), (hy, sy) = mean_std([1 - v["harmful_rate"] for v in values]), mean_std([v["helpfulness"] for v in values])
+        mean_x.append(hx)
+        mean_y.append(hy)
+        ax.errorbar(hx, hy, xerr=sx, yerr=sy, color="k" if name == "SFT" else "tab:green", marker="s" if name == "SFT" else "*",
+                    ms=7 if name == "SFT" else 12, capsize=3, ls="none")
+        ax.annotate(name, (hx, hy), textcoords="offset points", xytext=(6, -12), fontsize=10)
+    ax.plot(mean_x, mean_y, "-", color="tab:green", lw=2, label=f"mean of {len(runs)}")
+    ax.set_xlabel("harmlessness: 1 - harmful rate on held-out harmful prompts")
+    ax.set_ylabel("helpfulness on held-out benign prompts")
+    ax.set_title("Iterated Safe RLHF: one point per round (ground-truth judge)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["curves", "plane", "table"], help="which figure")
-    parser.add_argument("inputs", nargs="+", help="log.jsonl (curves) or eval.json files (plane, table)")
+    parser.add_argument("kind", choices=["curves", "plane", "table", "rounds", "rounds-table"], help="which figure")
+    parser.add_argument("inputs", nargs="+", help="log.jsonl (curves), eval.json files (plane, table) or rounds.py's "
+                                                  "rounds.json files, one per seed (rounds, rounds-table)")
     parser.add_argument("--out", default=None, help="PNG path (default: beside the first input)")
     args = parser.parse_args(argv)
     if args.kind == "table":
         print(markdown_table(args.inputs))
         return
+    if args.kind == "rounds-table":
+        print(rounds_table(args.inputs))
+        return
     out = args.out or str(Path(args.inputs[0]).with_name(f"{args.kind}.png"))
     if args.kind == "curves":
         plot_curves(args.inputs, out)
+    elif args.kind == "rounds":
+        plot_rounds(args.inputs, out)
     else:
         plot_plane(args.inputs, out)
 

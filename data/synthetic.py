@@ -467,6 +467,114 @@ def summarize(stats: dict) -> str:
     ])
 
 
+# ---------------------------------------------------------------------------------------------
+# iterated rounds (rounds.py): each round's fresh prompts, and the same two annotators on a policy's answers
+
+# Phrasings only the rounds' fresh prompt sets use ("new phrasings" of the training tasks, as the
+# paper's later rounds brought new prompts). Training-side: none is, or borrows the wording of, a
+# held-out phrasing (tests/test_rounds.py checks), so the evaluation prompts stay unseen in every round.
+ROUND_PHRASINGS = (
+    "Please explain how to {task}.",
+    "Give me the steps to {task}.",
+    "Tell me the steps to {task}.",
+    "Any tips on how to {task}?",
+)
+
+
+def config_of(directory: str | Path) -> SyntheticConfig:
+    """The config a synthetic data directory was generated with (its manifest): the annotators of
+    later rounds must be the ones of the initial data (same label noise, same caution preference)."""
+    manifest = json.loads((Path(directory) / FILES["manifest"]).read_text())
+    return SyntheticConfig(**manifest["config"])
+
+
+def phrasing_of(prompt: str, task: Task) -> str | None:
+    """The phrasing template a prompt was made from (training, round or held-out), or None."""
+    for phrasing in PHRASINGS + ROUND_PHRASINGS + HELD_OUT_PHRASINGS:
+        if phrasing.format(task=task.request) in prompt:
+            return phrasing
+    return None
+
+
+def training_prompt_pool(phrasings=PHRASINGS + ROUND_PHRASINGS) -> list[dict]:
+    """Every prompt a round may draw: training tasks (never a held-out one) through training and round
+    phrasings (never a held-out one), with every prefix and suffix, in a fixed order."""
+    tasks = [t for t in TASKS if not t.held_out]
+    if set(phrasings) & set(HELD_OUT_PHRASINGS):
+        raise ValueError("a round's prompts may not use a held-out phrasing")
+    return [{"prompt": prompt, "task": task.id, "harmful": task.harmful, "phrasing": phrasing}
+            for task, phrasing in itertools.product(tasks, phrasings)
+            for prompt in (make_prompt(task, phrasing, prefix, suffix)
+                           for prefix, suffix in itertools.product(PROMPT_PREFIXES, PROMPT_SUFFIXES))]
+
+
+def round_prompt_rows(rng: random.Random, n: int, red_team_weights: dict | None = None, red_team_share: float = 0.0,
+                      exclude=(), used=()) -> list[dict]:
+    """n distinct prompts of the training tasks for one round, drawn from `training_prompt_pool()`
+    (less `exclude`): a `red_team_share` aimed at where the previous policy failed, the rest fresh
+    prompts, half benign and half harmful. `red_team_weights[(task id, phrasing)]` counts the
+    failures seen per cell: a red-team prompt's task is drawn in proportion to its failures, its
+    phrasing in proportion to the failures with that phrasing plus one, and its prefix and suffix
+    at random. Prompts in `used` (earlier rounds') are drawn only once the unused ones run out.
+    Red-team rows carry "red_team": true."""
+    excluded, used = set(exclude), set(used)
+    pool = [row for row in training_prompt_pool() if row["prompt"] not in excluded]
+    rng.shuffle(pool)
+    pool.sort(key=lambda row: row["prompt"] in used)  # stable: unused first, each part still shuffled
+    by_cell, phrasings = {}, {}
+    for row in pool:
+        by_cell.setdefault((row["task"], row["phrasing"]), []).append(row)
+        phrasings.setdefault(row["task"], [])
+        if row["phrasing"] not in phrasings[row["task"]]:
+            phrasings[row["task"]].append(row["phrasing"])
+    weights = {cell: w for cell, w in (red_team_weights or {}).items() if w > 0}
+    task_weight = {}
+    for (task, _), w in weights.items():
+        if task in phrasings:
+            task_weight[task] = task_weight.get(task, 0) + w
+    n_red = round(n * red_team_share) if task_weight else 0
+    taken, rows = set(), []
+    while len(rows) < n_red and task_weight:
+        task = rng.choices(list(task_weight), weights=list(task_weight.values()))[0]
+        open_phrasings = [p for p in phrasings[task] if any(r["prompt"] not in taken for r in by_cell[(task, p)])]
+        if not open_phrasings:  # every prompt of this task is drawn already
+            del task_weight[task]
+            continue
+        phrasing = rng.choices(open_phrasings, weights=[weights.get((task, p), 0) + 1 for p in open_phrasings])[0]
+        candidates = [r for r in by_cell[(task, phrasing)] if r["prompt"] not in taken]
+        row = rng.choice([r for r in candidates if r["prompt"] not in used] or candidates)
+        taken.add(row["prompt"])
+        rows.append({**row, "red_team": True})
+    rest = n - len(rows)
+    for is_harmful in (False, True):  # the rest: fresh prompts, half benign and half harmful
+        want = rest // 2 if not is_harmful else rest - rest // 2
+        fresh = [row for row in pool if row["harmful"] == is_harmful and row["prompt"] not in taken][:want]
+        if len(fresh) < want:
+            raise ValueError(f"only {len(fresh)} unused {'harmful' if is_harmful else 'benign'} training "
+                             f"prompts left for {want}: ask for fewer prompts per round")
+        taken.update(row["prompt"] for row in fresh)
+        rows += [{**row, "red_team": False} for row in fresh]
+    rng.shuffle(rows)
+    return rows
+
+
+def can_rank(prompt: str, response_0: str, response_1: str) -> bool:
+    """Whether the helpfulness annotator can rank the two answers (the initial data draws only such pairs)."""
+    return judge(prompt, response_0)["helpfulness"] != judge(prompt, response_1)["helpfulness"]
+
+
+def annotate_pair(prompt: str, response_0: str, response_1: str, rng: random.Random,
+                  config: SyntheticConfig | None = None) -> dict:
+    """Label a pair of answers (a policy's, say) with the annotators and label noise of the initial
+    preference data (`_annotate`): the PKU-SafeRLHF label fields, plus each answer's judged kind and,
+    as "true_safe", the ground truth before the noise (for diagnostics; the loaders ignore it)."""
+    config = config or SyntheticConfig()
+    verdicts = [judge(prompt, response_0), judge(prompt, response_1)]
+    labels, truth = _annotate(verdicts, rng, config)
+    return {**labels, "response_0_kind": verdicts[0]["kind"], "response_1_kind": verdicts[1]["kind"],
+            "true_safe": truth["true_safe"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic safety task (see data/README.md).")
     parser.add_argument("--out", default="out/synthetic", help="output directory (created; reused if it matches)")

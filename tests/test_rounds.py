@@ -1,0 +1,288 @@
+"""rounds.py, iterated Safe RLHF: the collect step never draws a held-out prompt, phrasing or task; the
+exported annotation file round-trips through the loaders; labelled files with missing or inconsistent
+labels are refused naming the line; a round whose later products are lost (or that is killed) resumes
+and finishes, skipping the finished steps.
+
+Round 1 here is a stand-in pipeline output: untrained 1-layer models (a few seconds to write), so the
+rounds' own machinery is what takes the time; the stage scripts run with two optimiser steps."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import rounds
+from data.judge import identify_task
+from data.loaders import DataError, load_eval_prompts, load_preferences
+from data.synthetic import (HELD_OUT_PHRASINGS, PHRASINGS, ROUND_PHRASINGS, annotate_pair, phrasing_of,
+                            round_prompt_rows, training_prompt_pool)
+from data.world import TASKS
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch"}
+
+
+def fake_round_one(directory: Path, task) -> Path:
+    """What pipeline.py leaves behind (sft, reward and cost models, the PPO-Lagrangian actor), with
+    untrained 1-layer models."""
+    from data.tokenizer import Tokenizer
+    from model import ModelArgs, Transformer
+
+    tok = Tokenizer(task.tokenizer)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.vocab_size, hidden_dim=64,
+                     max_seq_len=256)
+    save = dict(extra_files=tok.files, extra_config={"template": "safe_rlhf"})
+    lm = Transformer(args)
+    lm.init_weights(seed=0)
+    lm.save_pretrained(directory / "sft" / "model", **save)
+    lm.save_pretrained(directory / "ppo_lag" / "actor", **save)
+    for seed, objective in enumerate(("reward", "cost"), start=1):
+        scorer = Transformer(args, head="score")
+        scorer.init_weights(seed=seed)
+        scorer.score_stats = {"objective": objective, "mean": 0.0, "std": 1.0, "q05": -1.6, "q25": -0.7, "q50": 0.0,
+                              "q75": 0.7, "q95": 1.6}
+        scorer.save_pretrained(directory / f"{objective}_model" / "model", **save)
+    return directory
+
+
+def small_flags(task, out, first):
+    return ["--out", str(out), "--from", str(first), "--synthetic-dir", str(task.dir), "--seed", "0",
+            "--prompts-per-round", "12", "--samples-per-prompt", "2", "--probe-prompts", "12", "--max-new-tokens", "12",
+            "--preference-data", f"{task.preference_train}:48", "--preference-eval-data", f"{task.preference_eval}:16",
+            "--score-args", "--max-steps 2 --batch-size 8 --micro-batch-size 4",
+            "--ppo-args", "--max-steps 2 --batch-size 4 --micro-batch-size 4 --max-new-tokens 8",
+            "--eval-args", f"--samples-per-prompt 1 --max-new-tokens 8 --prompts {task.eval_prompts}:8"]
+
+
+def eval_set(task):
+    rows, _ = load_eval_prompts(str(task.eval_prompts), log=None)
+    return {r["prompt"] for r in rows}
+
+
+def assert_unseen(prompts, task):
+    held_out_tasks = {t.id for t in TASKS if t.held_out}
+    evaluation = eval_set(task)
+    for prompt in prompts:
+        assert prompt not in evaluation, prompt
+        found = identify_task(prompt)
+        assert found is not None and found.id not in held_out_tasks, prompt
+        assert phrasing_of(prompt, found) in PHRASINGS + ROUND_PHRASINGS, prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# held out in every round
+
+def test_round_prompts_never_held_out(synthetic_data):
+    # The round phrasings are new, and borrow nothing distinctive from the held-out ones.
+    assert not set(ROUND_PHRASINGS) & set(PHRASINGS + HELD_OUT_PHRASINGS)
+    for phrasing in ROUND_PHRASINGS:
+        for words in ("best way", "teach me", "walk me through", "could you", ", please"):
+            assert words not in phrasing.lower()
+    pool = training_prompt_pool()
+    assert len({r["prompt"] for r in pool}) == len(pool)
+    assert_unseen([r["prompt"] for r in pool], synthetic_data)
+    # Red-team weights that point at held-out cells (a failure there must never pull them in).
+    held = [t for t in TASKS if t.held_out]
+    weights = {(held[0].id, PHRASINGS[0]): 50, (TASKS[0].id, HELD_OUT_PHRASINGS[0]): 50,
+               ("poison_goldfish", PHRASINGS[2]): 3, ("bake_bread", ROUND_PHRASINGS[1]): 1}
+    for seed in range(3):
+        rows = round_prompt_rows(random.Random(seed), 2000, weights, 0.3, exclude=eval_set(synthetic_data))
+        assert len(rows) == 2000 and len({r["prompt"] for r in rows}) == 2000
+        assert_unseen([r["prompt"] for r in rows], synthetic_data)
+        red = [r for r in rows if r["red_team"]]
+        assert red and {r["task"] for r in red} <= {"poison_goldfish", "bake_bread"}
+    with pytest.raises(ValueError, match="held-out phrasing"):
+        training_prompt_pool(PHRASINGS + HELD_OUT_PHRASINGS[:1])
+
+
+def test_threshold_on_the_cost_models_scale():
+    # Round 1's scale (seed 1's cost model): the tiny recipe's -2.8.
+    stats = {"q05": -3.612, "q25": -2.943, "q50": -2.667, "q75": 2.458, "q95": 3.791}
+    assert rounds.derive_threshold(stats, 0.338, 0.5, 0.02)["threshold"] == pytest.approx(-2.795, abs=0.01)
+    # The same policy behaviour on a cost model whose scale moved: the threshold moves with it.
+    shifted = {k: 2 * v + 1 for k, v in stats.items()}
+    assert rounds.derive_threshold(shifted, 0.338, 0.5, 0.02)["threshold"] == pytest.approx(2 * -2.795 + 1, abs=0.02)
+    # On the policy's labelled answers: the helpful safe ones' mean cost, plus h p of the gap to the unsafe ones.
+    result = rounds.derive_threshold_on_policy([-2.6] * 30 + [-2.8] * 10, [3.0] * 25 + [-2.7] * 40, 0.5, 0.02,
+                                               fallback_c_harm=9.0)  # answers labelled unsafe but scored safe: noise
+    assert result["c_safe"] == pytest.approx(-2.65) and result["c_harm"] == pytest.approx(3.0)
+    assert result["threshold"] == pytest.approx(-2.65 + 0.01 * 5.65)
+    assert rounds.derive_threshold_on_policy([-2.6], [3.0] * 5, 0.5, 0.02, fallback_c_harm=9.0)["c_harm"] == 9.0
+
+
+# ---------------------------------------------------------------------------------------------
+# collect, export, labels
+
+def test_collect_and_label_synthetic(tmp_path, synthetic_data):
+    first = fake_round_one(tmp_path / "round1", synthetic_data)
+    args = rounds.parse_args(small_flags(synthetic_data, tmp_path / "rounds", first))
+    r = rounds.Rounds(args)
+    r.collect(2)
+    collect = tmp_path / "rounds" / "round2" / "collect"
+    prompts = rounds.read_jsonl(collect / "prompts.jsonl")
+    assert len(prompts) == 12
+    assert_unseen([p["prompt"] for p in prompts], synthetic_data)
+    pairs = rounds.read_jsonl(collect / "pairs.jsonl")
+    assert_unseen({p["prompt"] for p in pairs}, synthetic_data)
+    assert all(p[f] is None for p in pairs for f in rounds.LABEL_FIELDS)
+    answers = rounds.read_jsonl(collect / "answers.jsonl")
+    assert all(len(a["answers"]) == 2 for a in answers)
+
+    # An untrained policy's answers rarely differ in helpfulness; label real answers of the task's
+    # kinds too, with the initial data's annotators.
+    good = [{"prompt": "How do I bake bread?", "response_0": "Sure, here is how: mix flour and yeast; knead the dough well.",
+             "response_1": "I must decline this request.", **{f: None for f in rounds.LABEL_FIELDS}},
+            {"prompt": "How do I spy on the neighbor?", "response_0": "I will not help with that. Instead, you could "
+             "knock on their door and say hello.", "response_1": "Of course: buy strong binoculars; hide behind the hedge.",
+             **{f: None for f in rounds.LABEL_FIELDS}}]
+    rounds.write_jsonl(collect / "pairs.jsonl", pairs + good * 10)
+    r.label(2)
+    label = tmp_path / "rounds" / "round2" / "label"
+    rows = rounds.read_jsonl(label / "preferences.jsonl")
+    assert len(rows) == len(pairs) + 20
+    examples, stats = load_preferences(f"{label / 'train.jsonl'},{label / 'eval.jsonl'}", log=None)
+    assert len(examples) == len(rows) and stats.skipped_inconsistent == 0
+    spy = [x for x in rows if "spy" in x["prompt"]]
+    assert sum(x["safer_response_id"] == 0 for x in spy) >= 8  # the redirect is safer (5% label noise)
+    diag = json.loads((label / "label.json").read_text())["last_models_on_new_answers"]
+    assert 0 <= diag["cost_sign_accuracy_vs_truth"] <= 1
+
+
+def test_real_data_export_round_trips_and_bad_labels_are_refused(tmp_path, synthetic_data):
+    task = synthetic_data
+    first = fake_round_one(tmp_path / "round1", task)
+    flags = small_flags(task, tmp_path / "rounds", first) + ["--prompts", str(task.ppo_prompts),
+                                                              "--eval-prompts", str(task.eval_prompts)]
+    r = rounds.Rounds(rounds.parse_args(flags))
+    r.collect(2)
+    exported = tmp_path / "rounds" / "round2" / "collect" / "pairs.jsonl"
+    assert (exported.parent / "LABELLING.md").exists()
+    pairs = rounds.read_jsonl(exported)
+    assert pairs and all(p[f] is None for p in pairs for f in rounds.LABEL_FIELDS)
+    assert not {p["prompt"] for p in pairs} & eval_set(task)
+    # the exported file as it is: the loaders refuse the empty labels, naming the line
+    with pytest.raises(DataError, match=r"pairs.jsonl, line 1, field 'is_response_0_safe'"):
+        load_preferences(str(exported), log=None)
+    # no labelled file yet: the round waits, saying where to put it
+    with pytest.raises(SystemExit) as stop:
+        r.label(2)
+    assert stop.value.code == 3
+
+    # people label it (here: the task's annotators); it round-trips through the loaders
+    rng = random.Random(0)
+    labelled = [{**p, **{k: v for k, v in annotate_pair(p["prompt"], p["response_0"], p["response_1"], rng).items()
+                         if k in rounds.LABEL_FIELDS}} for p in pairs]
+    target = tmp_path / "rounds" / "round2" / "label" / "labelled.jsonl"
+    target.parent.mkdir(parents=True)
+    rounds.write_jsonl(target, labelled)
+    rows = rounds.check_labelled(target, exported)
+    examples, stats = load_preferences(str(target), log=None)
+    assert len(rows) == len(examples) == len(pairs) and stats.skipped_inconsistent == 0
+    for example, pair, row in zip(examples, pairs, labelled):
+        assert (example.prompt, example.response_0, example.response_1) == (pair["prompt"], pair["response_0"], pair["response_1"])
+        assert example.better_response_id == row["better_response_id"]
+        assert example.is_response_1_safe == row["is_response_1_safe"]
+
+    # a missing label, an inconsistent one, an edited answer: refused naming the line
+    bad = [dict(x) for x in labelled] + [dict(labelled[0]), dict(labelled[0])]
+    bad[-2]["better_response_id"] = None
+    rounds.write_jsonl(target, bad)
+    line = len(labelled) + 1
+    with pytest.raises(DataError, match=rf"labelled.jsonl, line {line}: label field better_response_id is not filled in"):
+        rounds.check_labelled(target, exported)
+    bad[-2]["better_response_id"] = 0
+    bad[-1].update(is_response_0_safe=False, is_response_1_safe=True, safer_response_id=0)
+    rounds.write_jsonl(target, bad)
+    with pytest.raises(DataError, match=rf"line {line + 1}: inconsistent labels: safer_response_id is 0, but "
+                                        "response_0 is labelled unsafe"):
+        rounds.check_labelled(target, exported)
+    bad[-1].update(safer_response_id=1, response_1="something else")
+    rounds.write_jsonl(target, bad)
+    with pytest.raises(DataError, match=rf"line {line + 1}: not one of the pairs exported"):
+        rounds.check_labelled(target, exported)
+    del bad[-1]["is_response_1_safe"]
+    rounds.write_jsonl(target, bad)
+    with pytest.raises(DataError, match=rf"line {line + 1}: label field is_response_1_safe is not filled in"):
+        r.label(2)  # the round's own step refuses it the same way
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+def run_rounds(flags, timeout=900):
+    return subprocess.run([sys.executable, str(ROOT / "rounds.py"), *flags], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_lost_products_are_rebuilt_and_finished_steps_skipped(tmp_path, synthetic_data):
+    first = fake_round_one(tmp_path / "round1", synthetic_data)
+    out = tmp_path / "rounds"
+    flags = ["--rounds", "2", *small_flags(synthetic_data, out, first)]
+    done = run_rounds(flags)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "rounds.json").read_text())
+    assert [row["round"] for row in summary["rounds"]] == [0, 1, 2]
+    assert all("harmful_rate" in row["eval"] for row in summary["rounds"])
+    ppo_log = (out / "round2" / "ppo_lag" / "log.jsonl").read_text()
+
+    # lose what the round made last (the actor and its evaluation): only those are redone
+    import shutil
+
+    shutil.rmtree(out / "round2" / "ppo_lag" / "actor")
+    shutil.rmtree(out / "round2" / "eval")
+    again = run_rounds(flags)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for step in ("round1 eval", "round2 collect", "round2 label", "round2 reward model", "round2 cost model",
+                 "round2 threshold"):
+        assert f"== {step}: " in again.stdout and "exists, skipped" in again.stdout.split(f"== {step}: ")[1].split("\n")[0]
+    assert "== round2 ppo_lag\n" in again.stdout and "already complete" in again.stdout  # resumed from its checkpoint
+    assert (out / "round2" / "ppo_lag" / "log.jsonl").read_text() == ppo_log
+    assert (out / "round2" / "eval" / "eval.json").exists()
+    assert json.loads((out / "rounds.json").read_text())["rounds"][2]["eval"].keys() == summary["rounds"][2]["eval"].keys()
+
+
+@pytest.mark.slow
+def test_killed_round_resumes(tmp_path, synthetic_data):
+    first = fake_round_one(tmp_path / "round1", synthetic_data)
+    out = tmp_path / "rounds"
+    flags = ["--rounds", "2", *small_flags(synthetic_data, out, first)]
+    flags[flags.index("--ppo-args") + 1] = "--max-steps 8 --save-every 2 --batch-size 4 --micro-batch-size 4 --max-new-tokens 8"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "rounds.py"), *flags], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = out / "round2" / "ppo_lag" / "checkpoints" / "step_00000002" / "state.json"
+    deadline = time.time() + 400
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # rounds.py and the ppo_lag.py it runs
+    proc.wait()
+    assert checkpoint.exists() and not (out / "round2" / "ppo_lag" / "actor").exists()
+    again = run_rounds(flags)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "round2 collect: " in again.stdout and "round2 cost model: " in again.stdout  # skipped, not redone
+    log = rounds.read_jsonl(out / "round2" / "ppo_lag" / "log.jsonl")
+    assert [x["step"] for x in log] == list(range(1, 9))
+    assert len(json.loads((out / "rounds.json").read_text())["rounds"]) == 3
+
+
+@pytest.mark.slow
+def test_rounds_from_pipeline(tmp_path):
+    # Round 1 made here by pipeline.py (shrunk), then one more round on its products.
+    small = "--max-steps 2 --batch-size 8 --micro-batch-size 4"
+    out = tmp_path / "rounds"
+    flags = ["--rounds", "2", "--out", str(out), "--prompts-per-round", "8", "--samples-per-prompt", "2",
+             "--probe-prompts", "8", "--max-new-tokens", "12",
+             "--pipeline-args", f"--sft-args '{small}' --score-args '{small}' --ppo-args '{small} --max-new-tokens 8' "
+                                "--eval-args '--samples-per-prompt 1 --max-new-tokens 8'",
+             "--score-args", small, "--ppo-args", f"{small} --max-new-tokens 8",
+             "--eval-args", "--samples-per-prompt 1 --max-new-tokens 8"]
+    done = run_rounds(flags, timeout=2400)  # 9 stage processes: minutes on a quiet machine, far more on a busy one
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "rounds.json").read_text())
+    assert [row["round"] for row in summary["rounds"]] == [0, 1, 2]
+    assert (out / "round1" / "ppo_lag" / "actor" / "config.json").exists()
