@@ -284,11 +284,13 @@ def score_model_diagnostics(reward_model, cost_model, rows, device, threshold=No
 class Rounds:
     def __init__(self, args):
         self.args = args
-        self.out = Path(args.out)
-        self.first = Path(args.from_dir) if args.from_dir else self.out / "round1"
+        # Absolute paths: the stage scripts refuse to resume a checkpoint whose data paths are spelled
+        # differently, so `--out runs/x` and `--out $PWD/runs/x` must give the same flags.
+        self.out = Path(args.out).resolve()
+        self.first = Path(args.from_dir).resolve() if args.from_dir else self.out / "round1"
         self.real = args.prompts is not None
         if args.synthetic_dir:
-            self.synthetic_dir = Path(args.synthetic_dir)
+            self.synthetic_dir = Path(args.synthetic_dir).resolve()
         elif (self.first / "synthetic" / "manifest.json").exists():
             self.synthetic_dir = self.first / "synthetic"
         else:
