@@ -17,6 +17,7 @@ from pathlib import Path
 
 from data.tokenizer import TEMPLATES
 
+
 def positive(kind):
     """argparse type: a number of `kind` above 0 (a 0 step count or batch size is never meant)."""
     def parse(text):

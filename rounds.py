@@ -88,7 +88,10 @@ def write_jsonl(path, rows):
 
 
 def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a file rounds.py or a stage wrote (the loaders' reader: a damaged line is named)."""
+    from data.loaders import read_records
+
+    return [record for _, record in read_records(path)]
 
 
 def recipe_flags(recipe: dict, skip=()) -> list[str]:
