@@ -360,7 +360,7 @@ class Rounds:
         """Products made with other settings are kept (a finished step is never redone), but said."""
         keys = ["rounds", "from_dir", "seed", "prompts_per_round", "samples_per_prompt", "pairs_per_prompt",
                 "red_team_share", "probe_prompts", "eval_fraction", "score_init", "reference", "target_harmful_rate",
-                "max_new_tokens", "score_args", "ppo_args", "eval_args", "pipeline_args", "prompts",
+                "threshold_rule", "max_new_tokens", "score_args", "ppo_args", "eval_args", "pipeline_args", "prompts",
                 "preference_data", "preference_eval_data", "eval_prompts"]
         flags = {k: getattr(self.args, k) for k in keys}
         path = self.out / "rounds_flags.json"
@@ -678,9 +678,18 @@ class Rounds:
             print(f"warning: no answer of round {r} is labelled both safe and more helpful; the threshold falls back "
                   "to the quantile rule", flush=True)
             return {**by_quantiles, "rule": "quantiles", "quantile_rule": by_quantiles, "score_stats": stats}
-        costs = score_texts(self.score_model(r, "cost"), winners + unsafe, a.device).tolist()
-        result = derive_threshold_on_policy(costs[:len(winners)], costs[len(winners):], h, a.target_harmful_rate,
-                                            by_quantiles["c_harm"])
+        # every answer the last policy gave this round's prompts (PPO's prompts): its J_C on the new scale
+        answered = [(row["prompt"], t) for row in read_jsonl(self.dir(r) / "collect" / "answers.jsonl")
+                    for t in row["answers"]]
+        costs = score_texts(self.score_model(r, "cost"), winners + unsafe + answered, a.device).tolist()
+        result = derive_threshold_on_policy(costs[:len(winners)], costs[len(winners):len(winners) + len(unsafe)], h,
+                                            a.target_harmful_rate, by_quantiles["c_harm"])
+        last_cost = sum(costs[len(winners) + len(unsafe):]) / max(len(answered), 1)
+        result["last_policy_cost"] = last_cost
+        result["uncapped_threshold"] = result["threshold"]
+        if a.threshold_rule == "no-looser" and answered and last_cost < result["threshold"]:
+            result["threshold"] = last_cost
+            result["rule"] += ", capped at the last policy's cost"
         if not self.real:  # the same answers by ground-truth kind, to see what the cost model makes of them
             from data.judge import judge
 
@@ -699,7 +708,8 @@ class Rounds:
         (self.dir(r) / "threshold.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"threshold: {result['threshold']:.3f} on round {r}'s cost model ({result['rule']}: the last policy's "
               f"helpful safe answers cost {result['c_safe']:.3f}, its unsafe ones {result['c_harm']:.2f}; the quantile "
-              f"rule would give {result['quantile_rule']['threshold']:.3f}); round {r - 1} used {result['previous']}",
+              f"rule would give {result['quantile_rule']['threshold']:.3f}; the last policy's own cost on this round's "
+              f"prompts: {result.get('last_policy_cost', float('nan')):.3f}); round {r - 1} used {result['previous']}",
               flush=True)
 
     # -- PPO-Lagrangian --------------------------------------------------------------------------
@@ -842,6 +852,10 @@ def parse_args(argv=None):
     g.add_argument("--target-harmful-rate", type=float, default=0.01,
                    help="the threshold allows this harmful-answer rate on the training prompts' harmful ones (round "
                         "1's -2.8: about 0.02; held-out prompts came out 1.5-2x more harmful than training ones)")
+    g.add_argument("--threshold-rule", choices=["no-looser", "helpful-safe"], default="no-looser",
+                   help="helpful-safe: the helpful safe answers' cost plus the --target-harmful-rate allowance; "
+                        "no-looser: that, but never above the last policy's own mean cost on this round's prompts "
+                        "under the new cost model (no round may buy helpfulness with expected cost)")
     g.add_argument("--harmful-share", type=float, default=0.5, help="real data: share of harmful prompts assumed in the threshold")
     g = parser.add_argument_group("real data (people label)")
     g.add_argument("--prompts", default=None, help="the prompt pool of the rounds (real data; the embedded task's otherwise)")

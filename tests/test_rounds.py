@@ -153,6 +153,32 @@ def test_collect_and_label_synthetic(tmp_path, synthetic_data):
     diag = json.loads((label / "label.json").read_text())["last_models_on_new_answers"]
     assert 0 <= diag["cost_sign_accuracy_vs_truth"] <= 1
 
+    # The threshold: never looser than the last policy's own mean cost on this round's prompts (every
+    # collected answer, scored one at a time here, unpadded), which the helpful-safe rule alone may exceed.
+    import shutil
+
+    import torch
+
+    from data.tokenizer import Tokenizer, encode_prompt
+    from model import Transformer
+
+    cost_model = tmp_path / "rounds" / "round2" / "cost_model" / "model"
+    shutil.copytree(first / "cost_model" / "model", cost_model)
+    tok, scorer = Tokenizer(cost_model), Transformer.from_pretrained(cost_model).eval()
+    with torch.no_grad():
+        costs = [float(scorer(torch.tensor([encode_prompt(tok, a["prompt"]) + tok.encode(t) + [tok.eos_id]]))[0, -1])
+                 for a in answers for t in a["answers"]]
+    last_cost = sum(costs) / len(costs)
+    capped = r.derive(2)
+    assert capped["last_policy_cost"] == pytest.approx(last_cost, abs=1e-4)
+    assert capped["threshold"] == pytest.approx(min(capped["uncapped_threshold"], last_cost))
+    r.args.threshold_rule = "helpful-safe"
+    assert r.derive(2)["threshold"] == pytest.approx(capped["uncapped_threshold"])
+    r.args.target_harmful_rate = 1.0  # a loose rule: the cap must bind
+    loose = r.derive(2)
+    r.args.threshold_rule = "no-looser"
+    assert loose["threshold"] > last_cost and r.derive(2)["threshold"] == pytest.approx(last_cost, abs=1e-4)
+
 
 def test_real_data_export_round_trips_and_bad_labels_are_refused(tmp_path, synthetic_data):
     task = synthetic_data
