@@ -26,11 +26,15 @@ output given by --from. Every later round r, in <out>/round<r>:
   threshold the cost limit re-derived on the new cost model's scale: its mean cost on this round's
             answers labelled safe that won their pair on helpfulness (the helpful safe behaviour: a
             benign request answered, a harmful one redirected), plus the share of harmful prompts times
-            --target-harmful-rate times the gap to the answers labelled unsafe. The rule from the score
-            quantiles alone (config.json "score_stats") is written beside it in threshold.json.
+            --target-harmful-rate times the gap to the answers labelled unsafe; and never above the
+            last policy's own mean cost on this round's prompts (all its collected answers) under the
+            new cost model (--threshold-rule no-looser): no round buys helpfulness with expected cost.
+            The rule from the score quantiles alone (config.json "score_stats") is written beside it
+            in threshold.json.
   ppo_lag   PPO-Lagrangian from the last round's policy on this round's prompts; its KL reference is
             that policy (--reference last, the default: the authors' scripts load the reference from
-            the actor's path) or the SFT model (--reference sft).
+            the actor's path) or the SFT model (--reference sft); its multiplier starts at 1, or
+            where the last round's ended (--carry-lambda).
   eval      evaluate.py on the fixed held-out prompts (real data: --eval-prompts; the arena against the
             last policy when the judge cannot score them).
 
@@ -360,8 +364,8 @@ class Rounds:
         """Products made with other settings are kept (a finished step is never redone), but said."""
         keys = ["rounds", "from_dir", "seed", "prompts_per_round", "samples_per_prompt", "pairs_per_prompt",
                 "red_team_share", "probe_prompts", "eval_fraction", "score_init", "reference", "target_harmful_rate",
-                "threshold_rule", "max_new_tokens", "score_args", "ppo_args", "eval_args", "pipeline_args", "prompts",
-                "preference_data", "preference_eval_data", "eval_prompts"]
+                "threshold_rule", "carry_lambda", "max_new_tokens", "score_args", "ppo_args", "eval_args",
+                "pipeline_args", "prompts", "preference_data", "preference_eval_data", "eval_prompts"]
         flags = {k: getattr(self.args, k) for k in keys}
         path = self.out / "rounds_flags.json"
         if path.exists():
@@ -723,10 +727,26 @@ class Rounds:
                  "--threshold", f"{threshold:.4f}", "--out", self.actor(r).parent, "--seed", a.seed]
         if a.reference == "sft":
             flags += ["--reference", self.sft]
+        carried = self.final_lambda(r - 1) if a.carry_lambda else None
+        if carried is not None:
+            flags += ["--lambda-init", f"{carried:.6g}"]
         if not self.real:
             flags += ["--synthetic-dir", self.synthetic_dir, *recipe_flags(ppo_lag.TINY, skip=("threshold",))]
         flags += shlex.split(a.ppo_args)
         run_script("ppo_lag.py", flags, self.launcher)
+
+    def final_lambda(self, r) -> float | None:
+        """Where round r's multiplier ended (its PPO log's last line). Round r + 1's policy starts where
+        round r's ended, at the constraint's boundary, so the multiplier starts at that boundary's price
+        too: from 1 instead, it lags while the reward pulls the cost above the new limit, and the round
+        ends over it (measured in bench/RESULTS.md)."""
+        log = self.dir(r) / "ppo_lag" / "log.jsonl"
+        lambdas = [row["lambda"] for row in read_jsonl(log) if row.get("lambda") is not None] if log.exists() else []
+        if not lambdas:
+            print(f"warning: {log}: no lambda logged by round {r}'s PPO-Lagrangian; round {r + 1}'s multiplier "
+                  "starts at ppo_lag.py's --lambda-init instead", flush=True)
+            return None
+        return lambdas[-1]
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, r, with_sft=False):
@@ -856,6 +876,9 @@ def parse_args(argv=None):
                    help="helpful-safe: the helpful safe answers' cost plus the --target-harmful-rate allowance; "
                         "no-looser: that, but never above the last policy's own mean cost on this round's prompts "
                         "under the new cost model (no round may buy helpfulness with expected cost)")
+    g.add_argument("--carry-lambda", action=argparse.BooleanOptionalAction, default=False,
+                   help="start each round's Lagrange multiplier where the last round's ended instead of at 1 (3 seeds: "
+                        "no less harm on average; bench/RESULTS.md)")
     g.add_argument("--harmful-share", type=float, default=0.5, help="real data: share of harmful prompts assumed in the threshold")
     g = parser.add_argument_group("real data (people label)")
     g.add_argument("--prompts", default=None, help="the prompt pool of the rounds (real data; the embedded task's otherwise)")

@@ -48,6 +48,10 @@ def fake_round_one(directory: Path, task) -> Path:
         scorer.score_stats = {"objective": objective, "mean": 0.0, "std": 1.0, "q05": -1.6, "q25": -0.7, "q50": 0.0,
                               "q75": 0.7, "q95": 1.6}
         scorer.save_pretrained(directory / f"{objective}_model" / "model", **save)
+    # the end of its PPO log: the multiplier round 2 starts from (--carry-lambda)
+    (directory / "ppo_lag" / "log.jsonl").write_text("".join(
+        json.dumps({"step": step, "lambda": lam, "reward": 0.5, "cost": -2.8, "kl": 1.0}) + "\n"
+        for step, lam in ((62, 1.7), (63, 2.5))))
     return directory
 
 
@@ -249,13 +253,16 @@ def run_rounds(flags, timeout=900):
 def test_lost_products_are_rebuilt_and_finished_steps_skipped(tmp_path, synthetic_data):
     first = fake_round_one(tmp_path / "round1", synthetic_data)
     out = tmp_path / "rounds"
-    flags = ["--rounds", "2", *small_flags(synthetic_data, out, first)]
+    flags = ["--rounds", "2", "--carry-lambda", *small_flags(synthetic_data, out, first)]
     done = run_rounds(flags)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "rounds.json").read_text())
     assert [row["round"] for row in summary["rounds"]] == [0, 1, 2]
     assert all("harmful_rate" in row["eval"] for row in summary["rounds"])
     ppo_log = (out / "round2" / "ppo_lag" / "log.jsonl").read_text()
+    # --carry-lambda: round 2's multiplier started where round 1's ended (the last line of its log)
+    state = sorted((out / "round2" / "ppo_lag" / "checkpoints").glob("*/state.json"))[-1]
+    assert json.loads(state.read_text())["args"]["lambda_init"] == 2.5
 
     # lose what the round made last (the actor and its evaluation): only those are redone
     import shutil
@@ -281,18 +288,21 @@ def test_killed_round_resumes(tmp_path, synthetic_data):
     flags[flags.index("--ppo-args") + 1] = "--max-steps 8 --save-every 2 --batch-size 4 --micro-batch-size 4 --max-new-tokens 8"
     proc = subprocess.Popen([sys.executable, str(ROOT / "rounds.py"), *flags], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = out / "round2" / "ppo_lag" / "checkpoints" / "step_00000002" / "state.json"
+    checkpoints = out / "round2" / "ppo_lag" / "checkpoints"  # every 2 steps, the last 2 kept
     deadline = time.time() + 400
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    while not any(checkpoints.glob("step_*/state.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "rounds.py ended before its round-2 PPO saved a checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)  # rounds.py and the ppo_lag.py it runs
     proc.wait()
-    assert checkpoint.exists() and not (out / "round2" / "ppo_lag" / "actor").exists()
+    assert any(checkpoints.glob("step_*/state.json")) and not (out / "round2" / "ppo_lag" / "actor").exists()
     again = run_rounds(flags)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "round2 collect: " in again.stdout and "round2 cost model: " in again.stdout  # skipped, not redone
     log = rounds.read_jsonl(out / "round2" / "ppo_lag" / "log.jsonl")
     assert [x["step"] for x in log] == list(range(1, 9))
+    state = sorted((out / "round2" / "ppo_lag" / "checkpoints").glob("*/state.json"))[-1]
+    assert json.loads(state.read_text())["args"]["lambda_init"] == 1.0  # without --carry-lambda: ppo_lag.py's own
     assert len(json.loads((out / "rounds.json").read_text())["rounds"]) == 3
 
 
