@@ -64,7 +64,8 @@ def add_common_args(parser, out: str):
     a("--max-length", type=positive(int), default=None, help="tokens per sequence (longer ones are truncated or dropped, and counted)")
     a("--grad-clip", type=non_negative, default=1.0, help="max global gradient norm (0: no clipping)")
     a("--eval-every", type=positive(int), default=50, help="evaluate every N steps (and at the end)")
-    a("--save-every", type=positive(int), default=100, help="checkpoint every N steps (and at the end); a rerun resumes from the latest")
+    a("--save-every", type=positive(int), default=None,
+      help="checkpoint every N steps (and at the end); a rerun resumes from the latest (default: the recipe's, else 100)")
     a("--seed", type=int, default=0, help="data order, synthetic task, fresh weights")
     a("--device", default="auto", help="auto | cpu | cuda")
     a("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -96,6 +97,8 @@ def apply_recipe(args, recipe: dict):
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if getattr(args, "save_every", 0) is None:
+        args.save_every = 100
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % (args.micro_batch_size * world):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "

@@ -55,6 +55,7 @@ TINY = dict(
     ptx_coeff=0.0,  # the synthetic SFT data complies with half the harmful requests: no PTX by default
     episode_cost_window=128,  # two iterations
     activation_checkpointing=False,
+    save_every=16,  # 63 iterations: a killed run resumes from at most 15 iterations back (the default 100: from the start)
 )
 AUTHORS = dict(
     epochs=1,
@@ -69,6 +70,7 @@ AUTHORS = dict(
     kl_coeff=0.01,  # ppo-lag.sh; see AUTHORS_BASELINE_KL_COEFF for the baselines
     threshold=0.0,  # a placeholder in the authors' scripts: pick it on the cost model's scale
     ptx_coeff=16.0,
+    save_every=100,
     # The authors keep 128 episodes per rank and average the 8 ranks' means: 1024 episodes, the
     # last 8 iterations. Here the window is global (results do not depend on the number of ranks).
     episode_cost_window=1024,

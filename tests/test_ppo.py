@@ -214,6 +214,11 @@ def test_recipe_kl_coefficients(tmp_path):
     assert ppo_lag.parse_args(["--prompts", str(prompts), "--algo", "reward_shaping"]).kl_coeff == 0.02
     assert ppo_lag.parse_args(["--prompts", str(prompts), "--algo", "ppo", "--kl-coeff", "0.1"]).kl_coeff == 0.1
     assert ppo_lag.parse_args([]).kl_coeff == 0.05  # the tiny recipe
+    # Checkpoints: the tiny run (63 iterations) saves every 16, so a killed run loses at most 15
+    # iterations, not all of them; the authors' (and sft.py's) every 100; an explicit flag wins.
+    assert ppo_lag.parse_args([]).save_every == 16
+    assert ppo_lag.parse_args(["--prompts", str(prompts)]).save_every == 100
+    assert ppo_lag.parse_args(["--save-every", "3"]).save_every == 3
 
 
 # ------------------------------------------------------------------------------------------------
