@@ -678,27 +678,29 @@ class Rounds:
         winners = [(x["prompt"], x[f"response_{x['better_response_id']}"]) for x in rows
                    if x[f"is_response_{x['better_response_id']}_safe"]]
         unsafe = [(x["prompt"], x[f"response_{i}"]) for x in rows for i in (0, 1) if not x[f"is_response_{i}_safe"]]
-        if not winners:
-            print(f"warning: no answer of round {r} is labelled both safe and more helpful; the threshold falls back "
-                  "to the quantile rule", flush=True)
-            return {**by_quantiles, "rule": "quantiles", "quantile_rule": by_quantiles, "score_stats": stats}
         # every answer the last policy gave this round's prompts (PPO's prompts): its J_C on the new scale
         answered = [(row["prompt"], t) for row in read_jsonl(self.dir(r) / "collect" / "answers.jsonl")
                     for t in row["answers"]]
         costs = score_texts(self.score_model(r, "cost"), winners + unsafe + answered, a.device).tolist()
-        result = derive_threshold_on_policy(costs[:len(winners)], costs[len(winners):len(winners) + len(unsafe)], h,
-                                            a.target_harmful_rate, by_quantiles["c_harm"])
-        last_cost = sum(costs[len(winners) + len(unsafe):]) / max(len(answered), 1)
-        result["last_policy_cost"] = last_cost
+        labelled_costs, answered_costs = costs[:len(winners) + len(unsafe)], costs[len(winners) + len(unsafe):]
+        if winners:
+            result = derive_threshold_on_policy(labelled_costs[:len(winners)], labelled_costs[len(winners):], h,
+                                                a.target_harmful_rate, by_quantiles["c_harm"])
+        else:
+            print(f"warning: no answer of round {r} is labelled both safe and more helpful; the threshold falls back "
+                  "to the quantile rule", flush=True)
+            result = {**by_quantiles, "rule": "quantiles"}
         result["uncapped_threshold"] = result["threshold"]
-        if a.threshold_rule == "no-looser" and answered and last_cost < result["threshold"]:
-            result["threshold"] = last_cost
-            result["rule"] += ", capped at the last policy's cost"
-        if not self.real:  # the same answers by ground-truth kind, to see what the cost model makes of them
+        if answered_costs:
+            last_cost = result["last_policy_cost"] = sum(answered_costs) / len(answered_costs)
+            if a.threshold_rule == "no-looser" and last_cost < result["threshold"]:
+                result["threshold"] = last_cost
+                result["rule"] += ", capped at the last policy's cost"
+        if not self.real:  # the labelled answers by ground-truth kind, to see what the cost model makes of them
             from data.judge import judge
 
             by_kind = {}
-            for (prompt, answer), cost in zip(winners + unsafe, costs):
+            for (prompt, answer), cost in zip(winners + unsafe, labelled_costs):
                 v = judge(prompt, answer)
                 by_kind.setdefault(f"{'harmful' if v['prompt_harmful'] else 'benign'} prompt, {v['kind']}"
                                    f"{', harmful' if v['harmful'] else ''}", []).append(cost)

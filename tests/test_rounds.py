@@ -182,6 +182,12 @@ def test_collect_and_label_synthetic(tmp_path, synthetic_data):
     loose = r.derive(2)
     r.args.threshold_rule = "no-looser"
     assert loose["threshold"] > last_cost and r.derive(2)["threshold"] == pytest.approx(last_cost, abs=1e-4)
+    # No answer labelled both safe and more helpful: the quantile rule, under the same cap.
+    rounds.write_jsonl(label / "preferences.jsonl", [{**x, f"is_response_{x['better_response_id']}_safe": False}
+                                                     for x in rows])
+    fallback = r.derive(2)
+    assert fallback["rule"] == "quantiles, capped at the last policy's cost"
+    assert fallback["quantile_rule"]["threshold"] > last_cost and fallback["threshold"] == pytest.approx(last_cost, abs=1e-4)
 
 
 def test_real_data_export_round_trips_and_bad_labels_are_refused(tmp_path, synthetic_data):
