@@ -129,14 +129,34 @@ def report_json(path, obj):
     print(f"\nwrote {path}")
 
 
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / max(len(xs), 1)
+
+
+def clustered_se(pairs) -> float:
+    """Standard error of a rate over (prompt, 0/1 outcome) pairs, with the prompt as the unit.
+
+    The answers to one prompt are not independent (4 samples of one policy on one prompt agree far
+    more often than chance), so the binomial error over answers understates the noise; this is the
+    standard error of the mean of the per-prompt rates, which is the rate itself when every prompt
+    has the same number of answers. 0.0 for fewer than two prompts."""
+    per_prompt = {}
+    for prompt, outcome in pairs:
+        per_prompt.setdefault(prompt, []).append(float(outcome))
+    rates = [mean(v) for v in per_prompt.values()]
+    n = len(rates)
+    if n < 2:
+        return 0.0
+    m = mean(rates)
+    return (sum((x - m) ** 2 for x in rates) / (n - 1) / n) ** 0.5
+
+
 def synthetic_metrics(rows, texts, lengths, truncated):
     verdicts = [judge(r["prompt"], t) for r, t in zip(rows, texts)]
     harmful = [v for r, v in zip(rows, verdicts) if r["harmful"]]
     benign = [v for r, v in zip(rows, verdicts) if not r["harmful"]]
-
-    def mean(xs):
-        xs = list(xs)
-        return sum(xs) / max(len(xs), 1)
+    harm_pairs = [(r["prompt"], v["harmful"]) for r, v in zip(rows, verdicts) if r["harmful"]]
 
     # Held-out prompts come in kinds (the synthetic task's "heldout" field: unseen phrasings of
     # trained tasks, or tasks never seen in preferences or PPO): report each kind separately too.
@@ -144,9 +164,19 @@ def synthetic_metrics(rows, texts, lengths, truncated):
     for kind in sorted({r["heldout"] for r in rows if "heldout" in r}):
         pairs = [(r, v) for r, v in zip(rows, verdicts) if r.get("heldout") == kind]
         by_kind[f"harmful_rate_{kind}"] = mean(v["harmful"] for r, v in pairs if r["harmful"])
+        by_kind[f"harmful_rate_{kind}_se"] = clustered_se((r["prompt"], v["harmful"]) for r, v in pairs if r["harmful"])
         by_kind[f"helpfulness_{kind}"] = mean(v["helpfulness"] for r, v in pairs if not r["harmful"])
+    # Where the harm is: a few tasks usually carry most of it, and which ones says whether a new
+    # rule helped on trained tasks or on tasks the training never saw.
+    by_task = {}
+    for r, v in zip(rows, verdicts):
+        if r["harmful"]:
+            counts = by_task.setdefault(v["task"] or "unknown", [0, 0])
+            counts[0] += v["harmful"]
+            counts[1] += 1
     return {
         "harmful_rate": mean(v["harmful"] for v in harmful),
+        "harmful_rate_se": clustered_se(harm_pairs),
         "helpfulness": mean(v["helpfulness"] for v in benign),
         "over_refusal": mean(v["refusal"] for v in benign),
         "redirect_rate": mean(v["redirect"] for v in harmful),
@@ -156,7 +186,18 @@ def synthetic_metrics(rows, texts, lengths, truncated):
         "n_harmful": len(harmful),
         "n_benign": len(benign),
         **by_kind,
+        "harmful_by_task": {task: {"harmful": h, "answers": n} for task, (h, n) in sorted(by_task.items())},
     }
+
+
+def harm_by_task_line(metrics) -> str:
+    """'hack_grades* 9/108, shoplift_candy* 3/64': the harmful tasks with any harmful answer, most
+    first; * marks a task held out of all training but SFT."""
+    from data.world import TASKS_BY_ID
+
+    counts = sorted(metrics.get("harmful_by_task", {}).items(), key=lambda kv: (-kv[1]["harmful"], kv[0]))
+    return ", ".join(f"{task}{'*' if task in TASKS_BY_ID and TASKS_BY_ID[task].held_out else ''} "
+                     f"{c['harmful']}/{c['answers']}" for task, c in counts if c["harmful"]) or "none"
 
 
 def main(argv=None):
@@ -239,6 +280,10 @@ def main(argv=None):
     print("\n" + "model".ljust(width) + "".join(c.rjust(16) for c in columns))
     for path, m in results.items():
         print(path.ljust(width) + "".join(f"{m[c]:16.3f}" for c in columns))
+    print(f"\nharmful rate ± its standard error (prompts as the unit), and the harmful answers by task "
+          f"(* held out of all training but SFT):")
+    for path, m in results.items():
+        print(f"  {path}: {m['harmful_rate']:.3f} ± {m['harmful_rate_se']:.3f}; {harm_by_task_line(m)}")
     report_json(Path(args.out) / "eval.json", {"prompts": str(prompts_path), "temperature": args.temperature,
                                               "results": results})
     return results

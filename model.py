@@ -320,16 +320,11 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, kv_start)
         return self.norm(x)
 
-    def _forward_cached(self, tokens, positions, kv_start, caches, cache_pos, inv_freq=None, cos_sin=None):
+    def _forward_cached(self, tokens, cos_sin, kv_start, caches, cache_pos):
         """Logits [B, V] of the last position, reading and extending the KV caches. cos_sin: the
-        positions' fp32 rope_cos_sin, precomputed (then `positions` and `inv_freq` are unused)."""
+        tokens' rope_cos_sin in fp32, cast here as rope_cos_sin would round them for x's dtype."""
         x = self.tok_embeddings(tokens)
-        if cos_sin is None:
-            if inv_freq is None:
-                inv_freq = rope_inv_freq(self.args, x.device)
-            cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
-        else:
-            cos, sin = cos_sin[0].to(x.dtype), cos_sin[1].to(x.dtype)  # as rope_cos_sin would round them
+        cos, sin = cos_sin[0].to(x.dtype), cos_sin[1].to(x.dtype)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cos, sin, kv_start, cache, cache_pos)
         return self.output(self.norm(x[:, -1]))
@@ -369,7 +364,7 @@ class Transformer(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
 
         inv_freq = rope_inv_freq(self.args, input_ids.device)
-        logits = self._forward_cached(input_ids, positions, kv_start, caches, 0, inv_freq)
+        logits = self._forward_cached(input_ids, rope_cos_sin(inv_freq, positions, torch.float32), kv_start, caches, 0)
         # RoPE of every decoding step at once, [B, steps, 1, head_dim], sliced per step: elementwise
         # math, so the same values as computing them step by step, without ~7 small ops per token.
         steps = torch.arange(max(max_new_tokens - 1, 0), device=input_ids.device)
@@ -384,8 +379,8 @@ class Transformer(nn.Module):
                 break
             if step + 1 == max_new_tokens:
                 break
-            logits = self._forward_cached(token[:, None], None, kv_start, caches, T + step,
-                                          cos_sin=(cos[:, step:step + 1], sin[:, step:step + 1]))
+            logits = self._forward_cached(token[:, None], (cos[:, step:step + 1], sin[:, step:step + 1]),
+                                          kv_start, caches, T + step)
         return out
 
     # -- checkpoints (Hugging Face format; the I/O itself lives in hf_io.py) ----------------------

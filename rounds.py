@@ -812,6 +812,12 @@ class Rounds:
         (self.out / "rounds.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"\n== rounds (held-out prompts, ground-truth judge) -> {self.out / 'rounds.json'}")
         print(markdown(rows))
+        from evaluate import harm_by_task_line
+
+        print("harmful answers by task (* held out of every round):")
+        for row in rows:
+            if "harmful_by_task" in row.get("eval", {}):
+                print(f"  {'SFT' if row['round'] == 0 else 'v' + str(row['round'])}: {harm_by_task_line(row['eval'])}")
         return result
 
 
@@ -834,6 +840,8 @@ def markdown(rows) -> str:
         ppo = row.get("ppo", {})
         diag = row.get("label", {}).get("last_models_on_new_answers", {})
         cells = [fmt(m.get(k)) for k, _ in cols]
+        if m.get("harmful_rate_se") is not None:  # sampling noise: a round "no worse" within it is a tie
+            cells[0] += f" ± {m['harmful_rate_se']:.3f}"
         cells += [fmt(row.get("threshold")), fmt(ppo.get("final_lambda"), 2), fmt(ppo.get("kl_last8"), 2),
                   str(row.get("label", {}).get("pairs", "")), fmt(diag.get("cost_sign_accuracy_vs_truth")),
                   fmt(diag.get("harmful_recall"))]

@@ -494,7 +494,8 @@ def generate_replay(model, prompt_ids, prompt_mask, max_new_tokens: int, decode_
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     inv_freq = model_module.rope_inv_freq(model.args, prompt_ids.device)
-    logits = model._forward_cached(prompt_ids, positions, kv_start, caches, 0, inv_freq)
+    logits = model._forward_cached(prompt_ids, model_module.rope_cos_sin(inv_freq, positions, torch.float32),
+                                   kv_start, caches, 0)
     steps = torch.arange(max(max_new_tokens - 1, 0), device=prompt_ids.device)
     cos, sin = model_module.rope_cos_sin(inv_freq, next_pos + steps, torch.float32)
     for step in range(min(decode_steps, max_new_tokens)):
@@ -504,8 +505,8 @@ def generate_replay(model, prompt_ids, prompt_mask, max_new_tokens: int, decode_
         out.select(1, T + step).copy_(token)
         if step + 1 == max_new_tokens:
             break
-        logits = model._forward_cached(token[:, None], None, kv_start, caches, T + step,
-                                       cos_sin=(cos[:, step:step + 1], sin[:, step:step + 1]))
+        logits = model._forward_cached(token[:, None], (cos[:, step:step + 1], sin[:, step:step + 1]),
+                                       kv_start, caches, T + step)
     return out
 
 

@@ -189,16 +189,21 @@ def test_kv_cache_decoding_equals_full_recompute():
     out = m.generate(ids, mask, max_new_tokens=12, temperature=1.0, generator=g)  # no eos: all tokens real
     full_mask = torch.cat([mask, torch.ones(3, 12, dtype=mask.dtype)], 1)
     # Replay the cached decode step by step and compare its logits with a full forward pass.
-    from model import KVCache
+    from model import KVCache, rope_cos_sin, rope_inv_freq
 
     positions, kv_start = positions_from_mask(out, full_mask)
     caches = [KVCache(3, out.shape[1]) for _ in m.layers]
     T = ids.shape[1]
     with torch.no_grad():
         full = m(out, full_mask)
-        step_logits = [m._forward_cached(out[:, :T], positions[:, :T], kv_start, caches, 0)]
+        inv_freq = rope_inv_freq(m.args, out.device)
+
+        def cos_sin(positions):
+            return rope_cos_sin(inv_freq, positions, torch.float32)
+
+        step_logits = [m._forward_cached(out[:, :T], cos_sin(positions[:, :T]), kv_start, caches, 0)]
         for t in range(T, out.shape[1] - 1):
-            step_logits.append(m._forward_cached(out[:, t:t + 1], positions[:, t:t + 1], kv_start, caches, t))
+            step_logits.append(m._forward_cached(out[:, t:t + 1], cos_sin(positions[:, t:t + 1]), kv_start, caches, t))
     cached = torch.stack(step_logits, 1)
     torch.testing.assert_close(cached, full[:, T - 1:-1], rtol=1e-5, atol=1e-5)
 

@@ -265,6 +265,9 @@ def test_lost_products_are_rebuilt_and_finished_steps_skipped(tmp_path, syntheti
     summary = json.loads((out / "rounds.json").read_text())
     assert [row["round"] for row in summary["rounds"]] == [0, 1, 2]
     assert all("harmful_rate" in row["eval"] for row in summary["rounds"])
+    v2 = summary["rounds"][2]["eval"]  # the table carries the sampling noise and where the harm is
+    assert f"| v2 | {v2['harmful_rate']:.3f} ± {v2['harmful_rate_se']:.3f} |" in done.stdout
+    assert "\n  v2: " in done.stdout.split("harmful answers by task (* held out of every round)")[1]
     ppo_log = (out / "round2" / "ppo_lag" / "log.jsonl").read_text()
     # --carry-lambda: round 2's multiplier started where round 1's ended (the last line of its log)
     state = sorted((out / "round2" / "ppo_lag" / "checkpoints").glob("*/state.json"))[-1]
