@@ -34,7 +34,6 @@ from kernels import flash_attention, fused_linear_logprobs
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
-
 @dataclass
 class ModelArgs:
     dim: int = 128  # width of the residual stream
@@ -93,7 +92,6 @@ PRESETS: dict[str, dict] = {
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -230,7 +228,6 @@ class ScoreHead(nn.Linear):
 
 # ----------------------------------------------------------------------------------------------
 # The model
-
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, head: str = "lm"):
@@ -418,7 +415,6 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Padding, sampling and score helpers
-
 
 def positions_from_mask(input_ids, attention_mask):
     """RoPE positions [B, T] and the first real key of each row, kv_start [B].
