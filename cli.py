@@ -121,6 +121,14 @@ def run(main):
             message = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
             print(f"error: {message}\n(SAFE_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, gloo's worker threads can still abort the interpreter's shutdown ("terminate
+        # called without an active exception", SIGABRT, a failed run) after the barrier and
+        # destroy_process_group. By now every output is written (atomically) and the process group
+        # is gone, so the rank leaves without that shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _raised_here(error: BaseException) -> bool:
