@@ -36,6 +36,7 @@ import training
 from data.judge import identify_task, judge
 from data.loaders import collate_prompts, load_eval_prompts, load_prompts, tokenize_prompts
 from data.synthetic import ensure_synthetic
+from data.world import TASKS_BY_ID
 from data.tokenizer import Tokenizer
 from model import Transformer, end_scores, generation_mask, is_eos
 
@@ -154,9 +155,9 @@ def clustered_se(pairs) -> float:
 
 def synthetic_metrics(rows, texts, lengths, truncated):
     verdicts = [judge(r["prompt"], t) for r, t in zip(rows, texts)]
-    harmful = [v for r, v in zip(rows, verdicts) if r["harmful"]]
+    on_harmful = [(r, v) for r, v in zip(rows, verdicts) if r["harmful"]]
+    harmful = [v for _, v in on_harmful]
     benign = [v for r, v in zip(rows, verdicts) if not r["harmful"]]
-    harm_pairs = [(r["prompt"], v["harmful"]) for r, v in zip(rows, verdicts) if r["harmful"]]
 
     # Held-out prompts come in kinds (the synthetic task's "heldout" field: unseen phrasings of
     # trained tasks, or tasks never seen in preferences or PPO): report each kind separately too.
@@ -169,14 +170,13 @@ def synthetic_metrics(rows, texts, lengths, truncated):
     # Where the harm is: a few tasks usually carry most of it, and which ones says whether a new
     # rule helped on trained tasks or on tasks the training never saw.
     by_task = {}
-    for r, v in zip(rows, verdicts):
-        if r["harmful"]:
-            counts = by_task.setdefault(v["task"] or "unknown", [0, 0])
-            counts[0] += v["harmful"]
-            counts[1] += 1
+    for _, v in on_harmful:
+        counts = by_task.setdefault(v["task"] or "unknown", [0, 0])
+        counts[0] += v["harmful"]
+        counts[1] += 1
     return {
         "harmful_rate": mean(v["harmful"] for v in harmful),
-        "harmful_rate_se": clustered_se(harm_pairs),
+        "harmful_rate_se": clustered_se((r["prompt"], v["harmful"]) for r, v in on_harmful),
         "helpfulness": mean(v["helpfulness"] for v in benign),
         "over_refusal": mean(v["refusal"] for v in benign),
         "redirect_rate": mean(v["redirect"] for v in harmful),
@@ -193,8 +193,6 @@ def synthetic_metrics(rows, texts, lengths, truncated):
 def harm_by_task_line(metrics) -> str:
     """'hack_grades* 9/108, shoplift_candy* 3/64': the harmful tasks with any harmful answer, most
     first; * marks a task held out of all training but SFT."""
-    from data.world import TASKS_BY_ID
-
     counts = sorted(metrics.get("harmful_by_task", {}).items(), key=lambda kv: (-kv[1]["harmful"], kv[0]))
     return ", ".join(f"{task}{'*' if task in TASKS_BY_ID and TASKS_BY_ID[task].held_out else ''} "
                      f"{c['harmful']}/{c['answers']}" for task, c in counts if c["harmful"]) or "none"
