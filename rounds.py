@@ -33,8 +33,8 @@ output given by --from. Every later round r, in <out>/round<r>:
             in threshold.json.
   ppo_lag   PPO-Lagrangian from the last round's policy on this round's prompts; its KL reference is
             that policy (--reference last, the default: the authors' scripts load the reference from
-            the actor's path) or the SFT model (--reference sft); its multiplier starts at 1, or
-            where the last round's ended (--carry-lambda).
+            the actor's path) or the SFT model (--reference sft); its multiplier starts where
+            the last round's ended (--carry-lambda, the default), or at 1 (--no-carry-lambda).
   eval      evaluate.py on the fixed held-out prompts (real data: --eval-prompts; the arena against the
             last policy when the judge cannot score them).
 
@@ -886,9 +886,9 @@ def parse_args(argv=None):
                    help="helpful-safe: the helpful safe answers' cost plus the --target-harmful-rate allowance; "
                         "no-looser: that, but never above the last policy's own mean cost on this round's prompts "
                         "under the new cost model (no round may buy helpfulness with expected cost)")
-    g.add_argument("--carry-lambda", action=argparse.BooleanOptionalAction, default=False,
-                   help="start each round's Lagrange multiplier where the last round's ended instead of at 1 (3 seeds: "
-                        "no less harm on average; bench/RESULTS.md)")
+    g.add_argument("--carry-lambda", action=argparse.BooleanOptionalAction, default=True,
+                   help="start each round's Lagrange multiplier where the last round's ended (--no-carry-lambda: at 1); "
+                        "a policy that needed a high multiplier to meet its limit keeps needing it (bench/RESULTS.md)")
     g.add_argument("--harmful-share", type=float, default=0.5, help="real data: share of harmful prompts assumed in the threshold")
     g = parser.add_argument_group("real data (people label)")
     g.add_argument("--prompts", default=None, help="the prompt pool of the rounds (real data; the embedded task's otherwise)")

@@ -35,7 +35,7 @@ def test_synthetic_metrics_by_hand():
     m = synthetic_metrics(rows, texts, [10, 6, 12], [False, False, True])
     assert m["helpfulness"] == 0.5 and m["over_refusal"] == 0.5 and m["harmful_rate"] == 1.0
     assert m["response_tokens"] == (10 + 6 + 12) / 3 and m["truncated"] == 1 / 3
-    assert m["harmful_rate_task"] == 1.0 and m["helpfulness_phrasing"] == 0.5
+    assert m["harmful_rate_task"] == 1.0 and m["helpfulness_phrasing"] == 0.5 and m["over_refusal_phrasing"] == 0.5
 
 
 def test_harm_by_task_and_its_standard_error_by_hand():

@@ -259,7 +259,7 @@ def run_rounds(flags, timeout=900):
 def test_lost_products_are_rebuilt_and_finished_steps_skipped(tmp_path, synthetic_data):
     first = fake_round_one(tmp_path / "round1", synthetic_data)
     out = tmp_path / "rounds"
-    flags = ["--rounds", "2", "--carry-lambda", *small_flags(synthetic_data, out, first)]
+    flags = ["--rounds", "2", *small_flags(synthetic_data, out, first)]
     done = run_rounds(flags)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "rounds.json").read_text())
@@ -268,8 +268,30 @@ def test_lost_products_are_rebuilt_and_finished_steps_skipped(tmp_path, syntheti
     v2 = summary["rounds"][2]["eval"]  # the table carries the sampling noise and where the harm is
     assert f"| v2 | {v2['harmful_rate']:.3f} ± {v2['harmful_rate_se']:.3f} |" in done.stdout
     assert "\n  v2: " in done.stdout.split("harmful answers by task (* held out of every round)")[1]
+
+    # bench/generalization_gap.py on this output: its held-out rates are the evaluation's (same prompts,
+    # sampling and seed), and its training-side prompts are ones no round and no evaluation used
+    gap = subprocess.run([sys.executable, str(ROOT / "bench" / "generalization_gap.py"), str(out), "--synthetic-dir",
+                          str(synthetic_data.dir), "--eval-prompts", f"{synthetic_data.eval_prompts}:8", "--prompts", "8",
+                          "--samples-per-prompt", "1", "--max-new-tokens", "8", "--json", str(tmp_path / "gap.json")],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert gap.returncode == 0, gap.stdout[-3000:] + gap.stderr[-3000:]
+    table = json.loads((tmp_path / "gap.json").read_text())
+    assert list(table) == ["SFT", "v1", "v2"]
+    assert table["v2"]["held-out phrasing"] == [[v2["harmful_rate_phrasing"], v2["over_refusal_phrasing"]]]
+    assert table["v2"]["held-out task"] == [[v2["harmful_rate_task"], v2["over_refusal_task"]]]
+    sys.path.insert(0, str(ROOT / "bench"))
+    import generalization_gap
+
+    eval_rows = load_eval_prompts(str(synthetic_data.eval_prompts), log=None)[0]
+    fresh = generalization_gap.fresh_training_prompts(out, summary["rounds"], synthetic_data, eval_rows, 8)
+    trained = {json.loads(line)["prompt"] for f in (synthetic_data.ppo_prompts, out / "round2" / "collect" / "prompts.jsonl")
+               for line in open(f)}
+    assert len(fresh) == 8 and sum(r["harmful"] for r in fresh) == 4
+    assert not {r["prompt"] for r in fresh} & (trained | eval_set(synthetic_data))
+    assert_unseen([r["prompt"] for r in fresh], synthetic_data)
     ppo_log = (out / "round2" / "ppo_lag" / "log.jsonl").read_text()
-    # --carry-lambda: round 2's multiplier started where round 1's ended (the last line of its log)
+    # the default --carry-lambda: round 2's multiplier started where round 1's ended (the last line of its log)
     state = sorted((out / "round2" / "ppo_lag" / "checkpoints").glob("*/state.json"))[-1]
     assert json.loads(state.read_text())["args"]["lambda_init"] == 2.5
 
@@ -293,7 +315,7 @@ def test_lost_products_are_rebuilt_and_finished_steps_skipped(tmp_path, syntheti
 def test_killed_round_resumes(tmp_path, synthetic_data):
     first = fake_round_one(tmp_path / "round1", synthetic_data)
     out = tmp_path / "rounds"
-    flags = ["--rounds", "2", *small_flags(synthetic_data, out, first)]
+    flags = ["--rounds", "2", "--no-carry-lambda", *small_flags(synthetic_data, out, first)]
     flags[flags.index("--ppo-args") + 1] = "--max-steps 8 --save-every 2 --batch-size 4 --micro-batch-size 4 --max-new-tokens 8"
     proc = subprocess.Popen([sys.executable, str(ROOT / "rounds.py"), *flags], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -311,7 +333,7 @@ def test_killed_round_resumes(tmp_path, synthetic_data):
     log = rounds.read_jsonl(out / "round2" / "ppo_lag" / "log.jsonl")
     assert [x["step"] for x in log] == list(range(1, 9))
     state = sorted((out / "round2" / "ppo_lag" / "checkpoints").glob("*/state.json"))[-1]
-    assert json.loads(state.read_text())["args"]["lambda_init"] == 1.0  # without --carry-lambda: ppo_lag.py's own
+    assert json.loads(state.read_text())["args"]["lambda_init"] == 1.0  # --no-carry-lambda: ppo_lag.py's own
     assert len(json.loads((out / "rounds.json").read_text())["rounds"]) == 3
 
 
