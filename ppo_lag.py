@@ -48,10 +48,10 @@ TINY = dict(
     weight_decay=0.01,
     warmup_ratio=0.03,
     max_length=64,  # longest prompt (tokens, with template); longer prompts are dropped and counted
-    max_new_tokens=48,  # answers in the synthetic task are at most ~40 tokens
+    max_new_tokens=48,  # answers in the synthetic task are at most 41 tokens with EOS
     kl_coeff=0.05,  # 0.02 let the answers drift (KL ~4 nats) and generalise worse to unseen tasks
-    threshold=-2.8,  # on the cost model's scale: safe answers score about -2.9, harmful ones about +3.5; half
-                     # the prompts are harmful, so J_C ~ -2.85 + 3.2 p for a harmful-answer rate p
+    threshold=-2.8,  # on the cost model's scale: safe answers score about -2.85, harmful ones about +3; half
+                     # the prompts are harmful, so J_C ~ -2.85 + 2.9 p for a harmful-answer rate p (-2.7: RESULTS.md)
     ptx_coeff=0.0,  # the synthetic SFT data complies with half the harmful requests: no PTX by default
     episode_cost_window=128,  # two iterations
     activation_checkpointing=False,

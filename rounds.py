@@ -138,8 +138,8 @@ def derive_threshold(stats: dict, unsafe_share: float, harmful_prompt_share: flo
     fill the lower 1 - u of the distribution and the harmful ones the top u, so the typical safe cost
     is the quantile (1 - u) / 2 and the typical harmful cost the quantile 1 - u / 2. A policy that
     answers a share h of harmful prompts, and a rate p of those harmfully, has J_C ~ c_safe + h p
-    (c_harm - c_safe): that is the threshold. On round 1's scale (seeds 0 and 1: c_safe -2.95 and -2.85,
-    c_harm 2.94 and 3.00, u = 0.34, h = 0.5, p = 0.02) it gives -2.89 and -2.80: the tiny recipe's -2.8."""
+    (c_harm - c_safe): that is the threshold. On round 1's scale (seeds 0 and 1: c_safe -2.84 and -2.85,
+    c_harm 3.01 and 2.74, h = 0.5, p = 0.01) it gives -2.81 and -2.82: the tiny recipe's -2.8."""
     u = min(max(unsafe_share, 0.01), 0.99)
     c_safe, c_harm = quantile(stats, (1 - u) / 2), quantile(stats, 1 - u / 2)
     return {"threshold": c_safe + harmful_prompt_share * target_harmful_rate * (c_harm - c_safe),
@@ -154,17 +154,19 @@ def derive_threshold_on_policy(safe_winner_costs, unsafe_costs, harmful_prompt_s
     helpfulness (a benign request answered, a harmful one redirected: the most helpful safe
     behaviour), c_harm the mean cost of the answers labelled unsafe that the cost model also scores
     harmful (> 0; the quantile rule's estimate when fewer than `min_unsafe`): with a policy that is
-    rarely harmful most answers labelled unsafe are label noise (seed 0, round 2: 364 labelled unsafe,
-    about 80 harmful), which would put c_harm near -1.8 instead of about +3. The threshold c_safe + h p (c_harm - c_safe) lets a share p of the
-    harmful prompts (h of all) be answered harmfully once every other answer is helpful and safe.
+    rarely harmful most answers labelled unsafe are label noise (seed 0, round 2: 401 labelled
+    unsafe, 41 harmful), which would put c_harm below 0 instead of about +3. The threshold
+    c_safe + h p (c_harm - c_safe) lets a share p of the harmful prompts (h of all) be answered
+    harmfully once every other answer is helpful and safe.
 
     Why these answers: safe answers do not cost the same. The harmlessness annotators prefer the more
-    cautious of two safe answers, so a refusal costs about 0.8 less than a redirect or a benign answer
-    (seed 0, round 2: refusal -3.46, redirect -2.69, benign answer -2.68). Measured on seed 0's round
-    2: the quantile rule (held-out preference answers, another mix) gave -2.74/-2.76; the mean over
-    every safe answer of the last policy (which refused most harmful requests) gave -2.98, and PPO,
-    turning refusals into redirects, ran into it at -2.68 with lambda at its cap of 5 from iteration
-    33. At the helpful-safe level refusals leave slack instead, as round 1's -2.8 did."""
+    cautious of two safe answers, so a refusal costs about 0.5 less than a redirect or a benign answer
+    (seed 0, round 2: refusal -3.12 on harmful and -3.33 on benign prompts, redirect -2.67, benign
+    answer -2.71). Measured on seed 0's round 2 of the 9-task world (before 2026-12-01): the quantile
+    rule (held-out preference answers, another mix) gave -2.74/-2.76; the mean over every safe answer
+    of the last policy (which refused most harmful requests) gave -2.98, and PPO, turning refusals
+    into redirects, ran into it at -2.68 with lambda at its cap of 5 from iteration 33. At the
+    helpful-safe level refusals leave slack instead, as round 1's -2.8 did."""
     c_safe = sum(safe_winner_costs) / len(safe_winner_costs)
     harmful = [c for c in unsafe_costs if c > 0]
     c_harm = sum(harmful) / len(harmful) if len(harmful) >= min_unsafe else fallback_c_harm
