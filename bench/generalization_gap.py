@@ -68,7 +68,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outs", nargs="+", help="rounds.py outputs (each with rounds.json)")
     parser.add_argument("--prompts", type=int, default=512, help="fresh training-side prompts (half harmful)")
-    parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="answers sampled per prompt (evaluate.py's default)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (evaluate.py's default: 0)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (evaluate.py's default)")
     parser.add_argument("--synthetic-dir", default=None,
@@ -79,6 +79,11 @@ def main(argv=None):
 
     table = {}  # policy name -> set -> (harmful, over-refusal) per output
     for out in map(Path, args.outs):
+        if not (out / "rounds.json").exists():
+            sys.exit(f"{out}: no rounds.json; give the --out directories of finished rounds.py runs")
+        flags = out / "rounds_flags.json"
+        if flags.exists() and json.loads(flags.read_text()).get("prompts"):
+            sys.exit(f"{out}: a rounds.py run on real prompts; the ground-truth judge knows only the embedded task")
         summary = json.loads((out / "rounds.json").read_text())
         first = next(Path(r["policy"]) for r in summary["rounds"] if r["round"] == 1).parent.parent  # round 1's output
         synthetic = args.synthetic_dir or next((d for d in (first / "synthetic", out / "synthetic")
