@@ -31,6 +31,11 @@ def policy_name(path: str) -> str:
     return p.parent.name if p.name in ("actor", "model") else p.name
 
 
+def round_name(r: int) -> str:
+    """A rounds.json row's policy: round 0 -> SFT, round r -> vr (the paper's Beaver-v1, v2, ...)."""
+    return "SFT" if r == 0 else f"v{r}"
+
+
 def gather(eval_files):
     """policy -> metric -> list of values (one per file/seed), in first-seen policy order."""
     table = defaultdict(lambda: defaultdict(list))
@@ -131,7 +136,7 @@ def round_points(rounds_files):
     runs = []
     for f in rounds_files:
         data = json.loads(Path(f).read_text())
-        points = {("SFT" if row["round"] == 0 else f"v{row['round']}"): row["eval"]
+        points = {round_name(row["round"]): row["eval"]
                   for row in data["rounds"] if "eval" in row}
         runs.append((f"seed {data.get('seed', Path(f).parent.name)}", points))
     return runs

@@ -768,7 +768,7 @@ class Rounds:
 
     # -- the table -------------------------------------------------------------------------------
     def summary(self, n_rounds):
-        from plots import policy_name
+        from plots import policy_name, round_name
 
         rows = []
         for r in range(1, n_rounds + 1):
@@ -819,7 +819,7 @@ class Rounds:
         print("harmful answers by task (* held out of every round):")
         for row in rows:
             if "harmful_by_task" in row.get("eval", {}):
-                print(f"  {'SFT' if row['round'] == 0 else 'v' + str(row['round'])}: {harm_by_task_line(row['eval'])}")
+                print(f"  {round_name(row['round'])}: {harm_by_task_line(row['eval'])}")
         return result
 
 
@@ -827,6 +827,8 @@ def markdown(rows) -> str:
     """One line per policy: SFT, then v1, v2, ... (held-out metrics; the round's threshold, lambda and
     KL at the end of its PPO; the pairs labelled; how last round's cost model read this round's
     answers of its own policy, against the ground truth)."""
+    from plots import round_name
+
     cols = [("harmful_rate", "harmful"), ("harmful_rate_phrasing", "harmful (phrasing)"),
             ("harmful_rate_task", "harmful (task)"), ("helpfulness", "helpful"), ("over_refusal", "over-refusal"),
             ("response_tokens", "tokens")]
@@ -847,7 +849,7 @@ def markdown(rows) -> str:
         cells += [fmt(row.get("threshold")), fmt(ppo.get("final_lambda"), 2), fmt(ppo.get("kl_last8"), 2),
                   str(row.get("label", {}).get("pairs", "")), fmt(diag.get("cost_sign_accuracy_vs_truth")),
                   fmt(diag.get("harmful_recall"))]
-        lines.append(f"| {'SFT' if row['round'] == 0 else 'v' + str(row['round'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {round_name(row['round'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

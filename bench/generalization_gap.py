@@ -31,6 +31,8 @@ from data.synthetic import ensure_synthetic, round_prompt_rows  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from evaluate import sample_answers, shared_template, synthetic_metrics  # noqa: E402
 from model import Transformer  # noqa: E402
+from plots import round_name  # noqa: E402
+from rounds import read_jsonl  # noqa: E402
 
 SETS = ("training side", "held-out phrasing", "held-out task")
 
@@ -41,27 +43,32 @@ def used_prompts(out: Path, rounds: list[dict]) -> set:
     for row in rounds:
         collect = out / f"round{row['round']}" / "collect" / "prompts.jsonl"
         if row["round"] > 1 and collect.exists():
-            used |= {json.loads(line)["prompt"] for line in collect.open()}
+            used |= {r["prompt"] for r in read_jsonl(collect)}
     return used
 
 
 def fresh_training_prompts(out: Path, rounds: list[dict], task, eval_rows, n: int) -> list[dict]:
     """n prompts of the training tasks and phrasings (half harmful) that neither the evaluation nor
     any round's PPO (round 1's prompts, each later round's collected ones) ever used."""
-    used = used_prompts(out, rounds) | {json.loads(line)["prompt"] for line in open(task.ppo_prompts)}
+    used = used_prompts(out, rounds) | {r["prompt"] for r in read_jsonl(task.ppo_prompts)}
     rows = round_prompt_rows(random.Random(12345), n, exclude={r["prompt"] for r in eval_rows}, used=used)
     return [r for r in rows if r["prompt"] not in used]  # the pool ran out of unused ones: fewer
 
 
-def rates(policy_path, rows, args):
-    """evaluate.py's sampling (temperature 1, batches of 64, one seeded generator) and metrics."""
+def rates(policy_path, prompt_sets, args):
+    """The metrics of one policy on each prompt set, with evaluate.py's sampling (temperature 1,
+    batches of 64, a generator seeded afresh per set, so each set's answers are evaluate.py's)."""
     tok = Tokenizer(policy_path)
     policy = Transformer.from_pretrained(policy_path).eval()
-    rows = [r for r in rows for _ in range(args.samples_per_prompt)]
-    texts, _, lengths, truncated = sample_answers(policy, tok, [r["prompt"] for r in rows], batch_size=64,
-                                                  max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
-                                                  seed=args.seed, device="cpu", template=shared_template([str(policy_path)]))
-    return synthetic_metrics(rows, texts, lengths, truncated)
+    template = shared_template([str(policy_path)])
+    metrics = []
+    for rows in prompt_sets:
+        rows = [r for r in rows for _ in range(args.samples_per_prompt)]
+        texts, _, lengths, truncated = sample_answers(policy, tok, [r["prompt"] for r in rows], batch_size=64,
+                                                      max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
+                                                      seed=args.seed, device="cpu", template=template)
+        metrics.append(synthetic_metrics(rows, texts, lengths, truncated))
+    return metrics
 
 
 def main(argv=None):
@@ -94,9 +101,8 @@ def main(argv=None):
         print(f"\n== {out}: {len(fresh)} fresh training-side prompts, {len(eval_rows)} held-out ones, "
               f"{args.samples_per_prompt} answers each", flush=True)
         for row in summary["rounds"]:
-            name = "SFT" if row["round"] == 0 else f"v{row['round']}"
-            training_side = rates(row["policy"], fresh, args)
-            held_out = rates(row["policy"], eval_rows, args)
+            name = round_name(row["round"])
+            training_side, held_out = rates(row["policy"], (fresh, eval_rows), args)
             cells = {"training side": (training_side["harmful_rate"], training_side["over_refusal"]),
                      "held-out phrasing": (held_out["harmful_rate_phrasing"], held_out["over_refusal_phrasing"]),
                      "held-out task": (held_out["harmful_rate_task"], held_out["over_refusal_task"])}
@@ -105,7 +111,7 @@ def main(argv=None):
             labels = ""
             label_file = out / f"round{row['round']}" / "label" / "preferences.jsonl"
             if label_file.exists():
-                pairs = [json.loads(line) for line in label_file.open()]
+                pairs = read_jsonl(label_file)
                 labelled_unsafe = sum(not x[f"is_response_{i}_safe"] for x in pairs for i in (0, 1))
                 harmful = sum(not s for x in pairs for s in x["true_safe"])
                 recall = row.get("label", {}).get("last_models_on_new_answers", {}).get("harmful_recall")
