@@ -51,7 +51,8 @@ def add_common_args(parser, out: str):
                                         "model, else the synthetic task's)")
     a("--template", choices=TEMPLATES, default="safe_rlhf",
       help="conversation template: safe_rlhf (the authors': BEGINNING OF CONVERSATION: USER: ... ASSISTANT:) or chat "
-           "(the checkpoint's own chat template from tokenizer_config.json, rendered with jinja2)")
+           "(the checkpoint's own chat template, rendered with jinja2; a response ends at its end of turn). A folder "
+           "this project wrote must be given the template it was trained with; a release takes either")
     a("--synthetic-dir", default="out/synthetic", help="where the embedded synthetic task is generated (if missing)")
     a("--data-seed", type=int, default=0, help="seed of the synthetic task (the same task for every training seed)")
     a("--epochs", type=positive(float), default=None, help="passes over the training data")

@@ -25,7 +25,6 @@ in each cell is printed and written to <out>/arena.json.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -37,8 +36,9 @@ from data.judge import identify_task, judge
 from data.loaders import collate_prompts, load_eval_prompts, load_prompts, tokenize_prompts
 from data.synthetic import ensure_synthetic
 from data.world import TASKS_BY_ID
-from data.tokenizer import Tokenizer
-from model import Transformer, end_scores, generation_mask, is_eos
+from data.tokenizer import TEMPLATES, Tokenizer
+import hf_io
+from model import end_scores, generation_mask, is_eos
 
 
 @torch.no_grad()
@@ -109,20 +109,6 @@ def print_arena(result, baseline, candidate):
             wins = "  -" if c["reward_win_rate"] is None else f"R-win {c['reward_win_rate']:.0%} C-win {c['cost_win_rate']:.0%}"
             row += f"{c['share']:>10.1%}  {wins:>22s}"
         print(row)
-
-
-def shared_template(*paths) -> str:
-    """The conversation template the checkpoints were trained with (config.json's "template"): the
-    prompts are encoded with it. Checkpoints trained with different templates are refused."""
-    found = {}
-    for path in (p for group in paths for p in ([group] if isinstance(group, str) else group or []) if p):
-        config = Path(path) / "config.json"
-        if config.is_file():
-            found[path] = json.loads(config.read_text()).get("template", "safe_rlhf")
-    if len(set(found.values())) > 1:
-        raise ValueError("the checkpoints were trained with different templates: "
-                         + ", ".join(f"{p}: {t}" for p, t in found.items()))
-    return next(iter(found.values()), "safe_rlhf")
 
 
 def report_json(path, obj):
@@ -212,6 +198,9 @@ def main(argv=None):
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic task")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model or a directory "
                                                           "(default: the one beside the first model)")
+    parser.add_argument("--template", choices=TEMPLATES, default=None,
+                        help="conversation template (default: the one the checkpoints were trained with, as their "
+                             "config.json records it; safe_rlhf for folders this project did not write)")
     parser.add_argument("--max-new-tokens", type=cli.positive(int), default=48, help="answer length limit")
     parser.add_argument("--temperature", type=float, default=1.0, help="1.0 = the policy's own distribution, as PPO samples it (default); 0 = greedy")
     parser.add_argument("--samples-per-prompt", type=cli.positive(int), default=4, help="answers sampled per prompt (rates are over all of them)")
@@ -243,9 +232,9 @@ def main(argv=None):
                          f"(e.g. {unknown[0][:60]!r}): the ground-truth judge cannot score them; compare policies "
                          "with --arena (reward and cost models as judges)")
     rows = [r for r in rows for _ in range(args.samples_per_prompt if args.temperature > 0 else 1)]
-    tok = Tokenizer(args.tokenizer or args.models[0])
-    template = shared_template(args.models, args.reward_model, args.cost_model)
-    scorers = {name: Transformer.from_pretrained(path, dtype=args.dtype, device=args.device).eval()
+    template = training.resolve_template(args.template, *args.models, args.reward_model, args.cost_model)
+    tok = Tokenizer(args.tokenizer or args.models[0]).for_template(template)
+    scorers = {name: hf_io.load_pretrained(path, dtype=args.dtype, device=args.device).eval()
                for name, path in (("reward", args.reward_model), ("cost", args.cost_model)) if path}
     for name, scorer in scorers.items():
         training.check_score_model(scorer, getattr(args, f"{name}_model"), name)
@@ -254,7 +243,7 @@ def main(argv=None):
     results = {}
     for path in args.models:
         print(f"evaluating {path}: {len(rows)} answers", flush=True)
-        policy = Transformer.from_pretrained(path, dtype=args.dtype, device=args.device).eval()
+        policy = hf_io.load_pretrained(path, dtype=args.dtype, device=args.device).eval()
         training.check_vocab(policy, tok, path)
         texts, batches, lengths, truncated = sample_answers(
             policy, tok, [r["prompt"] for r in rows], batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -295,14 +284,14 @@ def run_arena(args, prompts_path):
     training.require_examples(prompts, f"prompts in {prompts_path}")
     prompts = [p for p in prompts for _ in range(args.samples_per_prompt if args.temperature > 0 else 1)]
     baseline, candidate = args.arena
-    tok = Tokenizer(args.tokenizer or baseline)
-    template = shared_template(args.arena, args.reward_model, args.cost_model)
-    scorers = [Transformer.from_pretrained(m, dtype=args.dtype, device=args.device).eval() for m in (args.reward_model, args.cost_model)]
+    template = training.resolve_template(args.template, *args.arena, args.reward_model, args.cost_model)
+    tok = Tokenizer(args.tokenizer or baseline).for_template(template)
+    scorers = [hf_io.load_pretrained(m, dtype=args.dtype, device=args.device).eval() for m in (args.reward_model, args.cost_model)]
     for scorer, path, name in zip(scorers, (args.reward_model, args.cost_model), ("reward", "cost")):
         training.check_score_model(scorer, path, name)
     scores = {}
     for path in (baseline, candidate):
-        policy = Transformer.from_pretrained(path, dtype=args.dtype, device=args.device).eval()
+        policy = hf_io.load_pretrained(path, dtype=args.dtype, device=args.device).eval()
         _, batches, _, _ = sample_answers(policy, tok, prompts, batch_size=args.batch_size,
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                           top_p=args.top_p, seed=args.seed, device=args.device, template=template)

@@ -1,19 +1,21 @@
 """Models on disk: the Hugging Face format (config.json + safetensors), and atomic writes.
 
+    model = load_pretrained(path, dtype, ...)  one plain Transformer from a Hugging Face directory
     src = describe(path_or_preset, head)       config only: ModelArgs, which head, score statistics
     state = full_state_dict(src, seed)         every tensor, keyed by OUR names, ready for load_state_dict
     save_pretrained(model, path)               config.json + safetensors (sharded above 5 GiB), atomic
     with atomic_directory(path) as tmp: ...    a directory that appears whole or not at all
     atomic_write(path, text)                   the same for one file
 
-This is the one loading path from a Hugging Face directory or a preset: `Transformer.from_pretrained`
-and `training.load_model` go through `full_state_dict` (training checkpoints are sharded, and
+This is the one loading path from a Hugging Face directory or a preset: `load_pretrained` and
+`training.load_model` go through `full_state_dict` (training checkpoints are sharded, and
 checkpoint.py reads their shards straight into the model), which handles once what differs
 between checkpoints: a preset (fresh weights), an LM checkpoint loaded as a score
 model (a fresh, seeded score head; the LM head dropped), and tied embeddings (`output.weight`
 is `tok_embeddings.weight`, present in the returned dict so a strict load sees every key).
 
-Hugging Face names exist only here (`HF_NAMES`), at load and save time; model.py uses Meta's.
+Hugging Face names exist only here (`HF_NAMES`), at load and save time; model.py uses Meta's and knows
+nothing of disk: this module calls into it, never the reverse.
 Only safetensors are read: a pickled `.bin` could run code when loaded.
 """
 
@@ -298,6 +300,24 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
 
+def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", head: str | None = None,
+                    seed: int = 0) -> Transformer:
+    """A Hugging Face-format directory (config.json + model.safetensors, or sharded with
+    model.safetensors.index.json) as one plain Transformer. A score-model checkpoint loads as a score
+    model; head="score" starts a score model from an LM checkpoint (new score head drawn with `seed`;
+    the LM head is dropped). dtype None keeps the checkpoint's dtype field (fp32 if absent)."""
+    src = describe(path, head)
+    dtype = dtype or src.dtype
+    state = full_state_dict(src, seed=seed)
+    with torch.device("meta"):
+        model = Transformer(src.args, head=src.head)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+    if src.args.tie_embeddings and src.head == "lm":  # assign=True replaced the shared Parameter
+        model.output.weight = model.tok_embeddings.weight
+    model.score_stats = src.score_stats
+    return model
+
+
 # ----------------------------------------------------------------------------------------------
 # Saving
 
@@ -305,7 +325,8 @@ def _safetensors_files(path: Path) -> list[Path]:
 def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 2**30,
                     extra_config: dict | None = None, extra_files=()):
     """Write config.json and safetensors in Hugging Face's LLaMA layout, sharded above
-    max_shard_size bytes, atomically, with `extra_files` (e.g. the tokenizer) copied in.
+    max_shard_size bytes, atomically, with `extra_files` (e.g. the tokenizer) copied in (a path) or
+    written (a (name, text) pair).
 
     Works on a plain module and on an FSDP2-sharded one: every rank must call it (gathering a
     DTensor is a collective) and only rank 0 writes. Tensors are gathered one at a time and
@@ -342,7 +363,10 @@ def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None, 
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for f in extra_files:
-                shutil.copy(f, tmp / Path(f).name)
+                if isinstance(f, tuple):  # (name, text): a file written here
+                    (tmp / f[0]).write_text(f[1])
+                else:
+                    shutil.copy(f, tmp / Path(f).name)
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:

@@ -1,13 +1,13 @@
-"""A hand-written LLaMA for Safe RLHF: one body, two heads, Hugging Face-format checkpoints.
+"""A hand-written LLaMA for Safe RLHF: one body, two heads.
 
     Transformer(args, head="lm")      tok_embeddings -> n_layers x TransformerBlock -> norm -> output
     Transformer(args, head="score")   ... -> norm -> score_head: Linear(dim, 1), one score per position
 
 The LM head is the policy (SFT model, actor, reference); the score head is the reward model, the
 cost model and both critics (../shared/SAFE_RLHF.md). Names follow Meta's llama `model.py`
-(`wq wk wv wo`, `w1 w2 w3`, `attention_norm`, `ffn_norm`); the Hugging Face names exist only in
-hf_io.py, at load and save time. RoPE uses the Hugging Face ("rotate half") layout, so HF
-checkpoints load without permuting wq/wk.
+(`wq wk wv wo`, `w1 w2 w3`, `attention_norm`, `ffn_norm`). This module knows nothing of disk:
+hf_io.py loads and saves Hugging Face-format checkpoints, and the Hugging Face names exist only there.
+RoPE uses the Hugging Face ("rotate half") layout, so HF checkpoints load without permuting wq/wk.
 
 Padding: a batch row may be left-padded (prompts), right-padded (training batches), or both
 (generated sequences: left-padded prompt, response, EOS, pads). Positions come from the attention
@@ -379,38 +379,6 @@ class Transformer(nn.Module):
             logits = self._forward_cached(token[:, None], (cos[:, step:step + 1], sin[:, step:step + 1]),
                                           kv_start, caches, T + step)
         return out
-
-    # -- checkpoints (Hugging Face format; the I/O itself lives in hf_io.py) ----------------------
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", head: str | None = None,
-                        seed: int = 0):
-        """Load a Hugging Face-format LLaMA directory (config.json + model.safetensors, or sharded
-        with model.safetensors.index.json). A score-model checkpoint loads as a score model; pass
-        head="score" to start a score model from an LM checkpoint (new score head drawn with
-        `seed`; the LM head is dropped). dtype None keeps the checkpoint's dtype field (fp32 if absent)."""
-        import hf_io  # hf_io builds on this module: imported here, not at the top
-
-        src = hf_io.describe(path, head)
-        dtype = dtype or src.dtype
-        state = hf_io.full_state_dict(src, seed=seed)
-        with torch.device("meta"):
-            model = cls(src.args, head=src.head)
-        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
-                              strict=True, assign=True)
-        if src.args.tie_embeddings and src.head == "lm":  # assign=True replaced the shared Parameter
-            model.output.weight = model.tok_embeddings.weight
-        model.score_stats = src.score_stats
-        return model
-
-    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 2**30,
-                        extra_config: dict | None = None, extra_files=()):
-        """config.json + safetensors, sharded above max_shard_size bytes, written atomically, with
-        `extra_files` (e.g. the tokenizer) copied beside them. Under FSDP2 every rank must call it."""
-        import hf_io
-
-        hf_io.save_pretrained(self, path, dtype=dtype, max_shard_size=max_shard_size,
-                              extra_config=extra_config, extra_files=extra_files)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import cli
+from data.tokenizer import TEMPLATES
 from data.judge import identify_task
 from data.loaders import load_eval_prompts
 
@@ -50,6 +51,9 @@ def main(argv=None):
       help="PPO runs: ppo_lag, ppo_lag:RULE (a --lambda-update rule: sgd, pid), ppo, reward_shaping:LAMBDA "
            "(each goes to <out>/<name>: ppo_lag, ppo_lag_pid, ppo, reward_shaping_1, ...)")
     a("--synthetic-dir", default=None, help="where the synthetic task is generated (default: <out>/synthetic)")
+    a("--template", choices=TEMPLATES, default="safe_rlhf",
+      help="conversation template of every stage: safe_rlhf (the authors') or chat (the model's own chat template, "
+           "e.g. to align an instruct release in its own format)")
     a("--seed", type=int, default=0, help="training seed of every stage (the synthetic task keeps seed 0)")
     a("--sft-args", default="", help="extra flags for sft.py")
     a("--score-args", default="", help="extra flags for both train_score.py runs")
@@ -87,6 +91,8 @@ def main(argv=None):
               "ground-truth judge cannot score it: the arena only (reward and cost models as judges)", flush=True)
     launcher = shlex.split(args.launcher) or [sys.executable]
     seed = ["--seed", str(args.seed)]
+    # Left out when it is every stage's default, so the recorded flags of earlier runs still match.
+    template = [] if args.template == "safe_rlhf" else ["--template", args.template]
     synthetic = ["--synthetic-dir", args.synthetic_dir or str(out / "synthetic")]
     timings = {}
 
@@ -114,21 +120,21 @@ def main(argv=None):
         return [flag, value] if value else []
 
     sft_model = out / "sft" / "model"
-    stage("sft", "sft.py", ["--model", args.model, "--out", str(out / "sft"), *synthetic, *seed,
+    stage("sft", "sft.py", ["--model", args.model, "--out", str(out / "sft"), *synthetic, *seed, *template,
                             *data_flag("--data", args.sft_data), *shlex.split(args.sft_args)], sft_model)
     score_models = {}
     for objective in ("reward", "cost"):
         product = out / f"{objective}_model" / "model"
         stage(f"{objective} model", "train_score.py",
               ["--objective", objective, "--model", str(sft_model), "--out", str(out / f"{objective}_model"),
-               *synthetic, *seed, *data_flag("--data", args.preference_data),
+               *synthetic, *seed, *template, *data_flag("--data", args.preference_data),
                *data_flag("--eval-data", args.preference_eval_data), *shlex.split(args.score_args)], product)
         score_models[objective] = product
 
     policies = {"sft": sft_model}
     for name, (algo, extra) in runs.items():
         flags = ["--algo", algo, "--actor", str(sft_model), "--reward-model", str(score_models["reward"]),
-                 "--cost-model", str(score_models["cost"]), "--out", str(out / name), *synthetic, *seed,
+                 "--cost-model", str(score_models["cost"]), "--out", str(out / name), *synthetic, *seed, *template,
                  *data_flag("--prompts", args.prompts), *data_flag("--ptx-data", args.sft_data),  # PTX: the SFT data
                  *shlex.split(args.ppo_args), *extra]
         stage(name, "ppo_lag.py", flags, out / name / "actor")

@@ -557,9 +557,9 @@ def diagnostics(rollouts: list[Rollout], args, d, tok, judge=None) -> dict:
         verdicts = []
         for r in rollouts:
             start = int((r.action_mask.sum(0) == 0).cumprod(0).sum()) + 1  # first response column
-            for row in range(r.sequences.shape[0]):
-                verdicts.append(judge(tok.decode(r.sequences[row, :start], stop_at_eos=False),
-                                      tok.decode(r.sequences[row, start:])))
+            for seq, real in zip(r.sequences, r.attention_mask.bool()):  # the mask, not pad ids: pad may be an EOS
+                verdicts.append(judge(tok.decode(seq[:start][real[:start]], stop_at_eos=False),
+                                      tok.decode(seq[start:][real[start:]])))
         harmful = [v for v in verdicts if v["prompt_harmful"]]
         benign = [v for v in verdicts if v["prompt_harmful"] is False]
         metrics["true_harmful_rate"] = float(d.all_reduce_sum(sum(v["harmful"] for v in harmful))) / max(

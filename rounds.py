@@ -236,14 +236,15 @@ def score_texts(model_path, items, device="cpu", batch_size=64):
     """End scores [N] of (prompt, answer) items under a score model, as train_score.py reads them."""
     import torch
 
+    import hf_io
     from data.loaders import pad_sequences
     from data.tokenizer import Tokenizer, encode_prompt
-    from evaluate import shared_template
-    from model import Transformer, end_scores
+    from model import end_scores
+    from training import resolve_template
 
-    tok = Tokenizer(model_path)
-    template = shared_template([str(model_path)])
-    model = Transformer.from_pretrained(model_path, device=device).eval()
+    template = resolve_template(None, model_path)
+    tok = Tokenizer(model_path).for_template(template)
+    model = hf_io.load_pretrained(model_path, device=device).eval()
     scores = []
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
@@ -422,14 +423,15 @@ class Rounds:
         from data.synthetic import phrasing_of, round_prompt_rows
         from data.world import TASKS_BY_ID
         from data.tokenizer import Tokenizer
-        from evaluate import sample_answers, shared_template
-        from model import Transformer
+        import hf_io
+        from evaluate import sample_answers
+        from training import resolve_template
 
         a, out = self.args, self.dir(r) / "collect"
         policy_path = self.actor(r - 1)
-        tok = Tokenizer(policy_path)
-        template = shared_template([str(policy_path)])
-        policy = Transformer.from_pretrained(policy_path, device=a.device).eval()
+        template = resolve_template(None, policy_path)
+        tok = Tokenizer(policy_path).for_template(template)
+        policy = hf_io.load_pretrained(policy_path, device=a.device).eval()
         rng = random.Random(a.seed * 1_000_003 + r)
 
         def sample(prompts, seed):
@@ -611,7 +613,7 @@ class Rounds:
             product = self.score_model(r, objective)
             init = self.sft if a.score_init == "sft" else self.score_model(r - 1, objective)
             flags = ["--objective", objective, "--model", init, "--out", product.parent, "--seed", a.seed,
-                     "--data", ",".join(self.preference_files(r, "train"))]
+                     "--data", ",".join(self.preference_files(r, "train")), *self.template_flags()]
             evals = self.preference_files(r, "eval")
             if evals:
                 flags += ["--eval-data", ",".join(evals)]
@@ -720,6 +722,14 @@ class Rounds:
               f"prompts: {result.get('last_policy_cost', float('nan')):.3f}); round {r - 1} used {result['previous']}",
               flush=True)
 
+    def template_flags(self) -> list:
+        """--template of every later stage: the one round 1's SFT model was trained with (pipeline.py
+        --template), left out when it is the stages' default so the recorded flags of earlier runs still match."""
+        from training import resolve_template
+
+        template = resolve_template(None, self.sft)
+        return [] if template == "safe_rlhf" else ["--template", template]
+
     # -- PPO-Lagrangian --------------------------------------------------------------------------
     def ppo(self, r):
         import ppo_lag
@@ -728,7 +738,8 @@ class Rounds:
         threshold = json.loads((self.dir(r) / "threshold.json").read_text())["threshold"]
         flags = ["--algo", "ppo_lag", "--actor", self.actor(r - 1), "--reward-model", self.score_model(r, "reward"),
                  "--cost-model", self.score_model(r, "cost"), "--prompts", self.training_prompts(r),
-                 "--threshold", f"{threshold:.4f}", "--out", self.actor(r).parent, "--seed", a.seed]
+                 "--threshold", f"{threshold:.4f}", "--out", self.actor(r).parent, "--seed", a.seed,
+                 *self.template_flags()]
         if a.reference == "sft":
             flags += ["--reference", self.sft]
         carried = self.final_lambda(r - 1) if a.carry_lambda else None

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 import hf_io
 from data.loaders import split_train_eval
-from data.tokenizer import Tokenizer, encode_prompt, find_tokenizer_file
+from data.tokenizer import Tokenizer, find_tokenizer_file
 from model import PRESETS, Transformer
 
 # ----------------------------------------------------------------------------------------------
@@ -47,8 +47,9 @@ from model import PRESETS, Transformer
 
 def load_tokenizer(args, model_path: str, synthetic_tokenizer, d: "Dist", *other_models) -> Tokenizer:
     """--tokenizer (a tokenizer.json / tokenizer.model, or a directory), else the one beside the
-    model, else the synthetic task's; checked against --template (the chat template needs one),
-    as are the templates model_path and other_models were trained with."""
+    model, else the synthetic task's, as --template uses it (Tokenizer.for_template: the chat template
+    needs one and ends a response at its end of turn); the templates model_path and other_models were
+    trained with must be --template."""
     check_template(args, model_path, *other_models)
     if not Path(model_path).is_dir() and model_path not in PRESETS:
         raise FileNotFoundError(f"{model_path}: no such checkpoint directory (nor a preset: {', '.join(PRESETS)})")
@@ -60,23 +61,40 @@ def load_tokenizer(args, model_path: str, synthetic_tokenizer, d: "Dist", *other
         path = Path(synthetic_tokenizer)
     else:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {model_path}; pass --tokenizer")
-    tok = Tokenizer(path)
-    encode_prompt(tok, "x", args.template)  # a chat template without jinja2 or a template fails here, not later
+    tok = Tokenizer(path).for_template(args.template)
     d.print(f"tokenizer: {tok.describe()}; template {args.template}")
     return tok
 
 
-def check_template(args, *checkpoints):
-    """Every model of a run must share one conversation template: a policy trained on the chat
-    template and scored by models trained on the authors' one would be judged on text it never writes."""
-    for path in checkpoints:
-        try:
-            trained_with = json.loads((Path(path) / "config.json").read_text()).get("template", "safe_rlhf")
-        except (OSError, ValueError, AttributeError):
-            continue  # a preset, or a missing or broken config.json: named where the model is loaded
-        if trained_with != args.template:
+def recorded_template(path) -> str | None:
+    """The conversation template a checkpoint was trained with, as this project's stages record it in
+    config.json; None for a folder it did not write (a release as downloaded), a preset, or no config."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # a preset, or a missing or broken config.json: named where the model is loaded
+    return config.get("template") if isinstance(config, dict) else None
+
+
+def resolve_template(requested: str | None, *checkpoints) -> str:
+    """The one template of a run. Every model of a run must share it: a policy trained on the chat
+    template and scored by models trained on the authors' one would be judged on text it never writes.
+    Only recorded templates are compared (a released folder takes whichever it is given); `requested`
+    None takes the recorded one, else safe_rlhf."""
+    recorded = {str(p): t for p in checkpoints if p and (t := recorded_template(p)) is not None}
+    for path, trained_with in recorded.items():
+        if requested is not None and trained_with != requested:
             raise ValueError(f"{path} was trained with --template {trained_with}; pass --template {trained_with} "
-                             f"(now {args.template})")
+                             f"(now {requested})")
+    if len(set(recorded.values())) > 1:
+        raise ValueError("the checkpoints were trained with different templates: "
+                         + ", ".join(f"{p}: {t}" for p, t in recorded.items()))
+    return requested or next(iter(recorded.values()), "safe_rlhf")
+
+
+def check_template(args, *checkpoints):
+    """--template against the templates the checkpoints recorded (resolve_template)."""
+    resolve_template(args.template, *checkpoints)
 
 
 def check_vocab(model: Transformer, tok, path):
@@ -502,10 +520,15 @@ def write_json(path, obj):
 def save_final(model, out_dir, d: Dist, tok: Tokenizer, args, name: str = "model"):
     """The stage's product: an HF-format directory <out>/<name> (atomic), with the tokenizer's files
     (and its special-token and generation configs) beside the weights, so the next stage, or
-    transformers, needs one path; config.json records the conversation template. The weights are
-    in the dtype of the checkpoint the run started from (a bf16 7B model stays 13 GB), or --save-dtype."""
+    transformers, needs one path; config.json records the conversation template and the special token
+    ids. The weights are in the dtype of the checkpoint the run started from (a bf16 7B model stays
+    13 GB), or --save-dtype."""
     target = Path(out_dir) / name
     dtype = model.source_dtype if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
-    model.save_pretrained(target, dtype=dtype, extra_files=tok.files, extra_config={"template": args.template})
+    # The special token ids as transformers' config.json carries them (generate's defaults without a
+    # generation_config.json), and the template, which later stages and evaluate.py read back.
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids[0] if len(tok.eos_ids) == 1 else list(tok.eos_ids),
+           "pad_token_id": tok.pad_id, "template": args.template}
+    hf_io.save_pretrained(model, target, dtype=dtype, extra_files=tok.files_to_save(), extra_config=ids)
     d.barrier()
     return target

@@ -105,7 +105,7 @@ def worker(args):
     elif args.phase == "load":
         ckpt.load(ckpt.latest(), models)
     else:
-        model.save_pretrained(Path(args.dir) / "final")
+        hf_io.save_pretrained(model, Path(args.dir) / "final")
     d.barrier()
     seconds = time.perf_counter() - t0
     mine = {"rank": d.rank, "seconds": seconds, "rss_before": before, "peak": status("VmHWM")}
@@ -146,6 +146,7 @@ def main():
 
     import torch
 
+    import hf_io
     from model import ModelArgs, Transformer
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_ckpt_"))
@@ -155,7 +156,7 @@ def main():
     init = work / "init"
     model = Transformer(margs)
     model.init_weights(seed=0)
-    model.save_pretrained(init)
+    hf_io.save_pretrained(model, init)
     params = sum(p.numel() for p in model.parameters())
     del model
     print(f"model: {params / 1e6:.1f}M parameters (dim {args.dim}, {args.layers} layers, vocab {args.vocab}), "

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import hf_io  # noqa: E402
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 
 # Shapes between tiny and the GPU presets, where per-op overhead no longer dominates a CPU step.
@@ -75,7 +76,7 @@ def bench(size: str):
     ours = Transformer(model_args).to(device)
     ours.init_weights(seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        ours.save_pretrained(tmp)
+        hf_io.save_pretrained(ours, tmp)
         theirs = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     ours = ours.to(dtype).eval()
 

@@ -32,6 +32,7 @@ args = parser.parse_args()
 
 import ppo_lag  # noqa: E402
 from data.synthetic import ensure_synthetic  # noqa: E402
+import hf_io  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 with tempfile.TemporaryDirectory() as tmp:
@@ -41,10 +42,10 @@ with tempfile.TemporaryDirectory() as tmp:
         margs = ModelArgs.from_name(args.preset)
         lm = Transformer(margs)
         lm.init_weights(seed=0)
-        lm.save_pretrained(tmp / "sft", extra_files=[task.tokenizer])
+        hf_io.save_pretrained(lm, tmp / "sft", extra_files=[task.tokenizer])
         del lm
         for name in ("rm", "cm"):
-            Transformer.from_pretrained(tmp / "sft", head="score").save_pretrained(tmp / name)
+            hf_io.save_pretrained(hf_io.load_pretrained(tmp / "sft", head="score"), tmp / name)
         paths = [tmp / "sft", tmp / "rm", tmp / "cm"]
     else:
         paths = [ROOT / "out/sft/model", ROOT / "out/reward_model/model", ROOT / "out/cost_model/model"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import hf_io  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +44,7 @@ margs = ModelArgs.from_name(args.preset)
 ours = Transformer(margs)
 ours.init_weights(seed=0)
 with tempfile.TemporaryDirectory() as tmp:
-    ours.save_pretrained(tmp)
+    hf_io.save_pretrained(ours, tmp)
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device)
 ours = ours.to(device=device, dtype=dtype)
 ours.train()

@@ -29,10 +29,11 @@ sys.path.insert(0, str(ROOT))
 from data.loaders import load_eval_prompts  # noqa: E402
 from data.synthetic import ensure_synthetic, round_prompt_rows  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
-from evaluate import sample_answers, shared_template, synthetic_metrics  # noqa: E402
-from model import Transformer  # noqa: E402
+from evaluate import sample_answers, synthetic_metrics  # noqa: E402
+import hf_io  # noqa: E402
 from plots import round_name  # noqa: E402
 from rounds import read_jsonl  # noqa: E402
+from training import resolve_template  # noqa: E402
 
 SETS = ("training side", "held-out phrasing", "held-out task")
 
@@ -58,9 +59,9 @@ def fresh_training_prompts(out: Path, rounds: list[dict], task, eval_rows, n: in
 def rates(policy_path, prompt_sets, args):
     """The metrics of one policy on each prompt set, with evaluate.py's sampling (temperature 1,
     batches of 64, a generator seeded afresh per set, so each set's answers are evaluate.py's)."""
-    tok = Tokenizer(policy_path)
-    policy = Transformer.from_pretrained(policy_path).eval()
-    template = shared_template([str(policy_path)])
+    template = resolve_template(None, policy_path)
+    tok = Tokenizer(policy_path).for_template(template)
+    policy = hf_io.load_pretrained(policy_path).eval()
     metrics = []
     for rows in prompt_sets:
         rows = [r for r in rows for _ in range(args.samples_per_prompt)]

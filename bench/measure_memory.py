@@ -63,6 +63,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 import ppo_lag  # noqa: E402
 import training  # noqa: E402
 from memory_plan import LiveMemory, tag_unsharded_grads  # noqa: E402
+import hf_io  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 MARK = "memplan::"
@@ -98,7 +99,7 @@ def checkpoints(ns, args: ModelArgs, d) -> tuple[str, str]:
             if not (path / "config.json").is_file():
                 model = Transformer(args, head=head)
                 model.init_weights(seed=0)
-                model.save_pretrained(path)
+                hf_io.save_pretrained(model, path)
                 del model
     d.barrier()
     return str(lm), str(score)

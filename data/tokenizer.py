@@ -26,12 +26,12 @@ directory holds only tokenizer.model) the sentencepiece model's own pieces are u
   decides (transformers >= 5 ignores add_bos_token when there is a tokenizer.json); for a sentencepiece model,
   tokenizer_config.json's add_bos_token, default True (LLaMA). `add_bos` says which. An EOS the post-processor
   would append (add_eos_token) is not added: our templates put EOS only after a response.
-- Pad must differ from every EOS id: the reward and cost are read at the last non-pad token, which must be the
-  EOS. The first of these that is not an EOS id is used: the config's pad_token; the sentencepiece model's pad
-  piece; <|finetune_right_pad_id|> (Llama-3.1); the lowest <|reserved_special_token_N|> (Llama-3.0); the unk token
-  (LLaMA's tokenizer.model has no pad piece, so we pad with unk, id 0, which a well-formed prompt never
-  produces). If none exists the constructor refuses, naming the file. `decode` drops pad ids (so unk, when pad
-  is unk).
+- Pad, chosen as transformers would, and allowed to be an EOS id (Qwen2/2.5 pad with <|endoftext|>, their base
+  model's EOS and one of the instruct model's): the config's pad_token, whatever it is; else the sentencepiece
+  model's pad piece; else <|finetune_right_pad_id|> (Llama-3.1/3.2); else the lowest <|reserved_special_token_N|>
+  (Llama-3.0); else the unk token (LLaMA, Llama-2 and Mistral ship no pad: unk, id 0, which a well-formed text
+  never produces); else the EOS. Nothing downstream reads padding from token ids: loss masks, end scores, the
+  "last real token", generation masks and truncation all come from attention masks and EOS positions.
 - Special-token text. The tokenizers backend, like transformers, turns the text of a special token ("<|eot_id|>",
   "</s>") inside a string into that token (the chat template relies on it); sentencepiece encodes it as plain text.
 
@@ -43,8 +43,10 @@ Templates (`encode_prompt(tok, prompt, template)`, `encode_dialogue(tok, prompt,
                            apply_chat_template(messages=[{"role": "user", "content": prompt}],
                            add_generation_prompt=True) renders it, and encoded as transformers tokenizes it
                            (special tokens parsed, nothing added: the template writes its own BOS). Then
-                           {response}<eos>, eos = eos_id (for an instruct checkpoint its end-of-turn token,
-                           <|eot_id|>). Needs jinja2 and a tokenizer.json. Such a prompt holds EOS tokens itself
+                           {response}<eos>, eos = the template's end of turn (`Tokenizer.for_template("chat")`:
+                           the token it writes after an assistant message; Llama-3 <|eot_id|>, Qwen <|im_end|>,
+                           even for their base releases, whose eos_token ends a text, not a turn). Needs jinja2
+                           and a tokenizer.json. Such a prompt holds EOS tokens itself
                            (each turn ends with <|eot_id|>): decode it with decode(ids, stop_at_eos=False).
                            Llama-3.1/3.2 templates print today's date (render_chat takes date_string=...), and
                            templates trim message contents while the response is encoded as given.
@@ -73,6 +75,7 @@ Llama-2 tokenizer.json from transformers 4 (Prepend normalizer) gives sentencepi
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -139,7 +142,11 @@ class Tokenizer:
         path = find_tokenizer_file(model_path)
         self.path = path
         directory = path.parent
-        self.files: list[Path] = [path] + [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
+        # What a saved model needs beside it: this file, the configs, and the directory's other tokenizer file when
+        # this one is the directory's choice (Llama-2 and Mistral ship both; the copy must load the same way).
+        siblings = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file() and directory / n != path]
+        self.files: list[Path] = [path] + (siblings if find_tokenizer_file(directory) == path else []) + \
+            [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
         config_path = directory / "tokenizer_config.json"
         config = _read_json(config_path)
         special_map = _read_json(directory / "special_tokens_map.json")
@@ -156,7 +163,6 @@ class Tokenizer:
                 if key.endswith("_token") and (value is None or isinstance(value, (str, dict))):
                     tokens[key], source[key] = _token_text(value, f"{file}, '{key}'"), file
         self.special_tokens: dict[str, str] = {k: v for k, v in tokens.items() if v is not None}
-        where = config_path if config_path.is_file() else path  # the file the pad error names
 
         self.sp = self.tk = None
         if path.suffix == ".json":
@@ -213,7 +219,7 @@ class Tokenizer:
         if unk is None and self.tk is not None:
             unk = self._token_id(getattr(self.tk.model, "unk_token", None) or "")
         self.unk_id: int | None = unk
-        self.pad_id: int = self._choose_pad(configured("pad_token"), where)
+        self.pad_id: int = self._choose_pad(configured("pad_token"))
 
     # ---------------------------------------------------------------------------------------------
     # loading
@@ -274,7 +280,10 @@ class Tokenizer:
                 return full[:start]
         raise ValueError(f"{self.path}: the post-processor changes the text's own ids; cannot tell what it adds")
 
-    def _choose_pad(self, configured_pad: int | None, where: Path) -> int:
+    def _choose_pad(self, configured_pad: int | None) -> int:
+        """The first that exists: the configured pad_token (even an EOS, as transformers takes it), the
+        sentencepiece pad piece, Llama-3.1's <|finetune_right_pad_id|>, Llama-3.0's lowest reserved special
+        token, unk, EOS."""
         candidates = [configured_pad]
         if self.sp is not None:
             candidates.append(self.sp.pad_id() if self.sp.pad_id() >= 0 else None)
@@ -283,14 +292,8 @@ class Tokenizer:
             candidates.append(added.get("<|finetune_right_pad_id|>"))
             reserved = sorted((int(m.group(1)), i) for text, i in added.items() if (m := _RESERVED.fullmatch(text)))
             candidates.append(reserved[0][1] if reserved else None)
-        candidates.append(self.unk_id)
-        for candidate in candidates:
-            if candidate is not None and candidate not in self.eos_ids:
-                return candidate
-        raise ValueError(
-            f"{where}: no pad token distinct from the EOS ids {list(self.eos_ids)} (pad_token, a reserved special "
-            f"token, unk): end scores are read at the last non-pad token, so pad must differ from every EOS. Set "
-            "pad_token in tokenizer_config.json to a token that is not an EOS")
+        candidates += [self.unk_id, self.eos_id]
+        return next(c for c in candidates if c is not None)
 
     # ---------------------------------------------------------------------------------------------
     # encoding
@@ -307,28 +310,71 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Iterable[int], stop_at_eos: bool = True) -> str:
-        """Text of `ids` up to the first EOS (any of eos_ids, excluded); BOS and pad ids are dropped.
+        """Text of `ids` up to the first EOS (any of eos_ids, excluded); left padding and BOS are dropped.
 
         generate() rows are prompt + response + eos + pads, and a sampled row may hold junk after its
-        EOS; everything after the first EOS is not part of the answer. Note: when pad is unk (LLaMA),
-        unk ids are dropped too. Other special tokens (a chat template's headers) are kept; no
-        "clean up" of spaces is done (transformers >= 5 does none for BPE either).
+        EOS; everything after the first EOS is not part of the answer. Leading pad ids are left padding; a
+        pad id elsewhere is dropped too unless pad is an EOS id (Qwen), where it cannot be told from a real
+        one: pass ids cut by their attention mask then. When pad is unk (LLaMA), unk ids are dropped. Other
+        special tokens (a chat template's headers) are kept; no "clean up" of spaces is done
+        (transformers >= 5 does none for BPE either).
 
         stop_at_eos=False decodes everything, EOS ids included as text: use it for a chat-template prompt, whose
         turns end with the EOS token (<|eot_id|>), so that decoding stops at its system or user turn otherwise.
         """
         if hasattr(ids, "tolist"):  # torch tensor or numpy array
             ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        start = 0
+        while start < len(ids) and ids[start] == self.pad_id:
+            start += 1
         stop = set(self.eos_ids) if stop_at_eos else set()
+        dropped = {self.bos_id} | ({self.pad_id} if self.pad_id not in self.eos_ids else set())
         kept = []
-        for i in ids:
+        for i in ids[start:]:
             if i in stop:
                 break
-            if i != self.bos_id and i != self.pad_id:
-                kept.append(int(i))
+            if i not in dropped:
+                kept.append(i)
         if self.sp is not None:
             return self.sp.DecodeIds(kept)
         return self.tk.decode(kept, skip_special_tokens=False)
+
+    def for_template(self, template: str) -> "Tokenizer":
+        """This tokenizer as `template` uses it (and a check that the template renders and encodes).
+
+        safe_rlhf: itself. chat: a copy whose eos_id is the token the chat template writes after an assistant
+        message, its end of turn (Llama-3 <|eot_id|>, Qwen <|im_end|>, Mistral and Llama-2 </s>), and whose eos_ids
+        start with it: a response ends, and generation stops, where the template ends an assistant turn. For an
+        instruct release that is its eos_token already; for a base release with a chat template it is not
+        (Qwen2.5 base ends a text with <|endoftext|>, Llama-3.2 base with <|end_of_text|>), and without this a
+        chat-trained base model would end its answers with a token the template never writes after one."""
+        encode_prompt(self, "x", template)  # no jinja2, no chat template, or a sentencepiece model: fails here
+        if template == "safe_rlhf":
+            return self
+        end = chat_turn_end(self)
+        if end == self.eos_id:
+            return self
+        out = copy.copy(self)
+        out.eos_id, out.eos_ids = end, tuple(dict.fromkeys((end, *self.eos_ids)))
+        return out
+
+    def files_to_save(self) -> list:
+        """What a saved model folder needs beside its weights: the tokenizer's files (paths, copied), with
+        generation_config.json rewritten, as (name, text), when it does not list eos_id among its EOS ids (a
+        base release trained on its chat template: transformers' generate must stop at the end of turn too)."""
+        files = []
+        for f in self.files:
+            if f.name == "generation_config.json":
+                config = _read_json(f)
+                listed = config.get("eos_token_id")
+                listed = [] if listed is None else listed if isinstance(listed, list) else [listed]
+                if self.eos_id not in listed:
+                    config["eos_token_id"] = [self.eos_id, *listed]
+                    files.append((f.name, json.dumps(config, indent=2) + "\n"))
+                    continue
+            files.append(f)
+        return files
 
     def token(self, token_id: int) -> str:
         """The text of one token id (its piece)."""
@@ -397,6 +443,19 @@ def render_chat(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt:
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     context = {"tools": None, "documents": None, **tok.special_tokens, **variables}
     return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+
+
+def chat_turn_end(tok: Tokenizer) -> int:
+    """The first special token the chat template writes after an assistant message's content (its end of
+    turn), found by rendering a short conversation; the tokenizer's eos_id if it writes none."""
+    answer = "The answer."
+    text = render_chat(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}],
+                       add_generation_prompt=False)
+    if answer not in text:
+        raise ValueError(f"{tok.path}: the chat template does not write an assistant message's content")
+    special = {i for i, t in tok.tk.get_added_tokens_decoder().items() if t.special} if tok.tk else set()
+    after = tok.encode(text[text.rindex(answer) + len(answer):])
+    return next((i for i in after if i in special or i in tok.eos_ids), tok.eos_id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,8 +204,8 @@ def test_older_layout_is_refused(tmp_path):
 def test_save_pretrained_streams_hf_shards(tmp_path):
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, hidden_dim=64, tie_embeddings=True))
     model.init_weights(seed=0)
-    model.save_pretrained(tmp_path / "one")
-    model.save_pretrained(tmp_path / "many", max_shard_size=20_000, extra_files=[tmp_path / "one" / "config.json"])
+    hf_io.save_pretrained(model, tmp_path / "one")
+    hf_io.save_pretrained(model, tmp_path / "many", max_shard_size=20_000, extra_files=[tmp_path / "one" / "config.json"])
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"

@@ -14,6 +14,7 @@ import evaluate
 import ppo_lag
 import sft
 import train_score
+import hf_io
 from model import ModelArgs, Transformer
 
 
@@ -133,10 +134,10 @@ def test_grad_clip_zero_means_no_clipping(task, tmp_path):
 def test_non_finite_weights_stop_before_the_update(task, trained, tmp_path):
     broken = tmp_path / "nan"
     shutil.copytree(trained / "sft" / "model", broken)
-    model = Transformer.from_pretrained(broken)
+    model = hf_io.load_pretrained(broken)
     with torch.no_grad():
         model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(broken, extra_files=[trained / "sft" / "model" / "tokenizer.model"])
+    hf_io.save_pretrained(model, broken, extra_files=[trained / "sft" / "model" / "tokenizer.model"])
     args = sft_args(task, tmp_path / "run", "--max-steps", "2")
     args[args.index("--model") + 1] = str(broken)
     with pytest.raises(FloatingPointError, match="optimiser step 1"):
@@ -159,11 +160,11 @@ def test_missing_model_and_small_vocabulary(trained, task, tmp_path):
     args[args.index("--model") + 1] = "/nonexistent/llama"
     with pytest.raises(FileNotFoundError, match="/nonexistent/llama: no such checkpoint directory"):
         sft.main(args)
-    small = Transformer.from_pretrained(trained / "sft" / "model")
+    small = hf_io.load_pretrained(trained / "sft" / "model")
     small_args = small.args.__class__(**{**small.args.__dict__, "vocab_size": 512})
     small = Transformer(small_args)
     small.init_weights(seed=0)
-    small.save_pretrained(tmp_path / "small", extra_files=[trained / "sft" / "model" / "tokenizer.model"])
+    hf_io.save_pretrained(small, tmp_path / "small", extra_files=[trained / "sft" / "model" / "tokenizer.model"])
     args = ppo(trained, task, tmp_path / "ppo")
     args[args.index("--actor") + 1] = str(tmp_path / "small")
     with pytest.raises(ValueError, match=r"has 1024 ids but .*small only embeds 512"):

@@ -17,7 +17,7 @@ from make_tokenizers import write_llama3_folder  # noqa: E402
 from test_model import assert_close_on_mask, hf_logits, left_padded_batch  # noqa: E402
 from test_stages import log_of, run  # noqa: E402
 
-from model import Transformer  # noqa: E402
+import hf_io  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -49,7 +49,7 @@ def hf_family_model(family: str, vocab_size: int, seed: int = 0, tied: bool = Fa
 def test_family_matches_transformers(tmp_path, family, tied):
     hf = hf_family_model(family, vocab_size=97, tied=tied)
     hf.save_pretrained(tmp_path / "hf")
-    ours = Transformer.from_pretrained(tmp_path / "hf").eval()
+    ours = hf_io.load_pretrained(tmp_path / "hf").eval()
     assert ours.args.family == family and ours.args.qkv_bias == (family == "qwen2")
     assert ours.args.sliding_window == (4 if family == "mistral" else None)
     ids, mask = left_padded_batch(97, [11, 7, 3, 11], seed=1)  # longer than Mistral's window
@@ -62,7 +62,7 @@ def test_family_matches_transformers(tmp_path, family, tied):
                          eos_token_id=eos, pad_token_id=pad)
     assert torch.equal(ours_out[:, :hf_out.shape[1]], hf_out)
     # What we save, transformers loads as the same family with the same logits.
-    ours.save_pretrained(tmp_path / "ours")
+    hf_io.save_pretrained(ours, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["model_type"] == family and config["tie_word_embeddings"] == tied
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").float().eval()
@@ -111,7 +111,7 @@ def test_family_through_every_stage(tmp_path, synthetic_data, family, tied):
     tok = transformers.AutoTokenizer.from_pretrained(actor)
     tok.pad_token = "<|finetune_right_pad_id|>"  # Meta's configs set none
     ids = tok(["How do I bake bread?", "Hi"], return_tensors="pt", padding=True, padding_side="left")
-    ours = Transformer.from_pretrained(actor, dtype=torch.float32).eval()
+    ours = hf_io.load_pretrained(actor, dtype=torch.float32).eval()
     with torch.no_grad():
         assert_close_on_mask(ours(ids.input_ids, ids.attention_mask),
                              hf_logits(hf, ids.input_ids, ids.attention_mask), ids.attention_mask)
@@ -137,9 +137,9 @@ def test_tied_embeddings_under_torchrun_and_resume(tmp_path, synthetic_data):
     for a, b, c in zip(one, two, resumed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["loss"] == pytest.approx(c["loss"], rel=1e-5)
     for name in ("one", "two", "resumed"):
-        saved = Transformer.from_pretrained(tmp_path / name / "model")
+        saved = hf_io.load_pretrained(tmp_path / name / "model")
         assert saved.output.weight is saved.tok_embeddings.weight
-    a, b = (Transformer.from_pretrained(tmp_path / name / "model").state_dict() for name in ("one", "resumed"))
+    a, b = (hf_io.load_pretrained(tmp_path / name / "model").state_dict() for name in ("one", "resumed"))
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-2, atol=1e-3), key  # bf16 products
 
@@ -149,7 +149,7 @@ def test_generation_stops_at_any_of_several_eos_ids(tmp_path):
     # transformers' generate with a list of eos ids. Two frequent tokens of this model stand in.
     hf = hf_family_model("llama", vocab_size=31, seed=3)
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path).eval()
+    ours = hf_io.load_pretrained(tmp_path).eval()
     ids, mask = left_padded_batch(31, [6, 4, 6, 3, 5, 6], seed=2)
     free = ours.generate(ids, mask, max_new_tokens=10, temperature=0)[:, ids.shape[1]:]
     eos = tuple(int(t) for t in free.flatten().bincount(minlength=31).topk(2).indices)

@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import hf_io  # noqa: E402
 from model import ModelArgs, Transformer, end_scores, positions_from_mask, sample_token  # noqa: E402
 
 CONFIGS = {
@@ -74,7 +75,7 @@ def test_hf_saves_we_load(tmp_path, name):
     args = ModelArgs(**CONFIGS[name])
     hf = hf_model_from_args(args, seed=1)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    ours = Transformer.from_pretrained(tmp_path).eval()
+    ours = hf_io.load_pretrained(tmp_path).eval()
     assert ours.args.rope_theta == args.rope_theta and ours.args.n_kv_heads == args.n_kv_heads
     for lengths in ([13], [7, 13, 1], [31, 5]):  # odd lengths, left padding, a 1-token prompt
         ids, mask = left_padded_batch(args.vocab_size, lengths, seed=len(lengths))
@@ -93,7 +94,7 @@ def test_we_save_hf_loads(tmp_path, name):
         for n, p in ours.named_parameters():
             if "norm" in n:
                 p.add_(0.1 * torch.randn_like(p))
-    ours.save_pretrained(tmp_path)
+    hf_io.save_pretrained(ours, tmp_path)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     ids, mask = left_padded_batch(args.vocab_size, [9, 17, 4], seed=5)
     with torch.no_grad():
@@ -105,11 +106,11 @@ def test_sharded_save_round_trip(tmp_path):
     args = ModelArgs(**CONFIGS["gqa_theta"])
     ours = Transformer(args).eval()
     ours.init_weights(seed=0)
-    ours.save_pretrained(tmp_path / "ckpt", max_shard_size=20_000)
+    hf_io.save_pretrained(ours, tmp_path / "ckpt", max_shard_size=20_000)
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").float()
-    back = Transformer.from_pretrained(tmp_path / "ckpt")
+    back = hf_io.load_pretrained(tmp_path / "ckpt")
     ids, mask = left_padded_batch(args.vocab_size, [6, 11], seed=0)
     with torch.no_grad():
         assert_close_on_mask(back(ids, mask), hf_logits(hf, ids, mask), mask)
@@ -152,7 +153,7 @@ def test_greedy_generate_matches_transformers(tmp_path, name):
     args = ModelArgs(**CONFIGS[name])
     hf = hf_model_from_args(args, seed=7)
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path).eval()
+    ours = hf_io.load_pretrained(tmp_path).eval()
     ids, mask = left_padded_batch(args.vocab_size, [5, 9, 2, 9], seed=3)
     eos, pad, new = 2, 0, 24
     ours_out = ours.generate(ids, mask, max_new_tokens=new, temperature=0, eos_id=eos, pad_id=pad)
@@ -178,6 +179,41 @@ def test_generate_pads_after_eos_and_stops():
         stop = 6 + int(hits[0]) + 1 if len(hits) else 16  # one past the row's first EOS
         assert torch.equal(out[row, :stop], free[row, :stop])
         assert (out[row, stop:] == 0).all()
+
+
+def test_pad_equal_to_eos_in_generation_masks_and_end_scores(tmp_path):
+    # Qwen's releases pad with an EOS id. Generation pads after each row's EOS with that same id: the tokens
+    # must equal transformers' generate with pad_token_id = eos_token_id, the generation mask must end at the
+    # first EOS (the padding after it is EOS too), and end scores must be read there, as for each answer alone.
+    from model import generation_mask
+
+    args = ModelArgs(**CONFIGS["gqa_theta"])
+    hf = hf_model_from_args(args, seed=7)
+    hf.save_pretrained(tmp_path)
+    ours = hf_io.load_pretrained(tmp_path).eval()
+    ids, mask = left_padded_batch(args.vocab_size, [5, 9, 2, 9], seed=3)
+    free = ours.generate(ids, mask, max_new_tokens=12, temperature=0)[:, ids.shape[1]:]
+    early = torch.stack([torch.zeros(args.vocab_size).index_fill(0, row[:8], 1) for row in free]).sum(0)
+    eos = int(early.argmax())  # the token most rows emit within 8 steps: most end early
+    ids = ids.masked_fill(mask == 0, eos)  # the prompts' left padding is the EOS id too
+    out = ours.generate(ids, mask, max_new_tokens=12, temperature=0, eos_id=eos, pad_id=eos)
+    hf_out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         eos_token_id=eos, pad_token_id=eos)
+    assert torch.equal(out[:, :hf_out.shape[1]], hf_out) and (out[:, hf_out.shape[1]:] == eos).all()
+    full = generation_mask(out, mask, eos)
+    T, ended = ids.shape[1], 0
+    for row in range(len(ids)):
+        response = out[row, T:].tolist()
+        n = response.index(eos) + 1 if eos in response else len(response)  # up to and including the first EOS
+        ended += eos in response and n < len(response)
+        assert full[row].tolist() == mask[row].tolist() + [1] * n + [0] * (len(response) - n)
+    assert ended >= 2  # rows whose last real token is the EOS, followed by EOS padding
+    scorer = hf_io.load_pretrained(tmp_path, head="score").eval()
+    with torch.no_grad():
+        scores = end_scores(scorer(out, full), full)
+        for row in range(len(ids)):
+            alone = out[row][full[row].bool()][None]
+            assert float(scores[row]) == pytest.approx(float(scorer(alone)[0, -1]), abs=1e-5)
 
 
 def test_kv_cache_decoding_equals_full_recompute():
@@ -223,15 +259,15 @@ def test_score_model_from_lm_checkpoint_and_round_trip(tmp_path):
     args = ModelArgs(**CONFIGS["mha"])
     lm = Transformer(args)
     lm.init_weights(seed=0)
-    lm.save_pretrained(tmp_path / "lm")
-    rm = Transformer.from_pretrained(tmp_path / "lm", head="score")
+    hf_io.save_pretrained(lm, tmp_path / "lm")
+    rm = hf_io.load_pretrained(tmp_path / "lm", head="score")
     assert rm.head == "score" and torch.equal(rm.score_head.bias, torch.zeros(1))
     torch.testing.assert_close(rm.layers[1].attention.wk.weight, lm.layers[1].attention.wk.weight)
     rm.score_stats = {"mean": 0.5, "std": 2.0}
-    rm.save_pretrained(tmp_path / "rm")
+    hf_io.save_pretrained(rm, tmp_path / "rm")
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForScore"] and config["score_stats"]["std"] == 2.0
-    back = Transformer.from_pretrained(tmp_path / "rm")
+    back = hf_io.load_pretrained(tmp_path / "rm")
     assert back.head == "score" and back.score_stats == {"mean": 0.5, "std": 2.0}
     ids, mask = left_padded_batch(args.vocab_size, [4, 7], seed=0)
     with torch.no_grad():
@@ -245,7 +281,7 @@ def test_score_model_from_lm_checkpoint_and_round_trip(tmp_path):
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     torch.testing.assert_close(end_scores(torch.arange(8.).view(2, 4), right), torch.tensor([2.0, 7.0]))
     with pytest.raises(ValueError, match="score model"):
-        Transformer.from_pretrained(tmp_path / "rm", head="lm")
+        hf_io.load_pretrained(tmp_path / "rm", head="lm")
 
 
 def test_from_pretrained_dtype_and_meta_init():
@@ -275,22 +311,22 @@ def test_presets():
 def saved(tmp_path):
     m = Transformer(ModelArgs(**CONFIGS["mha"]))
     m.init_weights(seed=0)
-    m.save_pretrained(tmp_path / "ckpt")
+    hf_io.save_pretrained(m, tmp_path / "ckpt")
     return tmp_path / "ckpt"
 
 
 def test_error_missing_dir_and_config(tmp_path, saved):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Transformer.from_pretrained(tmp_path / "nope")
+        hf_io.load_pretrained(tmp_path / "nope")
     (saved / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_pretrained(saved)
+        hf_io.load_pretrained(saved)
 
 
 def test_error_malformed_config(saved):
     (saved / "config.json").write_text("{ not json")
     with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
-        Transformer.from_pretrained(saved)
+        hf_io.load_pretrained(saved)
 
 
 def test_error_config_missing_key(saved):
@@ -298,7 +334,7 @@ def test_error_config_missing_key(saved):
     del config["hidden_size"]
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(KeyError, match=r"config.json.*'hidden_size'"):
-        Transformer.from_pretrained(saved)
+        hf_io.load_pretrained(saved)
 
 
 def test_error_missing_tensor(saved):
@@ -308,7 +344,7 @@ def test_error_missing_tensor(saved):
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, saved / "model.safetensors")
     with pytest.raises(KeyError, match=r"model.layers.1.mlp.up_proj.weight"):
-        Transformer.from_pretrained(saved)
+        hf_io.load_pretrained(saved)
 
 
 def test_error_wrong_shape(saved):
@@ -318,13 +354,13 @@ def test_error_wrong_shape(saved):
     state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(3, 64)
     save_file(state, saved / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.safetensors.*k_proj.weight.*shape \(3, 64\)"):
-        Transformer.from_pretrained(saved)
+        hf_io.load_pretrained(saved)
 
 
 def test_error_pickle_only_and_mask_hole(tmp_path, saved):
     (saved / "model.safetensors").rename(saved / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pickle"):
-        Transformer.from_pretrained(saved)
+        hf_io.load_pretrained(saved)
     m = Transformer(ModelArgs(**CONFIGS["tied"]))
     with pytest.raises(ValueError, match="hole"):
         m(torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 0, 1, 1]]))

@@ -15,8 +15,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kernel_testing import DEVICE, HAS_CUDA, kernels, needs_triton  # noqa: E402
+import hf_io  # noqa: E402
 from hf_io import hf_name  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from model import ModelArgs  # noqa: E402
 from test_model import CONFIGS, hf_model_from_args, left_padded_batch  # noqa: E402
 
 pytestmark = needs_triton
@@ -32,7 +33,7 @@ def ours_and_hf(tmp_path, name, seed):
     args = ModelArgs(**CONFIGS[name])
     hf = hf_model_from_args(args, seed=seed)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    ours = Transformer.from_pretrained(tmp_path).to(DEVICE).eval()
+    ours = hf_io.load_pretrained(tmp_path).to(DEVICE).eval()
     return ours, hf.to(DEVICE), args
 
 

@@ -1,6 +1,7 @@
 """ppo_lag.py: GAE, the per-token streams, the actor, critic and lambda losses against values
 computed by hand; lambda's direction; 2 ranks against 1 process; resume after SIGKILL; each --algo."""
 
+import json
 import math
 import os
 import signal
@@ -11,6 +12,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+import hf_io
 import torch
 
 import ppo_lag
@@ -234,11 +237,11 @@ def checkpoints(tmp_path_factory, synthetic_data):
     args = ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=1024, hidden_dim=64, max_seq_len=128)
     actor = Transformer(args)
     actor.init_weights(seed=0)
-    actor.save_pretrained(root / "sft", extra_files=[task.tokenizer])
+    hf_io.save_pretrained(actor, root / "sft", extra_files=[task.tokenizer])
     for i, name in enumerate(["rm", "cm"]):
-        score = Transformer.from_pretrained(root / "sft", head="score")
+        score = hf_io.load_pretrained(root / "sft", head="score")
         score.reset_score_head(std=0.5, seed=i)
-        score.save_pretrained(root / name)
+        hf_io.save_pretrained(score, root / name)
     return SimpleNamespace(root=root, synthetic=task.dir)
 
 
@@ -337,21 +340,27 @@ def test_ppo_bf16_two_ranks_runs(tmp_path, checkpoints):
 
 
 @pytest.mark.slow
-def test_rollouts_line_up_with_an_independent_recomputation(tmp_path, checkpoints, monkeypatch):
+@pytest.mark.parametrize("pad", ["unk", "eos"])
+def test_rollouts_line_up_with_an_independent_recomputation(tmp_path, checkpoints, monkeypatch, pad):
     # Every tensor of the first iteration's rollouts, recomputed apart from ppo_lag.py: log-probs by
     # transformers' LLaMA on the actor's weights, scores by the score models on each answer alone
     # (no padding), masks from the token ids. The actor's EOS row is scaled up so that most answers
-    # end with an EOS inside the length limit and some run to it.
+    # end with an EOS inside the length limit and some run to it. pad "eos": the actor's
+    # tokenizer_config.json pads with the EOS, as Qwen's releases do, so an answer's EOS is followed by
+    # more EOS ids that are padding, and the prompts are left-padded with EOS ids.
     from data.tokenizer import Tokenizer
-    from model import Transformer
 
     transformers = pytest.importorskip("transformers")
     sft = checkpoints.root / "sft"
     tok = Tokenizer(sft / "tokenizer.model")
-    actor = Transformer.from_pretrained(sft)
+    actor = hf_io.load_pretrained(sft)
     with torch.no_grad():
         actor.output.weight[tok.eos_id] *= 60
-    actor.save_pretrained(tmp_path / "actor", extra_files=[sft / "tokenizer.model"])
+    hf_io.save_pretrained(actor, tmp_path / "actor", extra_files=[sft / "tokenizer.model"])
+    if pad == "eos":
+        (tmp_path / "actor" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "</s>"}))
+        tok = Tokenizer(tmp_path / "actor")
+        assert tok.pad_id == tok.eos_id
     monkeypatch.setenv("KERNELS", "torch")
     argv = ppo_args(checkpoints, tmp_path / "run", "--max-steps", "1")
     argv[argv.index("--actor") + 1] = str(tmp_path / "actor")
@@ -364,8 +373,8 @@ def test_rollouts_line_up_with_an_independent_recomputation(tmp_path, checkpoint
     ppo_lag.advantages(captured, 1.0, args)
 
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "actor", attn_implementation="eager").float().eval()
-    reward_model = Transformer.from_pretrained(checkpoints.root / "rm").eval()
-    cost_model = Transformer.from_pretrained(checkpoints.root / "cm").eval()
+    reward_model = hf_io.load_pretrained(checkpoints.root / "rm").eval()
+    cost_model = hf_io.load_pretrained(checkpoints.root / "cm").eval()
     ended = truncated = 0
     for r in captured:
         seq, mask, actions = r.sequences, r.attention_mask, r.action_mask

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import hf_io
+
 import rounds
 from data.judge import identify_task
 from data.loaders import DataError, load_eval_prompts, load_preferences
@@ -40,14 +42,14 @@ def fake_round_one(directory: Path, task) -> Path:
     save = dict(extra_files=tok.files, extra_config={"template": "safe_rlhf"})
     lm = Transformer(args)
     lm.init_weights(seed=0)
-    lm.save_pretrained(directory / "sft" / "model", **save)
-    lm.save_pretrained(directory / "ppo_lag" / "actor", **save)
+    hf_io.save_pretrained(lm, directory / "sft" / "model", **save)
+    hf_io.save_pretrained(lm, directory / "ppo_lag" / "actor", **save)
     for seed, objective in enumerate(("reward", "cost"), start=1):
         scorer = Transformer(args, head="score")
         scorer.init_weights(seed=seed)
         scorer.score_stats = {"objective": objective, "mean": 0.0, "std": 1.0, "q05": -1.6, "q25": -0.7, "q50": 0.0,
                               "q75": 0.7, "q95": 1.6}
-        scorer.save_pretrained(directory / f"{objective}_model" / "model", **save)
+        hf_io.save_pretrained(scorer, directory / f"{objective}_model" / "model", **save)
     # the end of its PPO log: the multiplier round 2 starts from (--carry-lambda)
     (directory / "ppo_lag" / "log.jsonl").write_text("".join(
         json.dumps({"step": step, "lambda": lam, "reward": 0.5, "cost": -2.8, "kl": 1.0}) + "\n"
@@ -164,11 +166,10 @@ def test_collect_and_label_synthetic(tmp_path, synthetic_data):
     import torch
 
     from data.tokenizer import Tokenizer, encode_prompt
-    from model import Transformer
 
     cost_model = tmp_path / "rounds" / "round2" / "cost_model" / "model"
     shutil.copytree(first / "cost_model" / "model", cost_model)
-    tok, scorer = Tokenizer(cost_model), Transformer.from_pretrained(cost_model).eval()
+    tok, scorer = Tokenizer(cost_model), hf_io.load_pretrained(cost_model).eval()
     with torch.no_grad():
         costs = [float(scorer(torch.tensor([encode_prompt(tok, a["prompt"]) + tok.encode(t) + [tok.eos_id]]))[0, -1])
                  for a in answers for t in a["answers"]]

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import hf_io
 import torch
 from safetensors.torch import load_file
 
@@ -49,15 +51,17 @@ def test_cost_loss_by_hand():
     assert got == pytest.approx(pair1 + pair2, rel=1e-6)
 
 
-def test_sft_nll_by_hand():
-    """The SFT loss covers response tokens and the EOS, not the prompt or the padding."""
+@pytest.mark.parametrize("pad_id", [0, 2])
+def test_sft_nll_by_hand(pad_id):
+    """The SFT loss covers response tokens and the EOS, not the prompt or the padding, whatever the
+    pad id, the EOS's (2) included (Qwen's releases pad with an EOS)."""
     from data.loaders import TokenizedSFT, collate_sft
     from model import ModelArgs, Transformer
     from training import sft_nll
 
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=20, hidden_dim=64))
     m.init_weights(std=0.3, seed=0)
-    batch = collate_sft([TokenizedSFT([1, 5, 6, 7, 2], 3), TokenizedSFT([1, 8, 9, 2], 2)], pad_id=0)
+    batch = collate_sft([TokenizedSFT([1, 5, 6, 7, 2], 3), TokenizedSFT([1, 8, 9, 2], 2)], pad_id=pad_id)
     nll, count = sft_nll(m, batch, "cpu")
     with torch.no_grad():
         logp = torch.log_softmax(m(batch["input_ids"]).double(), -1)
@@ -258,7 +262,7 @@ def test_load_model_under_fsdp_mixed_precision(tmp_path):
 
     rm = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, hidden_dim=96), head="score")
     rm.init_weights(seed=0)
-    rm.save_pretrained(tmp_path / "rm")
+    hf_io.save_pretrained(rm, tmp_path / "rm")
     result = run("tests/dist_load_model.py", [str(tmp_path / "rm")], nproc=2, timeout=180)
     assert result.stdout.count(": ok") == 2
 

@@ -192,25 +192,25 @@ def test_llama3_base_and_3_0_special_tokens(folders):
     assert old.pad_id == hf_old.convert_tokens_to_ids("<|reserved_special_token_0|>")
 
 
-def test_pad_token_from_the_config_unless_it_is_an_eos(tmp_path):
+def test_pad_token_from_the_config_even_an_eos_as_transformers(tmp_path):
     chosen = write_llama3_folder(tmp_path / "a", pad_token="<|reserved_special_token_5|>")
     tok, hf = Tokenizer(chosen), hf_tokenizer(chosen)
     assert tok.pad_id == hf.pad_token_id == hf.convert_tokens_to_ids("<|reserved_special_token_5|>")
-    for eos_like in ("<|eot_id|>", "<|end_of_text|>"):  # a common fine-tuning setting: pad = an EOS
+    for eos_like in ("<|eot_id|>", "<|end_of_text|>"):  # a common fine-tuning setting, and Qwen's release: pad = an EOS
         folder = write_llama3_folder(tmp_path / eos_like[2:-2], pad_token=eos_like)
-        tok = Tokenizer(folder)
-        assert tok.token(tok.pad_id) == "<|finetune_right_pad_id|>" and tok.pad_id not in tok.eos_ids
+        tok, hf = Tokenizer(folder), hf_tokenizer(folder)
+        assert tok.pad_id == hf.pad_token_id == hf.convert_tokens_to_ids(eos_like) and tok.pad_id in tok.eos_ids
 
 
-def test_refuses_when_no_pad_differs_from_eos(tmp_path):
+def test_pad_falls_back_to_eos(tmp_path):
     folder = write_llama3_folder(tmp_path / "nopad")
     spec = json.loads((folder / "tokenizer.json").read_text())
     for token in spec["added_tokens"]:  # no <|finetune_right_pad_id|>, no reserved tokens (and no unk)
         if "reserved" in token["content"] or "pad" in token["content"]:
             token["content"] = token["content"].replace("|", "!")
     (folder / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(ValueError, match=r"tokenizer_config.json: no pad token distinct from the EOS ids"):
-        Tokenizer(folder)
+    tok = Tokenizer(folder)
+    assert tok.unk_id is None and tok.pad_id == tok.eos_id == hf_tokenizer(folder).convert_tokens_to_ids("<|eot_id|>")
 
 
 def test_special_tokens_map_and_dict_tokens_as_transformers_reads_them(tmp_path):
@@ -267,7 +267,7 @@ def test_sentencepiece_reads_add_bos_token_and_special_tokens(tmp_path, syntheti
                                                               "eos_token": {"content": "</s>"}, "pad_token": "</s>"}))
     tok = Tokenizer(folder)
     assert tok.backend == "sentencepiece" and not tok.add_bos
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)  # pad_token = eos is refused: unk pads
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)  # pad_token = eos, as configured
     assert encode_prompt(tok, "Hi") == tok.encode(format_prompt("Hi"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
     with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token '<nope>' is not in the vocabulary"):
@@ -471,6 +471,17 @@ def test_decode_stops_at_every_eos(folders):
         assert tok.decode(torch.tensor([tok.pad_id] * 2 + row)) == "knead the dough well"
     assert tok.decode(ids + [tok.eos_id] + junk, stop_at_eos=False) == "knead the dough well<|eot_id|>junk after eos"
     assert "vocabulary" in tok.describe() and "<|eot_id|>" in tok.describe()
+
+
+def test_decode_when_pad_is_an_eos(tmp_path):
+    # Qwen's release pads with <|endoftext|>, an EOS: left padding is skipped, the answer ends at the first EOS,
+    # and a pad that cannot be told from an EOS is kept as text when decoding past EOS ids.
+    tok = Tokenizer(write_llama3_folder(tmp_path / "l3", pad_token="<|end_of_text|>"))
+    ids, pad = tok.encode("knead the dough well"), tok.pad_id
+    assert pad in tok.eos_ids and pad != tok.eos_id
+    assert tok.decode([pad, pad] + ids + [tok.eos_id, pad, pad]) == "knead the dough well"
+    assert tok.decode([pad, pad] + ids + [pad, pad]) == "knead the dough well"  # the EOS is the pad itself
+    assert tok.decode([pad] + ids + [pad], stop_at_eos=False) == "knead the dough well<|end_of_text|>"
 
 
 def test_chat_template_generation_blocks_and_loop_controls(tmp_path):

@@ -19,6 +19,7 @@ import pipeline
 import ppo_lag
 import sft
 import train_score
+import hf_io
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,12 +34,12 @@ def models(synthetic_data, tmp_path_factory):
     tokenizer = [synthetic_data.tokenizer]
     policy = Transformer(TINY)
     policy.init_weights(seed=0)
-    policy.save_pretrained(root / "sft", extra_files=tokenizer)
+    hf_io.save_pretrained(policy, root / "sft", extra_files=tokenizer)
     for objective in ("reward", "cost"):
         score = Transformer(TINY, head="score")
         score.init_weights(seed=1)
         score.score_stats = {"objective": objective}
-        score.save_pretrained(root / objective, extra_files=tokenizer)
+        hf_io.save_pretrained(score, root / objective, extra_files=tokenizer)
     return root
 
 
@@ -153,7 +154,7 @@ def case_chat_template_without_one(task, models, tmp_path):
 def case_tokenizer_larger_than_the_model(task, models, tmp_path):
     small = Transformer(ModelArgs(**{**TINY.__dict__, "vocab_size": 512}))
     small.init_weights(seed=0)
-    small.save_pretrained(tmp_path / "small", extra_files=[task.tokenizer])
+    hf_io.save_pretrained(small, tmp_path / "small", extra_files=[task.tokenizer])
     return sft_run(task, tmp_path, "--model", str(tmp_path / "small")), "has 1024 ids but"
 
 
