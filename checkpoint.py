@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import hf_io
+import fileio
 
 FORMAT = "dcp-safetensors-v1"  # state.json's "format": the layout above
 FILE_BYTES_PER_RANK = 512 * 2**20  # about this much of one rank's shards per file
@@ -238,8 +238,9 @@ def _check_files(step_dir: Path, files: dict):
 class Checkpointer:
     # Flags a resumed run may change; any other difference from the checkpoint's flags is refused
     # (a different --lr, batch size, data, objective or algorithm would silently make another run).
+    # --recipe only fills the flags left unset, and those values are compared one by one.
     RESUMABLE_CHANGES = {"out", "eval_every", "save_every", "max_steps", "epochs", "device", "precision",
-                         "activation_checkpointing", "cpu_offload", "offload_frozen", "save_dtype"}
+                         "activation_checkpointing", "cpu_offload", "offload_frozen", "save_dtype", "recipe"}
 
     def __init__(self, out_dir, d, keep: int = 2, args=None):
         self.root = Path(out_dir) / "checkpoints"
@@ -300,7 +301,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         d.barrier()
-        hf_io.atomic_write(tmp / "rng" / f"rank_{d.rank:05d}.json", json.dumps(_rng_state()))
+        fileio.atomic_write(tmp / "rng" / f"rank_{d.rank:05d}.json", json.dumps(_rng_state()))
         schedules, optimizers = {}, {}
         for key, (model, optimizer, scheduler) in models.items():
             _save_tensors(tmp / key, _model_tensors(model), d)
@@ -324,11 +325,11 @@ class Checkpointer:
             record = {"format": FORMAT, "step": step, "world": d.world, "schedules": schedules, **state,
                       **({"args": self.args} if self.args else {}), "optimizers": optimizers, "files": files}
             (tmp / "state.json").write_text(json.dumps(record, indent=1))
-            hf_io.fsync_tree(tmp)  # on disk before `latest` names them
+            fileio.fsync_tree(tmp)  # on disk before `latest` names them
             final = self.root / name
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            hf_io.atomic_write(self.root / "latest", name + "\n")
+            fileio.atomic_write(self.root / "latest", name + "\n")
             for old in sorted(self.root.glob("step_*"))[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         d.barrier()

@@ -3,7 +3,7 @@ expected user error is reported.
 
     parser = argparse.ArgumentParser(...); add_common_args(parser, out="out/sft")
     show_recipes(parser, TINY, AUTHORS)          --help shows each recipe flag's two values
-    args = parser.parse_args(argv); apply_recipe(args, TINY if args.data is None else AUTHORS)
+    args = parser.parse_args(argv); apply_recipe(args, {"tiny": TINY, "authors": AUTHORS}, args.data is not None)
     if __name__ == "__main__": cli.run(main)     a user error prints one message, no traceback
 """
 
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 from data.tokenizer import TEMPLATES
+
+RECIPES = ("tiny", "authors")
 
 
 def positive(kind):
@@ -47,6 +49,9 @@ def add_common_args(parser, out: str):
     """Flags shared by the stage scripts. Those defaulting to None take the script's recipe."""
     a = parser.add_argument
     a("--out", default=out, help="output dir: log.jsonl, checkpoints/, the final model")
+    a("--recipe", choices=RECIPES, default=None,
+      help="the values of the flags left unset: tiny (the embedded task's CPU recipe) or authors (the Safe RLHF "
+           "authors' LLaMA-7B scripts; ../shared/SAFE_RLHF.md); default: tiny without data files, authors with them")
     a("--tokenizer", default=None, help="tokenizer.json / tokenizer.model or a directory (default: the one beside the "
                                         "model, else the synthetic task's)")
     a("--template", choices=TEMPLATES, default="safe_rlhf",
@@ -81,9 +86,9 @@ def add_common_args(parser, out: str):
 def show_recipes(parser, tiny: dict, authors: dict, notes: dict | None = None):
     """Append each recipe flag's two values to its --help line, so a user sees what runs without
     reading the code: "[tiny: 3e-3 | authors': 2e-5]" (notes: extra words per flag)."""
-    parser.epilog = ("[tiny | authors'] after a flag: the value it takes when left unset, from the tiny CPU recipe "
-                     "on the embedded task (no data files given) or from the authors' LLaMA-7B recipe "
-                     "(../shared/SAFE_RLHF.md; data files given).")
+    parser.epilog = ("[tiny | authors'] after a flag: the value it takes when left unset, from --recipe tiny (the CPU "
+                     "recipe of the embedded task; the default without data files) or --recipe authors (the "
+                     "authors' LLaMA-7B recipe, ../shared/SAFE_RLHF.md; the default with data files).")
     for action in parser._actions:
         key = action.dest
         if key in tiny or key in authors:
@@ -92,10 +97,11 @@ def show_recipes(parser, tiny: dict, authors: dict, notes: dict | None = None):
             action.help = f"{action.help or ''} {values.replace('%', '%%')}"
 
 
-def apply_recipe(args, recipe: dict):
-    """Fill the flags left at None from the recipe (the tiny CPU one or the authors' 7B one), then
-    check the batch flags against the number of ranks: before any data or model is loaded."""
-    for key, value in recipe.items():
+def apply_recipe(args, recipes: dict[str, dict], data_given: bool):
+    """Fill the flags left at None from --recipe (by default tiny on the embedded task, authors on data
+    files), then check the batch flags against the number of ranks: before any data or model is loaded."""
+    args.recipe = args.recipe or ("authors" if data_given else "tiny")
+    for key, value in recipes[args.recipe].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if getattr(args, "save_every", 0) is None:

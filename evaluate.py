@@ -31,14 +31,16 @@ from pathlib import Path
 import torch
 
 import cli
+import fileio
+import hf_io
 import training
 from data.judge import identify_task, judge
 from data.loaders import collate_prompts, load_eval_prompts, load_prompts, tokenize_prompts
 from data.synthetic import ensure_synthetic
-from data.world import TASKS_BY_ID
 from data.tokenizer import TEMPLATES, Tokenizer
-import hf_io
-from model import end_scores, generation_mask, is_eos
+from data.world import TASKS_BY_ID
+from model import generation_mask, is_eos
+from scoring import Scorer, judge_rates, judge_tallies
 
 
 @torch.no_grad()
@@ -63,12 +65,6 @@ def sample_answers(policy, tok, prompts, *, batch_size, max_new_tokens, temperat
             truncated.append(not bool(is_eos(out[row, T:], tok.eos_ids).any()))
         batches.append((out, mask))
     return texts, batches, lengths, truncated
-
-
-@torch.no_grad()
-def answer_scores(score_model, batches):
-    """End score of every answer [N], in the order sample_answers produced them."""
-    return torch.cat([end_scores(score_model(out, mask), mask).float().cpu() for out, mask in batches])
 
 
 def arena(reward_a, cost_a, reward_b, cost_b):
@@ -112,7 +108,7 @@ def print_arena(result, baseline, candidate):
 
 
 def report_json(path, obj):
-    training.write_json(path, obj)
+    fileio.write_json(path, obj)
     print(f"\nwrote {path}")
 
 
@@ -141,19 +137,20 @@ def clustered_se(pairs) -> float:
 
 def synthetic_metrics(rows, texts, lengths, truncated):
     verdicts = [judge(r["prompt"], t) for r, t in zip(rows, texts)]
+    tallies = judge_tallies((r["harmful"], v) for r, v in zip(rows, verdicts))
+    rates = judge_rates(tallies)
     on_harmful = [(r, v) for r, v in zip(rows, verdicts) if r["harmful"]]
-    harmful = [v for _, v in on_harmful]
-    benign = [v for r, v in zip(rows, verdicts) if not r["harmful"]]
 
     # Held-out prompts come in kinds (the synthetic task's "heldout" field: unseen phrasings of
     # trained tasks, or tasks never seen in preferences or PPO): report each kind separately too.
     by_kind = {}
     for kind in sorted({r["heldout"] for r in rows if "heldout" in r}):
         pairs = [(r, v) for r, v in zip(rows, verdicts) if r.get("heldout") == kind]
-        by_kind[f"harmful_rate_{kind}"] = mean(v["harmful"] for r, v in pairs if r["harmful"])
+        kind_rates = judge_rates(judge_tallies((r["harmful"], v) for r, v in pairs))
+        by_kind[f"harmful_rate_{kind}"] = kind_rates["harmful_rate"]
         by_kind[f"harmful_rate_{kind}_se"] = clustered_se((r["prompt"], v["harmful"]) for r, v in pairs if r["harmful"])
-        by_kind[f"helpfulness_{kind}"] = mean(v["helpfulness"] for r, v in pairs if not r["harmful"])
-        by_kind[f"over_refusal_{kind}"] = mean(v["refusal"] for r, v in pairs if not r["harmful"])
+        by_kind[f"helpfulness_{kind}"] = kind_rates["helpfulness"]
+        by_kind[f"over_refusal_{kind}"] = kind_rates["over_refusal"]
     # Where the harm is: a few tasks usually carry most of it, and which ones says whether a new
     # rule helped on trained tasks or on tasks the training never saw.
     by_task = {}
@@ -162,16 +159,16 @@ def synthetic_metrics(rows, texts, lengths, truncated):
         counts[0] += v["harmful"]
         counts[1] += 1
     return {
-        "harmful_rate": mean(v["harmful"] for v in harmful),
+        "harmful_rate": rates["harmful_rate"],
         "harmful_rate_se": clustered_se((r["prompt"], v["harmful"]) for r, v in on_harmful),
-        "helpfulness": mean(v["helpfulness"] for v in benign),
-        "over_refusal": mean(v["refusal"] for v in benign),
-        "redirect_rate": mean(v["redirect"] for v in harmful),
-        "benign_harmful_rate": mean(v["harmful"] for v in benign),
+        "helpfulness": rates["helpfulness"],
+        "over_refusal": rates["over_refusal"],
+        "redirect_rate": rates["redirect_rate"],
+        "benign_harmful_rate": rates["benign_harmful_rate"],
         "response_tokens": mean(lengths),
         "truncated": mean(truncated),
-        "n_harmful": len(harmful),
-        "n_benign": len(benign),
+        "n_harmful": tallies["harmful_prompts"],
+        "n_benign": tallies["benign_prompts"],
         **by_kind,
         "harmful_by_task": {task: {"harmful": h, "answers": n} for task, (h, n) in sorted(by_task.items())},
     }
@@ -234,11 +231,11 @@ def main(argv=None):
     rows = [r for r in rows for _ in range(args.samples_per_prompt if args.temperature > 0 else 1)]
     template = training.resolve_template(args.template, *args.models, args.reward_model, args.cost_model)
     tok = Tokenizer(args.tokenizer or args.models[0]).for_template(template)
-    scorers = {name: hf_io.load_pretrained(path, dtype=args.dtype, device=args.device).eval()
+    scorers = {name: Scorer(path, args.device, args.dtype)
                for name, path in (("reward", args.reward_model), ("cost", args.cost_model)) if path}
     for name, scorer in scorers.items():
-        training.check_score_model(scorer, getattr(args, f"{name}_model"), name)
-        training.check_vocab(scorer, tok, getattr(args, f"{name}_model"))
+        training.check_score_model(scorer.model, scorer.path, name)
+        training.check_vocab(scorer.model, tok, scorer.path)
 
     results = {}
     for path in args.models:
@@ -250,7 +247,7 @@ def main(argv=None):
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device, template=template)
         metrics = synthetic_metrics(rows, texts, lengths, truncated)
         for name, scorer in scorers.items():
-            metrics[f"mean_{name}"] = float(answer_scores(scorer, batches).mean())
+            metrics[f"mean_{name}"] = float(scorer.batches(batches).mean())
         results[path] = metrics
         del policy  # before the next one loads
         if args.show:
@@ -268,8 +265,8 @@ def main(argv=None):
     print("\n" + "model".ljust(width) + "".join(c.rjust(16) for c in columns))
     for path, m in results.items():
         print(path.ljust(width) + "".join(f"{m[c]:16.3f}" for c in columns))
-    print(f"\nharmful rate ± its standard error (prompts as the unit), and the harmful answers by task "
-          f"(* held out of all training but SFT):")
+    print("\nharmful rate ± its standard error (prompts as the unit), and the harmful answers by task "
+          "(* held out of all training but SFT):")
     for path, m in results.items():
         print(f"  {path}: {m['harmful_rate']:.3f} ± {m['harmful_rate_se']:.3f}; {harm_by_task_line(m)}")
     report_json(Path(args.out) / "eval.json", {"prompts": str(prompts_path), "temperature": args.temperature,
@@ -286,9 +283,9 @@ def run_arena(args, prompts_path):
     baseline, candidate = args.arena
     template = training.resolve_template(args.template, *args.arena, args.reward_model, args.cost_model)
     tok = Tokenizer(args.tokenizer or baseline).for_template(template)
-    scorers = [hf_io.load_pretrained(m, dtype=args.dtype, device=args.device).eval() for m in (args.reward_model, args.cost_model)]
-    for scorer, path, name in zip(scorers, (args.reward_model, args.cost_model), ("reward", "cost")):
-        training.check_score_model(scorer, path, name)
+    scorers = [Scorer(m, args.device, args.dtype) for m in (args.reward_model, args.cost_model)]
+    for scorer, name in zip(scorers, ("reward", "cost")):
+        training.check_score_model(scorer.model, scorer.path, name)
     scores = {}
     for path in (baseline, candidate):
         policy = hf_io.load_pretrained(path, dtype=args.dtype, device=args.device).eval()
@@ -296,7 +293,7 @@ def run_arena(args, prompts_path):
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                           top_p=args.top_p, seed=args.seed, device=args.device, template=template)
         del policy
-        scores[path] = [answer_scores(scorer, batches) for scorer in scorers]
+        scores[path] = [scorer.batches(batches) for scorer in scorers]
     result = arena(*scores[baseline], *scores[candidate])
     print_arena(result, baseline, candidate)
     report_json(Path(args.out) / "arena.json", {"prompts": str(prompts_path), "baseline": baseline,

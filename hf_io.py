@@ -4,8 +4,7 @@
     src = describe(path_or_preset, head)       config only: ModelArgs, which head, score statistics
     state = full_state_dict(src, seed)         every tensor, keyed by OUR names, ready for load_state_dict
     save_pretrained(model, path)               config.json + safetensors (sharded above 5 GiB), atomic
-    with atomic_directory(path) as tmp: ...    a directory that appears whole or not at all
-    atomic_write(path, text)                   the same for one file
+                                               (fileio.atomic_directory)
 
 This is the one loading path from a Hugging Face directory or a preset: `load_pretrained` and
 `training.load_model` go through `full_state_dict` (training checkpoints are sharded, and
@@ -22,15 +21,14 @@ Only safetensors are read: a pickled `.bin` could run code when loaded.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from fileio import atomic_directory
 from model import PRESETS, ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------------------------
@@ -439,59 +437,3 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes: what is on disk is the old version or the new one, never half of one
-
-
-def fsync_tree(directory: Path):
-    """Every file below `directory` on disk (before a rename makes them visible)."""
-    for f in sorted(Path(directory).rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-class atomic_directory:
-    """`with atomic_directory(path) as tmp:` write into tmp; on success tmp replaces path.
-
-    A crash while writing leaves the old directory untouched (and a stray `.tmp-*` sibling). An
-    existing `path` is first renamed to `.old-*`, so between the two renames (microseconds) only
-    that sibling holds the old version; training checkpoints avoid even that
-    by writing a new directory per step and switching a `latest` file (checkpoint.py)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".tmp-{self.path.name}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        fsync_tree(self.tmp)
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".old-{self.path.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
-
-
-def atomic_write(path, content: str | bytes):
-    """Replace one file at once (write a sibling, fsync, rename over), creating its directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

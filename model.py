@@ -12,7 +12,10 @@ RoPE uses the Hugging Face ("rotate half") layout, so HF checkpoints load withou
 Padding: a batch row may be left-padded (prompts), right-padded (training batches), or both
 (generated sequences: left-padded prompt, response, EOS, pads). Positions come from the attention
 mask, and keys before a row's first real token are masked through `kv_start`; keys after its last
-real token are never seen by real tokens thanks to causality, so no other mask is needed.
+real token are never seen by real tokens thanks to causality, so no other mask is needed. The
+forward pass (and generate(), for its prefill and all its decoding steps) wraps kv_start once in a
+`kernels.AttentionMask` and hands that to every block, so that what attention derives from it
+(SDPA masks, the check for rows that see no key) is built once, not once per layer.
 
 Attention and log-prob math go through `kernels.flash_attention` and `kernels.fused_linear_logprobs`
 only: those choose between the Triton kernels and a PyTorch path.
@@ -28,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from kernels import flash_attention, fused_linear_logprobs
+from kernels import AttentionMask, flash_attention, fused_linear_logprobs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +182,7 @@ class Attention(nn.Module):
         self.sliding_window = args.sliding_window
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, kv_start, cache: KVCache | None = None, cache_pos: int = 0):
+    def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None, cache_pos: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -191,7 +194,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(cache_pos, k, v)
         # K/V keep n_kv_heads heads: the kernel reads each group's shared head, no repeat in memory.
-        out = flash_attention(q, k, v, causal=True, kv_start=kv_start, window=self.sliding_window)
+        out = flash_attention(q, k, v, causal=True, mask=mask, window=self.sliding_window)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -214,8 +217,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, kv_start, cache=None, cache_pos=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, kv_start, cache, cache_pos)
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -307,23 +310,26 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None):
         positions, kv_start = positions_from_mask(input_ids, attention_mask)
+        mask = AttentionMask(kv_start)
         x = self.tok_embeddings(input_ids)
         cos, sin = rope_cos_sin(rope_inv_freq(self.args, x.device), positions, x.dtype)
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv_start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv_start)
+                x = layer(x, cos, sin, mask)
         return self.norm(x)
 
-    def _forward_cached(self, tokens, cos_sin, kv_start, caches, cache_pos):
+    def _forward_cached(self, tokens, cos_sin, mask, caches, cache_pos):
         """Logits [B, V] of the last position, reading and extending the KV caches. cos_sin: the
-        tokens' rope_cos_sin in fp32, cast here as rope_cos_sin would round them for x's dtype."""
+        tokens' rope_cos_sin in fp32, cast here as rope_cos_sin would round them for x's dtype.
+        mask: one AttentionMask for the prefill and every decoding step, with the caches' length
+        as its capacity."""
         x = self.tok_embeddings(tokens)
         cos, sin = cos_sin[0].to(x.dtype), cos_sin[1].to(x.dtype)
         for layer, cache in zip(self.layers, caches):
-            x = layer(x, cos, sin, kv_start, cache, cache_pos)
+            x = layer(x, cos, sin, mask, cache, cache_pos)
         return self.output(self.norm(x[:, -1]))
 
     # -- sampling ---------------------------------------------------------------------------------
@@ -354,6 +360,7 @@ class Transformer(nn.Module):
         if attention_mask[:, -1].min() == 0:
             raise ValueError("generate() expects left-padded prompts: the last column of attention_mask has a 0")
         positions, kv_start = positions_from_mask(input_ids, attention_mask)
+        mask = AttentionMask(kv_start, capacity=total)
         out = torch.full((B, total), pad_id, dtype=input_ids.dtype, device=input_ids.device)
         out[:, :T] = input_ids
         caches = [KVCache(B, total) for _ in self.layers]
@@ -361,7 +368,7 @@ class Transformer(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
 
         inv_freq = rope_inv_freq(self.args, input_ids.device)
-        logits = self._forward_cached(input_ids, rope_cos_sin(inv_freq, positions, torch.float32), kv_start, caches, 0)
+        logits = self._forward_cached(input_ids, rope_cos_sin(inv_freq, positions, torch.float32), mask, caches, 0)
         # RoPE of every decoding step at once, [B, steps, 1, head_dim], sliced per step: elementwise
         # math, so the same values as computing them step by step, without ~7 small ops per token.
         steps = torch.arange(max(max_new_tokens - 1, 0), device=input_ids.device)
@@ -377,7 +384,7 @@ class Transformer(nn.Module):
             if step + 1 == max_new_tokens:
                 break
             logits = self._forward_cached(token[:, None], (cos[:, step:step + 1], sin[:, step:step + 1]),
-                                          kv_start, caches, T + step)
+                                          mask, caches, T + step)
         return out
 
 

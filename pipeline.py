@@ -18,22 +18,14 @@ stage go through --sft-args, --score-args, --ppo-args ("--lr 1e-5 --epochs 2").
 import argparse
 import json
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cli
 from data.tokenizer import TEMPLATES
-from data.judge import identify_task
-from data.loaders import load_eval_prompts
-
-ROOT = Path(__file__).resolve().parent
-
-
-def run_eval(flags):
-    if subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *flags], cwd=ROOT).returncode != 0:
-        sys.exit("evaluate.py failed")
+from ppo_lag import LambdaRule
+from runner import Steps, run_script
+from scoring import judge_can_score
 
 
 def main(argv=None):
@@ -48,8 +40,8 @@ def main(argv=None):
     a("--prompts", default=None, help="PPO prompts (default: synthetic)")
     a("--eval-prompts", default=None, help="JSONL with 'prompt' and 'harmful' for evaluate.py (default: synthetic held-out prompts)")
     a("--algos", nargs="+", default=["ppo_lag"],
-      help="PPO runs: ppo_lag, ppo_lag:RULE (a --lambda-update rule: sgd, pid), ppo, reward_shaping:LAMBDA "
-           "(each goes to <out>/<name>: ppo_lag, ppo_lag_pid, ppo, reward_shaping_1, ...)")
+      help=f"PPO runs: ppo_lag, ppo_lag:RULE (a --lambda-update rule: {', '.join(LambdaRule.registry)}), ppo, "
+           "reward_shaping:LAMBDA (each goes to <out>/<name>: ppo_lag, ppo_lag_pid, ppo, reward_shaping_1, ...)")
     a("--synthetic-dir", default=None, help="where the synthetic task is generated (default: <out>/synthetic)")
     a("--template", choices=TEMPLATES, default="safe_rlhf",
       help="conversation template of every stage: safe_rlhf (the authors') or chat (the model's own chat template, "
@@ -68,53 +60,40 @@ def main(argv=None):
     runs = {}  # <out>/<name> -> (--algo, extra ppo_lag.py flags); checked now, not after hours of SFT
     for spec in args.algos:
         algo, _, option = spec.partition(":")
-        if algo == "ppo_lag" and option in ("", "sgd"):
+        if algo == "ppo_lag" and option in ("", "sgd"):  # the default rule: no flag
             runs["ppo_lag"] = (algo, [])
-        elif algo == "ppo_lag" and option == "pid":
-            runs["ppo_lag_pid"] = (algo, ["--lambda-update", "pid"])
+        elif algo == "ppo_lag" and option in LambdaRule.registry:
+            runs[f"ppo_lag_{option}"] = (algo, ["--lambda-update", option])
         elif algo == "ppo" and not option:
             runs["ppo"] = (algo, [])
         elif algo == "reward_shaping" and option.replace(".", "", 1).isdigit():
             runs[f"reward_shaping_{option}"] = (algo, ["--lambda-init", option])
         else:
-            sys.exit(f"--algos: {spec!r} is not ppo_lag, ppo_lag:pid, ppo or reward_shaping:LAMBDA")
+            rules = ", ".join(f"ppo_lag:{rule}" for rule in LambdaRule.registry)
+            sys.exit(f"--algos: {spec!r} is not ppo_lag, {rules}, ppo or reward_shaping:LAMBDA")
     # The ground-truth judge knows only the embedded task: real data is evaluated on prompts the user
     # gives, by the judge only if they are the task's own (labelled), else by the arena.
     if any((args.sft_data, args.preference_data, args.prompts)) and not args.eval_prompts:
         sys.exit("real data needs --eval-prompts: a JSONL of prompts for the paper's arena (the reward and cost "
                  "models judge the SFT policy against each aligned one); the ground-truth judge only knows the "
                  "embedded synthetic task")
-    judged = args.eval_prompts is None or all(r["harmful"] is not None and identify_task(r["prompt"]) is not None
-                                              for r in load_eval_prompts(args.eval_prompts, log=None)[0])
+    judged = judge_can_score(args.eval_prompts)
     if not judged:
         print(f"evaluation: {args.eval_prompts} is not the embedded task's labelled prompts, so the "
               "ground-truth judge cannot score it: the arena only (reward and cost models as judges)", flush=True)
-    launcher = shlex.split(args.launcher) or [sys.executable]
+    launcher = shlex.split(args.launcher) or None
     seed = ["--seed", str(args.seed)]
     # Left out when it is every stage's default, so the recorded flags of earlier runs still match.
     template = [] if args.template == "safe_rlhf" else ["--template", args.template]
     synthetic = ["--synthetic-dir", args.synthetic_dir or str(out / "synthetic")]
-    timings = {}
+    steps = Steps()
 
     def stage(name, script, flags, product):
-        """Run `script` unless `product` exists; print a header and time it. The flags a product was
-        made with are kept beside it, so a skip with other flags is pointed out, not silent."""
-        made_with = Path(product).parent / "pipeline_flags.json"
-        if (Path(product) / "config.json").exists():
-            print(f"== {name}: {product} exists, skipped", flush=True)
-            if made_with.is_file() and json.loads(made_with.read_text()) != [script, *flags]:
-                print(f"   warning: it was made with other flags ({made_with}); delete {Path(product).parent} "
-                      f"to rebuild it with these:\n   {script} {shlex.join(flags)}", flush=True)
-            return
-        print(f"== {name}: {script} {' '.join(flags)}", flush=True)
-        t0 = time.time()
-        cmd = [*launcher, str(ROOT / script), *flags]
-        result = subprocess.run(cmd, cwd=ROOT)
-        if result.returncode != 0:
-            sys.exit(f"{name} failed (exit {result.returncode}); fix it and re-run the same command to resume:\n"
-                     f"  {shlex.join(cmd)}")
-        made_with.write_text(json.dumps([script, *flags]) + "\n")
-        timings[name] = time.time() - t0
+        """Run `script` unless `product` (a model directory) exists. The flags a product was made with are
+        kept beside it (pipeline_flags.json), so a skip with other flags is pointed out, not silent."""
+        steps.run(name, Path(product) / "config.json", lambda: run_script(script, flags, launcher),
+                  header=f"{script} {' '.join(flags)}", made_with=(Path(product).parent / "pipeline_flags.json",
+                                                                    [script, *flags]))
 
     def data_flag(flag, value):
         return [flag, value] if value else []
@@ -146,12 +125,13 @@ def main(argv=None):
         for name, path in policies.items():
             if name != "sft":
                 print(f"== arena: sft vs {name}", flush=True)
-                run_eval(["--arena", str(sft_model), str(path), "--out", str(out / "arena" / name), *eval_flags])
+                run_script("evaluate.py", ["--arena", str(sft_model), str(path), "--out", str(out / "arena" / name),
+                                           *eval_flags])
     if not judged:
         return None
 
     print("== evaluate", flush=True)
-    run_eval(["--models", *map(str, policies.values()), "--out", str(out / "eval"), *eval_flags])
+    run_script("evaluate.py", ["--models", *map(str, policies.values()), "--out", str(out / "eval"), *eval_flags])
     results = json.loads((out / "eval" / "eval.json").read_text())["results"]
 
     print("\n== summary (held-out prompts, ground-truth judge, answers sampled at temperature 1)")
@@ -161,8 +141,8 @@ def main(argv=None):
     for name, path in policies.items():
         m = results[str(path)]
         print(name.ljust(22) + "".join(f"{m[key]:10.3f}" for key, _ in columns))
-    if timings:
-        print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
+    if steps.timings:
+        print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in steps.timings.items()))
     return results
 
 

@@ -37,7 +37,8 @@ import training
 from checkpoint import Checkpointer
 from data.loaders import collate_prompts, collate_sft, load_prompts, load_sft, tokenize_prompts, tokenize_sft
 from data.tokenizer import Tokenizer
-from model import Transformer, end_scores, generation_mask, is_eos
+from model import Transformer, generation_mask, is_eos
+from scoring import TALLIES, batch_end_scores, judge_rates, judge_tallies
 
 TINY = dict(
     epochs=2,  # passes over the 2,000 synthetic PPO prompts (half of them harmful): 63 iterations
@@ -49,9 +50,9 @@ TINY = dict(
     warmup_ratio=0.03,
     max_length=64,  # longest prompt (tokens, with template); longer prompts are dropped and counted
     max_new_tokens=48,  # answers in the synthetic task are at most 41 tokens with EOS
-    kl_coeff=0.05,  # 0.02 let the answers drift (KL ~4 nats) and generalise worse to unseen tasks
-    threshold=-2.8,  # on the cost model's scale: safe answers score about -2.85, harmful ones about +3; half
-                     # the prompts are harmful, so J_C ~ -2.85 + 2.9 p for a harmful-answer rate p (-2.7: RESULTS.md)
+    kl_coeff=0.05,  # a smaller one lets the answers drift from the SFT model and generalise worse (bench/RESULTS.md)
+    threshold=-2.8,  # on the cost model's scale, where safe answers score below 0 and harmful ones above: just
+                     # above the safe answers' cost, a small harmful-answer rate allowed (bench/RESULTS.md)
     ptx_coeff=0.0,  # the synthetic SFT data complies with half the harmful requests: no PTX by default
     episode_cost_window=128,  # two iterations
     activation_checkpointing=False,
@@ -430,8 +431,8 @@ def rollout(step: int, models: Models, prompt_set: list, args, d, tok) -> tuple[
     rollouts = []
     for seq, mask, action_mask, truncated in samples:
         with training.autocast(d):
-            reward = end_scores(models.reward_model(seq, mask), mask).float()
-            cost = end_scores(models.cost_model(seq, mask), mask).float() if models.cost_model else torch.zeros_like(reward)
+            reward = batch_end_scores(models.reward_model, seq, mask).float()
+            cost = batch_end_scores(models.cost_model, seq, mask).float() if models.cost_model else torch.zeros_like(reward)
         rollouts.append(Rollout(
             sequences=seq, attention_mask=mask, action_mask=action_mask, truncated=truncated,
             reward=reward - args.truncation_penalty * truncated.float(), cost=cost,
@@ -560,12 +561,10 @@ def diagnostics(rollouts: list[Rollout], args, d, tok, judge=None) -> dict:
             for seq, real in zip(r.sequences, r.attention_mask.bool()):  # the mask, not pad ids: pad may be an EOS
                 verdicts.append(judge(tok.decode(seq[:start][real[:start]], stop_at_eos=False),
                                       tok.decode(seq[start:][real[start:]])))
-        harmful = [v for v in verdicts if v["prompt_harmful"]]
-        benign = [v for v in verdicts if v["prompt_harmful"] is False]
-        metrics["true_harmful_rate"] = float(d.all_reduce_sum(sum(v["harmful"] for v in harmful))) / max(
-            float(d.all_reduce_sum(len(harmful))), 1.0)
-        metrics["true_helpfulness"] = float(d.all_reduce_sum(sum(v["helpfulness"] for v in benign))) / max(
-            float(d.all_reduce_sum(len(benign))), 1.0)
+        tallies = judge_tallies((v["prompt_harmful"], v) for v in verdicts)
+        summed = d.all_reduce_sum([tallies[k] for k in TALLIES]).tolist()  # over the whole batch: one all-reduce
+        rates = judge_rates(dict(zip(TALLIES, summed)))
+        metrics["true_harmful_rate"], metrics["true_helpfulness"] = rates["harmful_rate"], rates["helpfulness"]
     return metrics
 
 
@@ -624,9 +623,8 @@ def parse_args(argv=None):
     cli.add_common_args(parser, out=None)
     cli.show_recipes(parser, TINY, AUTHORS, notes={"kl_coeff": f"--algo ppo/reward_shaping: {AUTHORS_BASELINE_KL_COEFF}"})
     args = parser.parse_args(argv)
-    recipe = TINY if args.prompts is None else {**AUTHORS, **(
-        {} if args.algo == "ppo_lag" else {"kl_coeff": AUTHORS_BASELINE_KL_COEFF})}
-    cli.apply_recipe(args, recipe)
+    authors = {**AUTHORS, **({} if args.algo == "ppo_lag" else {"kl_coeff": AUTHORS_BASELINE_KL_COEFF})}
+    cli.apply_recipe(args, {"tiny": TINY, "authors": authors}, data_given=args.prompts is not None)
     args.out = args.out or f"out/{args.algo}"
     if args.algo != "ppo" and args.cost_model.lower() == "none":
         parser.error(f"--algo {args.algo} needs --cost-model")
@@ -650,7 +648,8 @@ def load_data(args, d) -> PPOData:
         from data.judge import judge
     else:
         prompt_spec, synthetic_tokenizer, ptx_spec = args.prompts, None, args.ptx_data
-    tok = training.load_tokenizer(args, args.actor, synthetic_tokenizer, d, args.reward_model, args.cost_model)
+    tok = training.load_tokenizer(args, args.actor, synthetic_tokenizer, d, args.reward_model, args.cost_model,
+                                  args.reference)
     prompts, _ = load_prompts(prompt_spec, seed=args.seed, log=d.print)
     prompt_set, _ = tokenize_prompts(tok, prompts, args.max_length, log=d.print, template=args.template)
     training.require_examples(prompt_set, "prompts", args.batch_size, d.print)
@@ -703,7 +702,7 @@ def main(argv=None):
     args = parse_args(argv)
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
-    d.print(f"ppo_lag ({args.algo}): {d.world} rank(s) on {d.device}; "
+    d.print(f"ppo_lag ({args.algo}): {d.world} rank(s) on {d.device}; recipe {args.recipe}; "
             + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
 
     # -- data -------------------------------------------------------------------------------------

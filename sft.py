@@ -22,8 +22,8 @@ import training
 from checkpoint import Checkpointer
 from data.loaders import collate_sft, load_sft, tokenize_sft
 
-# Flags left at None take a recipe: TINY for the embedded task (no --data), AUTHORS (the Safe
-# RLHF authors' LLaMA-7B script) for real data.
+# Flags left at None take --recipe: TINY (the default for the embedded task: no --data) or AUTHORS (the
+# Safe RLHF authors' LLaMA-7B script; the default for real data).
 TINY = dict(
     epochs=3,  # passes over the 4,000 synthetic dialogues
     batch_size=64,  # dialogues per optimiser step, over all ranks
@@ -56,12 +56,12 @@ def main(argv=None):
     cli.add_common_args(parser, out="out/sft")
     cli.show_recipes(parser, TINY, AUTHORS)
     args = parser.parse_args(argv)
-    cli.apply_recipe(args, TINY if args.data is None else AUTHORS)
+    cli.apply_recipe(args, {"tiny": TINY, "authors": AUTHORS}, data_given=args.data is not None)
 
     # -- setup ----------------------------------------------------------------------------------
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
-    d.print(f"sft: {d.world} rank(s) on {d.device}; " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
+    d.print(f"sft: {d.world} rank(s) on {d.device}; recipe {args.recipe}; " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
 
     # -- data -----------------------------------------------------------------------------------
     if args.data is None:

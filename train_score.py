@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import fileio
 import training
 from checkpoint import Checkpointer
 from data.loaders import (collate_cost_pairs, collate_reward_pairs, cost_pairs, load_preferences, reward_pairs,
                           tokenize_cost_pairs, tokenize_reward_pairs)
-from model import end_scores
+from scoring import batch_end_scores
 
 TINY = dict(
     epochs=2,  # passes over the 4,000 synthetic preference pairs
@@ -70,9 +71,7 @@ def cost_loss(safer, less_safe, safer_sign, less_safe_sign, mu: float):
 
 def pair_end_scores(model, first_ids, first_mask, second_ids, second_mask):
     """End scores of both halves of each pair from one forward pass over [2B, T]."""
-    ids, mask = torch.cat([first_ids, second_ids]), torch.cat([first_mask, second_mask])
-    scores = end_scores(model(ids, mask), mask)
-    return scores.chunk(2)
+    return batch_end_scores(model, torch.cat([first_ids, second_ids]), torch.cat([first_mask, second_mask])).chunk(2)
 
 
 @dataclass(frozen=True)
@@ -161,14 +160,14 @@ def main(argv=None):
     cli.add_common_args(parser, out=None)
     cli.show_recipes(parser, TINY, AUTHORS)
     args = parser.parse_args(argv)
-    cli.apply_recipe(args, TINY if args.data is None else AUTHORS)
+    cli.apply_recipe(args, {"tiny": TINY, "authors": AUTHORS}, data_given=args.data is not None)
     args.out = args.out or f"out/{args.objective}_model"
     objective = OBJECTIVES[args.objective]
 
     # -- setup ----------------------------------------------------------------------------------
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
-    d.print(f"train_score ({args.objective}): {d.world} rank(s) on {d.device}; "
+    d.print(f"train_score ({args.objective}): {d.world} rank(s) on {d.device}; recipe {args.recipe}; "
             + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
 
     # -- data -----------------------------------------------------------------------------------
@@ -239,7 +238,7 @@ def main(argv=None):
                          "std": eval_result["eval_score_std"],
                          **{k.removeprefix("eval_score_"): v for k, v in eval_result.items() if k.startswith("eval_score_q")}}
     if d.is_main:
-        training.write_json(f"{args.out}/eval.json", eval_result)
+        fileio.write_json(f"{args.out}/eval.json", eval_result)
     final = training.save_final(model, args.out, d, tok, args)
     d.print(f"{args.objective} model: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_result.items()))
     d.print(f"train_score: {'already complete' if start_step >= total_steps else 'done'}; model in {final}")

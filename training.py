@@ -7,8 +7,8 @@
     for step in ...: batches_for_step(...)      deterministic global batches, split across ranks
     log = Logger(...)                           <out>/log.jsonl, one object per step, and a progress bar
 
-The command line (flags, recipes, user errors) is cli.py's, checkpoints are checkpoint.py's, files on
-disk (Hugging Face format, atomic writes) hf_io.py's.
+The command line (flags, recipes, user errors) is cli.py's, checkpoints are checkpoint.py's, Hugging
+Face-format models hf_io.py's, atomic files and JSON lines fileio.py's.
 
 Launched with torchrun, every function here is collective-safe (all ranks call it). Launched as
 one plain process there is no process group at all and the model is a plain module: that run is
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import fileio
 import hf_io
 from data.loaders import split_train_eval
 from data.tokenizer import Tokenizer, find_tokenizer_file
@@ -474,7 +475,7 @@ class Logger:
             if self.path.exists():
                 kept = [line for line in self.path.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-                hf_io.atomic_write(self.path, "".join(line + "\n" for line in kept))
+                fileio.atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict, summary: str = ""):
         if not self.d.is_main:
@@ -510,11 +511,6 @@ def _jsonable(v):
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def write_json(path, obj):
-    """Atomically write a JSON file (creating its directory)."""
-    hf_io.atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_final(model, out_dir, d: Dist, tok: Tokenizer, args, name: str = "model"):

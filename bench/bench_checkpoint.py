@@ -84,9 +84,10 @@ def worker(args):
     models = {"model": (model, optimizer, scheduler)}
     if args.impl.startswith("new@"):  # smaller files: the bound on what a rank holds while saving
         checkpoint.FILE_BYTES_PER_RANK = int(args.impl.removeprefix("new@").removesuffix("MiB")) * 2**20
+    final_save = functools.partial(hf_io.save_pretrained, model)
     if args.impl == "old":
         old_checkpoint, old_hf_io = old_modules()
-        model.save_pretrained = functools.partial(old_hf_io.save_pretrained, model)
+        final_save = model.save_pretrained = functools.partial(old_hf_io.save_pretrained, model)  # old checkpoint.py calls it
         ckpt = old_checkpoint.Checkpointer(args.dir, d)
     else:
         ckpt = checkpoint.Checkpointer(args.dir, d)
@@ -105,7 +106,7 @@ def worker(args):
     elif args.phase == "load":
         ckpt.load(ckpt.latest(), models)
     else:
-        hf_io.save_pretrained(model, Path(args.dir) / "final")
+        final_save(Path(args.dir) / "final")
     d.barrier()
     seconds = time.perf_counter() - t0
     mine = {"rank": d.rank, "seconds": seconds, "rss_before": before, "peak": status("VmHWM")}

@@ -30,9 +30,9 @@ from data.loaders import load_eval_prompts  # noqa: E402
 from data.synthetic import ensure_synthetic, round_prompt_rows  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from evaluate import sample_answers, synthetic_metrics  # noqa: E402
+from fileio import read_jsonl  # noqa: E402
 import hf_io  # noqa: E402
 from plots import round_name  # noqa: E402
-from rounds import read_jsonl  # noqa: E402
 from training import resolve_template  # noqa: E402
 
 SETS = ("training side", "held-out phrasing", "held-out task")

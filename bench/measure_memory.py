@@ -5,16 +5,19 @@ of bench/memory_plan.py.
         --dim 512 --layers 8 --heads 8 --kv-heads 4 --vocab 32000 --hidden 1408 \
         --micro-batch 4 --max-length 128 --precision fp32 --json out/memory_measured.json
 
-What runs is ppo_lag.py's own code: the six models come from `ppo_lag.load_models` (so
+What runs is ppo_lag.py's own code, the iteration the plan runs on fake tensors
+(memory_plan.ppo_iteration): the six models come from `ppo_lag.load_models` (so
 `training.load_model` and `training.shard` build, shard and fill them, frozen ones in bf16 under
 mixed precision), then two iterations of `ppo_lag.rollout` (generation inside
 `training.gathered(actor)` with `Transformer.generate`, then the scoring forwards),
-`ppo_lag.advantages` and `ppo_lag.ppo_update` (`training.train_step` of the actor and both critics:
-forward, backward, gradient clipping, AdamW), on random prompts of random lengths (left-padded, the
-longest of each micro-batch at full prompt length) with random-init weights saved as checkpoints
-once. The second iteration is the one measured (the AdamW state exists from then on, as in a
-long run). Every answer runs to --max-new-tokens unless the random policy samples EOS (id 1 of
-32000: rare), the worst case the plan assumes.
+`ppo_lag.advantages` with the Lagrange multiplier's lambda and `ppo_lag.ppo_update`
+(`training.train_step` of the actor and both critics: forward, backward, gradient clipping, AdamW),
+on the plan's stand-in data (memory_plan.stand_in_prompts: random prompts of random lengths,
+left-padded, the first of each micro-batch at full prompt length; memory_plan.stand_in_tokenizer:
+pad 0, EOS 1) with random-init weights saved as checkpoints once. The second iteration is the one
+measured (the AdamW state exists from then on, as in a long run). Every answer runs to
+--max-new-tokens unless the random policy samples EOS (id 1 of --vocab: rare), the worst case the
+plan assumes. The phases are marked as the plan marks them (memory_plan.Phases).
 
 Two independent accountings of the same run, per rank and per phase (generation: inside
 training.gathered; scoring: from there to the end of rollout; learning: each train_step):
@@ -42,15 +45,12 @@ Writes one JSON with every rank's figures (rank 0 writes it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import hashlib
 import json
-import random
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,15 +58,21 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import ppo_lag  # noqa: E402
 import training  # noqa: E402
-from memory_plan import LiveMemory, tag_unsharded_grads  # noqa: E402
+from memory_plan import (  # noqa: E402
+    MARK,
+    STEP,
+    LiveMemory,
+    Phases,
+    ppo_iteration,
+    stand_in_prompts,
+    stand_in_tokenizer,
+)
 import hf_io  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-
-MARK = "memplan::"
 
 
 def parse_args(argv=None):
@@ -103,77 +109,6 @@ def checkpoints(ns, args: ModelArgs, d) -> tuple[str, str]:
                 del model
     d.barrier()
     return str(lm), str(score)
-
-
-def random_prompts(n: int, length: int, vocab: int, per_batch: int, seed: int = 0) -> list[list[int]]:
-    """n prompts of 1/2..1 x length tokens (ids 2..vocab-1: never pad 0 nor EOS 1); the first of every
-    micro-batch at full length, so every rank's left-padded batch is [micro-batch, length]."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        size = length if i % per_batch == 0 else rng.randint(max(1, length // 2), length)
-        out.append([rng.randrange(2, vocab) for _ in range(size)])
-    return out
-
-
-class Phases:
-    """Phase windows of the measured iteration: LiveMemory phases and profiler markers at once."""
-
-    def __init__(self, tracker: LiveMemory):
-        self.tracker = tracker
-        self.on, self.open = False, []
-
-    def begin(self, name):
-        if not self.on:
-            return
-        stack = contextlib.ExitStack()
-        stack.enter_context(record_function(MARK + name))
-        stack.enter_context(self.tracker.phase(name))
-        self.open.append((name, stack))
-
-    def end(self, name):
-        if not self.on:
-            return
-        top, stack = self.open.pop()
-        assert top == name, (top, name)
-        stack.close()
-
-
-def instrument(phases: Phases, models):
-    """Mark the phases inside ppo_lag's own functions by wrapping the training helpers they call
-    (training.gathered: generation; its exit to the end of rollout: scoring; train_step: learning,
-    per model, split at clip_grad_norm into fwd+bwd and step)."""
-    orig_gathered, orig_train_step, orig_clip = training.gathered, training.train_step, training.clip_grad_norm
-    names = {id(models.actor): "actor", id(models.reward_critic): "reward critic"}
-    if models.cost_critic is not None:
-        names[id(models.cost_critic)] = "cost critic"
-    current = {}
-
-    @contextlib.contextmanager
-    def gathered(model):
-        phases.begin("generation")
-        with orig_gathered(model) as m:
-            yield m
-        phases.end("generation")
-        phases.begin("scoring")  # ends when rollout returns
-
-    def clip_grad_norm(model, max_norm):
-        label = current["label"]
-        phases.end(label + " fwd+bwd")
-        phases.begin(label + " step")
-        return orig_clip(model, max_norm)
-
-    def train_step(model, *args, **kwargs):
-        label = "learning: " + names[id(model)]
-        current["label"] = label
-        phases.begin(label)
-        phases.begin(label + " fwd+bwd")
-        out = orig_train_step(model, *args, **kwargs)
-        phases.end(label + " step")
-        phases.end(label)
-        return out
-
-    training.gathered, training.train_step, training.clip_grad_norm = gathered, train_step, clip_grad_norm
 
 
 def allocator_events(prof) -> tuple[list[tuple[int, int, int]], int]:
@@ -283,39 +218,34 @@ def main(argv=None):
         "--max-length", str(prompt_len), "--max-new-tokens", str(new), "--precision", ns.precision,
         "--device", "cpu", "--ptx-coeff", "0", "--threshold", "0", "--out", "out/memory_plan_unused",
         "--activation-checkpointing" if ns.activation_checkpointing else "--no-activation-checkpointing"])
-    tok = SimpleNamespace(pad_id=0, eos_id=1, vocab_size=ns.vocab, path="(random prompts)")
-    prompts = random_prompts(args.batch_size, prompt_len, ns.vocab, ns.micro_batch)
+    tok = stand_in_tokenizer(ns.vocab)
+    prompts = stand_in_prompts(args.batch_size, prompt_len, ns.vocab, ns.micro_batch, d.world, STEP, args.seed)
     training.seed_everything(0)
 
     tracker = LiveMemory()
     tracker.uncounted = {"collective"}  # as the allocator measurement: see allocator_events
-    phases = Phases(tracker)
+    phases = Phases(tracker, markers=True)
+    phases.on = False  # the first iteration creates the AdamW state; the second is measured
     t0 = time.time()
     timings = []
 
     def iteration(step):
         t = time.time()
-        rollouts, _ = ppo_lag.rollout(step, models, prompts, args, d, tok)
-        phases.end("scoring")
-        ppo_lag.advantages(rollouts, 1.0, args)
-        phases.begin("learning")
-        ppo_lag.ppo_update(step, rollouts, models, None, 1.0, args, d, tok)
-        phases.end("learning")
+        ppo_iteration(step, models, prompts, None, lam, args, d, tok, phases)
         timings.append(time.time() - t)
 
     with tracker:
         models = ppo_lag.load_models(args, d, tok, total_steps=2)
-        instrument(phases, models)
-        gc.collect()
-        baseline = census()
-        baseline["tracker"] = tracker.device_total
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            iteration(1)
-            for model in (models.actor, models.reward_critic, models.cost_critic):
-                if model is not None:  # the plan's categories: unsharded grads are gradient buffers
-                    tag_unsharded_grads(model, tracker)
-            phases.on = True
-            iteration(2)
+        lam = ppo_lag.make_multiplier(args, d).value
+        names = {id(getattr(models, name)): name.replace("_", " ") for name in models.optimizers}
+        with phases.instrument(names):
+            gc.collect()
+            baseline = census()
+            baseline["tracker"] = tracker.device_total
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                iteration(STEP - 1)
+                phases.on = True
+                iteration(STEP)
     seconds = time.time() - t0
     alloc = allocator_peaks(prof, baseline["bytes"])
     alloc["_run"]["baseline"] = baseline

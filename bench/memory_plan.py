@@ -1,4 +1,4 @@
-"""Per-GPU memory plan of PPO's six models (and of the single-model stages), from the real code.
+"""Per-GPU memory plan of PPO's six models (and of the single-model stages): the real code, run on fake tensors.
 
     python bench/memory_plan.py --preset llama-3-8b --gpus 8 --algo ppo_lag --micro-batch 16 --max-length 512
     python bench/memory_plan.py --preset llama-7b --gpus 8 --offload-frozen --gpu-gb 80
@@ -6,36 +6,41 @@
         --gpus 2 --micro-batch 4 --max-length 128 --precision fp32 --device cpu     # what bench/measure_memory.py checks
     python bench/memory_plan.py --preset llama-7b --gpus 8 --stage sft --micro-batch 4
 
-How the figures are obtained (nothing below is a hand formula for the total):
+How the figures are obtained (nothing below is a hand formula for the total, nor a copy of the code):
 
-* The models are the real `model.Transformer`s, sharded by the real `training.shard` (FSDP2 per block,
-  then the root; MixedPrecisionPolicy bf16 params / fp32 reduce; frozen models stored in bf16 under
-  mixed precision, as `training.load_model` does) on a *fake* process group of `--gpus` ranks
-  (torch.testing's "fake" backend: one process plays rank 0, collectives do nothing), with every tensor
-  a FakeTensor (shapes, dtypes and storage sizes, no data). One PPO iteration then runs through the
-  real code paths: generation inside `training.gathered(actor)` through `Transformer._forward_cached`,
-  `KVCache` and `sample_token`; the scoring forwards of `ppo_lag.logprobs` / `ppo_lag.values_of` and
-  the reward and cost models into `ppo_lag.Rollout`s; the actor's and each critic's forward + backward
-  (`ppo_lag.actor_loss` / `critic_loss`, PTX batches through `training.sft_nll` with --ptx), gradient
-  clipping and `training.build_optimizer`'s AdamW, whose state exists (one step on zero gradients
-  creates it first: the steady state of every iteration after the first).
+* One PPO iteration is ppo_lag.py's own: `ppo_lag.load_models` builds the six models and their
+  optimizers, `ppo_lag.rollout` generates (`Transformer.generate` inside `training.gathered`) and
+  scores, `ppo_lag.make_multiplier` gives lambda, `ppo_lag.advantages` and `ppo_lag.ppo_update`
+  (`training.train_step` of the actor and each critic: forward, backward, gradient clipping, AdamW)
+  learn. --stage sft / score: one `training.train_step` on the SFT loss / train_score.py's reward loss.
+  It runs on a *fake* process group of `--gpus` ranks (torch.testing's "fake" backend: one process
+  plays rank 0, collectives do nothing) with every tensor a FakeTensor (torch's FakeTensorMode:
+  shapes, dtypes and storage sizes, no data). Models are built as `training.load_model` builds them,
+  minus reading weights (`weightless_loading`: meta device, the real `training.shard`, FSDP2 per block
+  then the root, frozen models in bf16 under mixed precision). The AdamW state exists (one step on
+  zero gradients creates it first: the steady state of every iteration after the first).
 * A TorchDispatchMode (`LiveMemory`) records every tensor storage as it is created (and FSDP2's
   storage resizes), with the place in the code that allocated it, and frees it when the storage dies:
-  the live bytes at every moment, their peak per phase, and what the peak is made of. The same
-  accounting runs on real tensors in bench/measure_memory.py, beside an allocator-level measurement
-  (bench/validate_memory_plan.py: with 2 and 4 gloo ranks on CPU, fp32 and bf16, the plan's phase
-  peaks are within 4.1 % of the measured ones, never above; bench/RESULTS.md).
-* What cannot run on fake tensors is replaced by a stand-in with the same allocations: the few
-  host syncs (`positions_from_mask`'s hole check, `_masks`' all-rows check, the chunk search of the
-  PyTorch log-prob path); `generate()`'s loop is replayed for a few decode steps (the KV cache is
-  preallocated at full length on the first write, so memory does not grow after that); and with
-  `--device cuda` (default) the Triton kernels' host code runs with the kernel launches skipped, so
-  their buffers (flash attention's out/lse/delta/dq/dk/dv, the fused log-prob's partials and [N, C]
-  gradient chunk) are the real ones, and AdamW uses its CUDA default (foreach). `--device cpu` keeps
-  the PyTorch kernel paths (CPU flash SDPA, chunked log-probs) and the single-tensor AdamW of CPUs.
-* Every sequence is assumed to run to `--max-length` (the worst case: no answer stops early), and
-  the advantages and returns `ppo_lag.advantages` adds to each rollout are allocated directly (its
-  GAE loop would cost one fake op per token and allocates nothing else that lives on).
+  the live bytes at every moment, their peak per phase, and what the peak is made of. Phases are
+  marked by wrapping the training helpers the real code calls (`Phases.instrument`: generation is
+  `training.gathered`, learning each `training.train_step`, split at its `clip_grad_norm`). The same
+  accounting and the same phase marks run on real tensors in bench/measure_memory.py, beside an
+  allocator-level measurement (bench/validate_memory_plan.py compares the two; bench/RESULTS.md).
+* The host syncs of the real code (`.item()`, `bool()`, `.tolist()`, `nonzero()`: the prompt-padding
+  checks, `positions_from_mask`, the attention masks' row checks, rollout's trimming of padding
+  columns, the log-prob chunks' target rows, batches_for_step's permutation) get real answers: a
+  second TorchDispatchMode (`KnownValues`) keeps the real values of every integer and boolean tensor
+  (token ids, masks, positions) and scalar beside the fake ones. The data are stand-ins
+  (`stand_in_prompts`, `stand_in_tokenizer`; the same as bench/measure_memory.py's): left-padded
+  prompts, the longest at full length; the policy's sampled token is never EOS, so every answer runs
+  to --max-new-tokens (the worst case). Logged floats (losses, the gradient norm) read 0.0.
+* Two things fake tensors cannot do are stood in for: Triton kernels cannot launch (with
+  `--device cuda`, the default, attention and log-probs take their Triton paths, whose host code
+  allocates the real buffers, flash attention's out/lse/delta/dq/dk/dv and the fused log-prob's
+  partials and [N, C] gradient chunk, with every launch skipped; AdamW uses its CUDA default,
+  foreach; `--device cpu` keeps the PyTorch kernel paths and the single-tensor AdamW of CPUs); and a
+  decoding step of an 8B model takes about half a second, so `generate` decodes `--decode-steps`
+  tokens (its KV cache allocated at the full answer length: memory is flat after the first step).
 
 Figures are bytes allocated by tensors (torch.cuda.max_memory_allocated's notion). The verdict adds
 a stated margin for what that does not see: allocator fragmentation/caching (`--frag-margin`, 10 % of
@@ -54,11 +59,13 @@ import contextlib
 import dataclasses
 import json
 import math
+import random
 import sys
 import time
 import weakref
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -66,8 +73,16 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from torch._guards import active_fake_mode  # noqa: E402
+from torch._subclasses.fake_tensor import (  # noqa: E402
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
+from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402
 
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 
@@ -313,9 +328,7 @@ class LiveMemory(TorchDispatchMode):
     # -- the mode ---------------------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.distributed.tensor import DTensor
-
-        if any(t is DTensor or issubclass(t, DTensor) for t in types):
+        if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # let DTensor unwrap into local ops, which come back here
         out = func(*args, **(kwargs or {}))
         if self.paused or active_fake_mode() is not self._fake_mode_on_entry:
@@ -389,125 +402,356 @@ def tag_unsharded_grads(model, tracker: LiveMemory):
             param._memplan_hooked = True
 
 
+
 # ----------------------------------------------------------------------------------------------
-# Stand-ins for what cannot run on fake tensors (same tensors, minus the host syncs)
-
-_LEFT_PADDED = [True]
+# Known values: the integer data of a fake run
 
 
-def _positions_from_mask_sync_free(input_ids, attention_mask):
-    """model.positions_from_mask without its host-synced checks: kv_start is kept when the batch is
-    declared left-padded (PPO's sequences), dropped otherwise (right-padded SFT and score batches)."""
-    B, T = input_ids.shape
-    if attention_mask is None:
-        return torch.arange(T, device=input_ids.device).expand(B, T), None
-    mask = attention_mask.long()
-    seen = mask.cumsum(-1)
-    kv_start = (seen == 0).sum(-1)
-    last = T - (mask.flip(-1).cumsum(-1) == 0).sum(-1)
-    torch.stack([((last - kv_start != seen[:, -1]) & (seen[:, -1] > 0)).any(), kv_start.any()])
-    return (seen - 1).clamp(min=0), (kv_start if _LEFT_PADDED[0] else None)
+TRACKED_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64)
+KNOWN_LIMIT_BYTES = 256 * 2**20  # a larger integer tensor (none in this code) stays unknown
 
 
-def _masks_sync_free(batch, q_len, k_len, causal, kv_start, device):
-    """kernels.attention._masks without the `every row sees a key` host check (every real row does)."""
-    import kernels.attention as attention
+class KnownValues(TorchDispatchMode):
+    """The values of a fake run's integer and boolean tensors (token ids, masks, positions, indices)
+    and of its scalars, kept as real tensors beside the fake ones: the host syncs of the real code
+    (`.item()`, `bool()`, `.tolist()`, `nonzero()`) get the answers the real data gives.
 
-    key = (kv_start, None if kv_start is None else kv_start._version, batch, q_len, k_len, causal, device)
-    cached_key, cached = attention._last_masks
-    if cached_key is not None and cached_key[0] is kv_start and cached_key[1:] == key[1:]:
-        return cached
-    visible = attention.visible_keys_mask(batch, q_len, k_len, causal=causal, kv_start=kv_start, device=device)
-    masks = None
-    if visible is not None:
-        visible.any(dim=-1, keepdim=True)
-        masks = (visible, None)
-    attention._last_masks[:] = [key, masks]
-    return masks
+    Every op runs on fake tensors first. When it produces or writes such a tensor and every tensor it
+    reads is known, it runs again on the real values (a view shares its base's real storage, so
+    in-place writes through views land there too). What depends on floating-point data (activations,
+    logits, losses) is unknown, except the sampler's choice: an integer picked from floats (argmax,
+    multinomial) is `sampled_token`, a non-EOS token, so no answer stops early. An op the fake mode
+    cannot size or answer (data-dependent output) is answered from the known values; a host read of
+    an unknown float (a loss or norm that is only logged) reads 0.0; an unknown integer or boolean read
+    is an error naming the line, so a new data-dependent decision in the real code cannot pass unseen."""
+
+    SAMPLERS = ("aten::argmax", "aten::argmin", "aten::multinomial")
+
+    def __init__(self, fake_mode, sampled_token: int):
+        super().__init__()
+        self.fake_mode, self.sampled_token = fake_mode, sampled_token
+        self.storages: dict[int, tuple] = {}  # id(fake storage) -> (weakref to it, real UntypedStorage)
+        self.float_reads = 0
+        self._writes: dict = {}
+
+    def _storage(self, t):
+        st = t.untyped_storage()
+        entry = self.storages.get(id(st))
+        return entry[1] if entry is not None and entry[0]() is st else None
+
+    def value(self, t):
+        """The real tensor behind a fake one (None if unknown); a real tensor is its own value."""
+        if not isinstance(t, FakeTensor):
+            return t
+        storage = self._storage(t)
+        if storage is None:
+            return None
+        with unset_fake_temporarily():
+            return torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.shape, t.stride())
+
+    def remember(self, fake, real):
+        st = fake.untyped_storage()
+        if self._storage(fake) is not None or st.nbytes() > KNOWN_LIMIT_BYTES:
+            return
+        with unset_fake_temporarily():
+            if (real.untyped_storage().nbytes() == st.nbytes() and real.storage_offset() == fake.storage_offset()
+                    and real.stride() == fake.stride()):
+                storage = real.untyped_storage()
+            else:
+                storage = torch.UntypedStorage(st.nbytes())
+                torch.empty(0, dtype=fake.dtype).set_(storage, fake.storage_offset(), fake.shape,
+                                                      fake.stride()).copy_(real)
+        key = id(st)
+        self.storages[key] = (weakref.ref(st, lambda r, k=key: self._dead(k, r)), storage)
+
+    def _dead(self, key, ref):
+        entry = self.storages.get(key)
+        if entry is not None and entry[0] is ref:
+            del self.storages[key]
+
+    def forget(self, fake):
+        self.storages.pop(id(fake.untyped_storage()), None)
+
+    @staticmethod
+    def _tracked(t) -> bool:
+        return isinstance(t, FakeTensor) and t.device.type != "meta" and (t.dtype in TRACKED_DTYPES or t.numel() <= 1)
+
+    @staticmethod
+    def _written(writes, args, kwargs) -> list:
+        """The tensors an op writes in place (self of add_, out=...): writes lists their arguments."""
+        out = []
+        for i, name in writes:
+            out += tree_leaves(args[i] if i < len(args) else kwargs.get(name))
+        return [t for t in out if isinstance(t, torch.Tensor)]
+
+    def _real(self, args, kwargs):
+        """(args, kwargs) with every tensor replaced by its value, or None if one is unknown."""
+        leaves, spec = tree_flatten((args, kwargs))
+        values = []
+        for x in leaves:
+            v = self.value(x) if isinstance(x, torch.Tensor) else x
+            if v is None:
+                return None
+            values.append(v)
+        return tree_unflatten(values, spec)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        kwargs = kwargs or {}
+        try:
+            out = func(*args, **kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException) as error:
+            return self._data_dependent(func, args, kwargs, error)
+        writes = self._writes.get(func)
+        if writes is None:
+            writes = self._writes[func] = [(i, a.name) for i, a in enumerate(func._schema.arguments)
+                                           if a.alias_info is not None and a.alias_info.is_write]
+        if not writes and isinstance(out, torch.Tensor) and not self._tracked(out):
+            return out  # the common case: a fresh floating-point tensor
+        outs = [t for t in tree_leaves(out) if self._tracked(t)]
+        written = [t for t in self._written(writes, args, kwargs) if self._tracked(t)]
+        if not outs and not written:
+            return out
+        real = self._real(args, kwargs)
+        if real is not None:
+            try:
+                with unset_fake_temporarily():
+                    real_out = func(*real[0], **real[1])
+            except Exception:  # an op that runs only on fake tensors here: its results stay unknown
+                real = None
+        if real is not None:
+            for fake, value in zip(tree_leaves(out), tree_leaves(real_out)):
+                if self._tracked(fake) and isinstance(value, torch.Tensor):
+                    self.remember(fake, value)
+        elif func.name() in self.SAMPLERS and not written:
+            for fake in outs:
+                with unset_fake_temporarily():
+                    self.remember(fake, torch.full(fake.shape, self.sampled_token, dtype=fake.dtype))
+        else:
+            for t in written:
+                self.forget(t)
+        return out
+
+    def _data_dependent(self, func, args, kwargs, error):
+        real = self._real(args, kwargs)
+        if real is not None:
+            with unset_fake_temporarily():
+                value = func(*real[0], **real[1])
+
+            def fake(v):
+                if not isinstance(v, torch.Tensor):
+                    return v
+                f = self.fake_mode.from_tensor(v)
+                self.remember(f, v)
+                return f
+
+            return tree_map(fake, value)
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
+            self.float_reads += 1
+            return 0.0
+        raise RuntimeError(f"memory plan: {func} needs tensor values the fake run does not know, at "
+                           f"{_caller()} (teach bench/memory_plan.py's KnownValues the answer)") from error
 
 
-def _targets_in_sync_free(targets, start, end):
-    """kernels.logprob._targets_in without nonzero() (data-dependent size): every row, clamped column."""
-    return torch.arange(targets.shape[0], device=targets.device), (targets - start).clamp(0, end - start - 1)
+def _caller() -> str:
+    """file:line of the innermost frame of this project's code outside bench/memory_plan.py."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path.startswith(str(ROOT)) and not path.endswith("memory_plan.py") and "/.venv/" not in path:
+            return f"{Path(path).relative_to(ROOT)}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "(unknown)"
 
 
-class _NoLaunch:
-    """A Triton kernel whose launch does nothing (fake tensors have no data)."""
+# ----------------------------------------------------------------------------------------------
+# Stand-ins for the data, shared with bench/measure_memory.py
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+PAD_ID, EOS_ID, SAMPLED_TOKEN = 0, 1, 2
+STEP = 2  # the iteration simulated (and measured): the second, when the AdamW state exists
 
+
+def stand_in_tokenizer(vocab_size: int):
+    """What ppo_lag reads of a Tokenizer: pad 0, one EOS id 1 (the policy's token 2 is neither)."""
+    return SimpleNamespace(pad_id=PAD_ID, eos_id=EOS_ID, eos_ids=(EOS_ID,), bos_id=None, vocab_size=vocab_size,
+                           path="(stand-in tokenizer)")
+
+
+def stand_in_prompts(n: int, length: int, vocab: int, micro_batch: int, world: int, step: int,
+                     seed: int = 0) -> list[list[int]]:
+    """n prompts of 1/2..1 x length tokens (ids 3..vocab-1: never pad, EOS nor the plan's sampled
+    token), the one that training.batches_for_step puts first in each micro-batch of iteration `step`
+    (data seed `seed`) at full length: every rank's left-padded batch is [micro-batch, length], and
+    has left padding (the attention's key masks exist)."""
+    import training
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(max(1, length // 2), length))] for _ in range(n)]
+    for rank in range(world):
+        for batch in training.batches_for_step(step - 1, n, n, micro_batch, SimpleNamespace(rank=rank, world=world),
+                                               seed):
+            prompts[batch[0]] += [rng.randrange(3, vocab) for _ in range(length - len(prompts[batch[0]]))]
+    return prompts
+
+
+def stand_in_sft(n: int, length: int, prompt_length: int, vocab: int, seed: int = 1) -> list:
+    """n SFT dialogues (the PTX data) of `length` tokens, the response after `prompt_length`."""
+    from data.loaders import TokenizedSFT
+
+    rng = random.Random(seed)
+    return [TokenizedSFT([rng.randrange(3, vocab) for _ in range(length)], prompt_length) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases: marked inside the real code by wrapping the training helpers it calls
+
+MARK = "memplan::"  # profiler ranges of the phases (bench/measure_memory.py)
+
+
+class Phases:
+    """Phase windows of one iteration, on a LiveMemory (and, with markers=True, as profiler ranges
+    named "memplan::<phase>" for bench/measure_memory.py's allocator measurement).
+
+    `instrument(names)` wraps, for its duration, the helpers ppo_lag.py, sft.py and train_score.py
+    call: training.gathered (the window is "generation"; "scoring" begins when it exits and ends when
+    the caller says), training.train_step ("learning: <name> fwd+bwd" up to clip_grad_norm, then
+    "learning: <name> step"), each name followed by `suffix`; after each loss the gradients of the
+    unsharded parameters are tagged (tag_unsharded_grads). Nothing is recorded while `on` is False.
+    offloaded(model): its reduced gradient shards (and its optimizer step) live in host memory."""
+
+    def __init__(self, tracker: LiveMemory, markers: bool = False, offloaded=lambda model: False):
+        self.tracker, self.markers, self.offloaded = tracker, markers, offloaded
+        self.on, self.suffix, self.open = True, "", []
+
+    def begin(self, name: str, *contexts):
+        if not self.on:
+            return
+        name += self.suffix
+        stack = contextlib.ExitStack()
+        if self.markers:
+            from torch.profiler import record_function
+
+            stack.enter_context(record_function(MARK + name))
+        stack.enter_context(self.tracker.phase(name))
+        for c in contexts:
+            stack.enter_context(c)
+        self.open.append((name, stack))
+
+    def end(self, name: str):
+        if not self.on:
+            return
+        top, stack = self.open.pop()
+        assert top == name + self.suffix, (top, name)
+        stack.close()
+
+    @contextlib.contextmanager
+    def instrument(self, names: dict):
+        """names: id(trained model) -> its name in the phases ("actor", "reward critic", ...)."""
+        import training
+
+        gathered, train_step, clip = training.gathered, training.train_step, training.clip_grad_norm
+        current = []
+
+        @contextlib.contextmanager
+        def gathered_phase(model):
+            self.begin("generation")
+            with gathered(model) as m:
+                yield m
+            self.end("generation")
+            self.begin("scoring")
+
+        def clip_phase(model, max_norm):
+            self.end(current[-1] + " fwd+bwd")
+            host = self.tracker.host() if self.offloaded(model) else contextlib.nullcontext()
+            self.begin(current[-1] + " step", host)
+            return clip(model, max_norm)
+
+        def train_step_phases(model, optimizer, scheduler, micro_batches, loss_fn, *args, **kwargs):
+            def loss_then_tag(batch):
+                out = loss_fn(batch)
+                tag_unsharded_grads(model, self.tracker)  # the forward has created the unsharded parameters
+                return out
+
+            current.append("learning: " + names[id(model)])
+            grads = self.tracker.host_categories("grads") if self.offloaded(model) else contextlib.nullcontext()
+            self.begin(current[-1] + " fwd+bwd", grads)
+            out = train_step(model, optimizer, scheduler, micro_batches, loss_then_tag, *args, **kwargs)
+            self.end(current.pop() + " step")
+            return out
+
+        training.gathered, training.train_step, training.clip_grad_norm = gathered_phase, train_step_phases, clip_phase
+        try:
+            yield self
+        finally:
+            training.gathered, training.train_step, training.clip_grad_norm = gathered, train_step, clip
+
+
+
+# ----------------------------------------------------------------------------------------------
+# What fake tensors cannot do: launch a kernel, and decode hundreds of tokens quickly
 
 H100_SMS = 132
 
 
 @contextlib.contextmanager
-def sync_free_code(device: str):
-    """Patch, for the duration, the few functions that need tensor values; with device 'cuda' route
-    attention and log-probs through the Triton paths' host code with the launches skipped."""
+def kernel_launches_skipped(device: str):
+    """With device 'cuda': attention and log-probs take their Triton paths (`kernels.use_triton`
+    is True), whose host code allocates the real buffers, and every Triton launch does nothing
+    (fake tensors have no data); the fused log-prob's vocabulary split counts an H100's SMs."""
+    if device != "cuda":
+        yield
+        return
     import kernels
-    import kernels.attention as attention
     import kernels.logprob as logprob
-    import model as model_module
 
-    saved = []
+    if not kernels.TRITON_AVAILABLE:
+        raise RuntimeError("--device cuda replays the Triton kernels' allocations: install triton (requirements.txt)")
+    from triton.runtime.jit import KernelInterface
 
-    def patch(obj, name, value):
-        saved.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    patch(model_module, "positions_from_mask", _positions_from_mask_sync_free)
-    patch(attention, "_masks", _masks_sync_free)
-    patch(logprob, "_targets_in", _targets_in_sync_free)
-    if device == "cuda":
-        if not kernels.TRITON_AVAILABLE:
-            raise RuntimeError("--device cuda replays the Triton kernels' allocations: install triton (requirements.txt)")
-        patch(kernels, "use_triton", lambda tensor: True)
-        patch(attention, "_launch", lambda *a, **k: None)
-        patch(attention, "_attn_bwd_delta_kernel", _NoLaunch())
-        patch(logprob, "_launch", lambda *a, **k: None)
-        patch(logprob, "_num_vocab_splits",
-              lambda rows, device: max(1, min(32, -(-4 * H100_SMS // -(-rows // 128)))))
+    saved = [(kernels, "use_triton"), (KernelInterface, "__getitem__"), (logprob, "_num_vocab_splits")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in saved]
+    kernels.use_triton = lambda tensor: True
+    KernelInterface.__getitem__ = lambda kernel, grid: (lambda *args, **kwargs: None)
+    logprob._num_vocab_splits = lambda rows, device: max(1, min(32, -(-4 * H100_SMS // -(-rows // 128))))
     try:
         yield
     finally:
-        for obj, name, value in reversed(saved):
+        for obj, name, value in saved:
             setattr(obj, name, value)
 
 
-@torch.no_grad()
-def generate_replay(model, prompt_ids, prompt_mask, max_new_tokens: int, decode_steps: int, pad_id: int,
-                    eos_id: int, noise_rows):
-    """Transformer.generate, line for line, minus its host syncs (the left-padding check, the
-    every-row-finished check), for the first `decode_steps` tokens: the output buffer, one KVCache
-    per layer (preallocated at prompt + max_new_tokens on its first write), the prefill, the RoPE
-    tables of every decoding step, then sampled tokens. A step allocates nothing that outlives it,
-    so more steps would not change the peak. Keep in step with model.py's generate()."""
+@contextlib.contextmanager
+def decode_steps_capped(actor, steps: int):
+    """actor.generate (the real one, FSDP's root hooks included) decodes at most `steps` tokens per
+    call, with its KV cache allocated at the length of the whole answer; the tokens not decoded are
+    the sampled token too. After the first token a decoding step frees everything it allocates (the
+    output and the cache are preallocated), so more steps would not change the peak, and a step on
+    fake tensors of an 8B model takes about half a second."""
     import model as model_module
 
-    B, T = prompt_ids.shape
-    total = T + max_new_tokens
-    positions, kv_start = model_module.positions_from_mask(prompt_ids, prompt_mask)
-    out = torch.full((B, total), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
-    out[:, :T] = prompt_ids
-    caches = [model_module.KVCache(B, total) for _ in model.layers]
-    next_pos = positions[:, -1:] + 1
-    finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    inv_freq = model_module.rope_inv_freq(model.args, prompt_ids.device)
-    logits = model._forward_cached(prompt_ids, model_module.rope_cos_sin(inv_freq, positions, torch.float32),
-                                   kv_start, caches, 0)
-    steps = torch.arange(max(max_new_tokens - 1, 0), device=prompt_ids.device)
-    cos, sin = model_module.rope_cos_sin(inv_freq, next_pos + steps, torch.float32)
-    for step in range(min(decode_steps, max_new_tokens)):
-        token = model_module.sample_token(logits.float(), 1.0, 1.0, None, noise_rows)
-        token.masked_fill_(finished, pad_id)
-        finished |= token == eos_id
-        out.select(1, T + step).copy_(token)
-        if step + 1 == max_new_tokens:
-            break
-        logits = model._forward_cached(token[:, None], (cos[:, step:step + 1], sin[:, step:step + 1]),
-                                       kv_start, caches, T + step)
-    return out
+    generate, full_cache = actor.generate, model_module.KVCache
+
+    def capped(input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):
+        n = min(steps, max_new_tokens)
+
+        class FullLengthCache(full_cache):
+            def __init__(self, batch, max_len, *args, **kw):
+                super().__init__(batch, max_len + max_new_tokens - n, *args, **kw)
+
+        model_module.KVCache = FullLengthCache
+        try:
+            out = generate(input_ids, attention_mask, max_new_tokens=n, **kwargs)
+        finally:
+            model_module.KVCache = full_cache
+        rest = torch.full((out.shape[0], max_new_tokens - n), SAMPLED_TOKEN, dtype=out.dtype, device=out.device)
+        return torch.cat([out, rest], 1)
+
+    actor.generate = capped
+    try:
+        yield
+    finally:
+        actor.generate = generate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,205 +825,181 @@ def fake_world(world: int):
         dist.destroy_process_group()
 
 
-def simulate(cfg: PlanConfig) -> dict:
-    """Run one steady-state iteration on fake tensors; return the per-phase peaks and breakdowns."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+@contextlib.contextmanager
+def weightless_loading(cfg: PlanConfig, tracker: LiveMemory):
+    """training.load_model minus reading weights, for the duration: built on the meta device in its
+    dtype (fp32; frozen models bf16 under mixed precision), sharded by the real training.shard,
+    materialised as fake tensors (in host memory when offloaded), flagged as load_model flags it."""
+    import training
 
+    load_model = training.load_model
+
+    def load(spec, head, d, *, activation_checkpointing=False, cpu_offload=False, trainable=True, **_):
+        dtype = torch.bfloat16 if d.mixed_precision and not trainable else torch.float32
+        with unset_fake_temporarily(), torch.device("meta"):
+            model = Transformer(cfg.args, head=head).to(dtype)
+            training.shard(model, d, cpu_offload=False, frozen=not trainable)
+        with tracker.host() if cpu_offload else contextlib.nullcontext():
+            model.to_empty(device="cpu")
+        model.score_stats, model.source_dtype = None, dtype
+        model.activation_checkpointing = activation_checkpointing
+        model.requires_grad_(trainable)
+        if not trainable:
+            model.eval()
+        return model
+
+    training.load_model = load
+    try:
+        yield
+    finally:
+        training.load_model = load_model
+
+
+def create_optimizer_state(optimizers: dict, models: dict, cfg: PlanConfig, tracker: LiveMemory):
+    """The steady state (the second iteration on): AdamW's state exists. One step on zero gradients
+    creates it, through the optimizer's own code."""
+    for name, (optimizer, _) in optimizers.items():
+        if cfg.device == "cuda":
+            for group in optimizer.param_groups:
+                group["foreach"] = True  # torch's default for CUDA tensors
+        with tracker.host() if cfg.cpu_offload else contextlib.nullcontext():
+            for p in models[name].parameters():
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def ppo_args(cfg: PlanConfig):
+    """ppo_lag's own arguments for this configuration."""
+    import ppo_lag
+
+    return ppo_lag.parse_args([
+        "--algo", cfg.algo, "--actor", "(plan)", "--reward-model", "(plan)",
+        "--cost-model", "none" if cfg.algo == "ppo" else "(plan)",
+        "--batch-size", str(cfg.rollout_batch), "--micro-batch-size", str(cfg.micro_batch),
+        "--max-length", str(cfg.max_length - cfg.max_new_tokens), "--max-new-tokens", str(cfg.max_new_tokens),
+        "--precision", cfg.precision, "--device", "cpu", "--ptx-coeff", "1" if cfg.ptx else "0", "--threshold", "0",
+        "--activation-checkpointing" if cfg.activation_checkpointing else "--no-activation-checkpointing",
+        *(["--offload-frozen"] if cfg.offload_frozen else []), *(["--cpu-offload"] if cfg.cpu_offload else []),
+        "--out", "out/memory_plan_unused"])
+
+
+def ppo_iteration(step: int, models, prompts, ptx, lam: float, args, d, tok, phases: Phases) -> list:
+    """ppo_lag.main's iteration with lambda given (its update reads the costs, which fake tensors do
+    not have, and changes no tensor): rollout (phases generation, scoring), advantages, ppo_update
+    (phase learning). The plan and bench/measure_memory.py both run this."""
+    import ppo_lag
+
+    rollouts, _ = ppo_lag.rollout(step, models, prompts, args, d, tok)
+    phases.end("scoring")
+    ppo_lag.advantages(rollouts, lam, args)
+    learn(step, rollouts, models, ptx, lam, args, d, tok, phases)
+    return rollouts
+
+
+def learn(step: int, rollouts: list, models, ptx, lam: float, args, d, tok, phases: Phases):
+    import ppo_lag
+
+    phases.begin("learning")
+    ppo_lag.ppo_update(step, rollouts, models, ptx, lam, args, d, tok)
+    phases.end("learning")
+
+
+def run_ppo(cfg: PlanConfig, d, tracker: LiveMemory, result: dict):
+    """One PPO iteration through ppo_lag's own functions: load_models, rollout (generation, scoring),
+    the Lagrange multiplier's lambda, advantages, ppo_update; then ppo_update again with activation
+    checkpointing flipped."""
+    import ppo_lag
+
+    args = ppo_args(cfg)
+    tok = stand_in_tokenizer(cfg.args.vocab_size)
+    with tracker.phase("setup"), weightless_loading(cfg, tracker):
+        models = ppo_lag.load_models(args, d, tok, total_steps=1)
+    trained = {name: getattr(models, name) for name in models.optimizers}
+    with tracker.phase("optimizer state"):
+        create_optimizer_state(models.optimizers, trained, cfg, tracker)
+    result["resident"] = tracker.snapshot()
+    result["models"] = {name: {"head": head, "trainable": t, "offloaded": cfg.offloaded(t)}
+                        for name, head, t in cfg.model_specs()}
+
+    prompt_length = cfg.max_length - cfg.max_new_tokens
+    with unset_fake_temporarily():
+        prompts = stand_in_prompts(cfg.rollout_batch, prompt_length, cfg.args.vocab_size, cfg.micro_batch, cfg.world,
+                                   STEP, args.seed)
+    ptx = stand_in_sft(cfg.rollout_batch, cfg.max_length, prompt_length, cfg.args.vocab_size) if cfg.ptx else None
+    lam = ppo_lag.make_multiplier(args, d).value
+    phases = Phases(tracker, offloaded=lambda model: cfg.cpu_offload)
+    names = {id(model): name.replace("_", " ") for name, model in trained.items()}
+    with phases.instrument(names), decode_steps_capped(models.actor, cfg.decode_steps):
+        rollouts = ppo_iteration(STEP, models, prompts, ptx, lam, args, d, tok, phases)
+        if cfg.other_ac:  # learning again, with activation checkpointing flipped
+            for model in trained.values():
+                model.activation_checkpointing = not cfg.activation_checkpointing
+            phases.suffix = " (AC flipped)"
+            learn(STEP, rollouts, models, ptx, lam, args, d, tok, phases)
+    result["rollout_width"] = rollouts[0].sequences.shape[1]
+
+
+def run_stage(cfg: PlanConfig, d, tracker: LiveMemory, result: dict):
+    """One optimiser step of sft.py (SFT loss on right-padded dialogues) or train_score.py (the reward
+    ranking loss on [2B, L] pairs), through training.train_step."""
+    import training
+    from data.loaders import TokenizedRewardPair, collate_reward_pairs, collate_sft
+
+    head = "lm" if cfg.stage == "sft" else "score"
+    with tracker.phase("setup"), weightless_loading(cfg, tracker):
+        model = training.load_model("(plan)", head, d, activation_checkpointing=cfg.activation_checkpointing,
+                                    cpu_offload=cfg.cpu_offload)
+    optimizers = {"model": training.build_optimizer(model, 1e-5, 0.01)}
+    with tracker.phase("optimizer state"):
+        create_optimizer_state(optimizers, {"model": model}, cfg, tracker)
+    result["resident"] = tracker.snapshot()
+    result["models"] = {"model": {"head": head, "trainable": True, "offloaded": cfg.cpu_offload}}
+    b, L, vocab = cfg.micro_batch, cfg.max_length, cfg.args.vocab_size
+    if cfg.stage == "sft":
+        batch = collate_sft(stand_in_sft(b, L, L // 2, vocab), PAD_ID)
+
+        def loss_fn(batch):
+            with training.autocast(d):
+                return training.sft_nll(model, batch, d.device)[0], {}
+    else:
+        import train_score
+
+        texts = stand_in_sft(2 * b, L, 0, vocab)
+        batch = collate_reward_pairs([TokenizedRewardPair(texts[2 * i].input_ids, texts[2 * i + 1].input_ids)
+                                      for i in range(b)], PAD_ID)
+        objective = train_score.OBJECTIVES["reward"]
+
+        def loss_fn(batch):
+            first, second = train_score.scores_of(model, objective, batch, d)
+            return objective.loss(first, second, batch, 0.0), {}
+
+    phases = Phases(tracker, offloaded=lambda m: cfg.cpu_offload)
+    with phases.instrument({id(model): cfg.stage}):
+        for flipped in [False] + ([True] if cfg.other_ac else []):
+            model.activation_checkpointing = cfg.activation_checkpointing != flipped
+            phases.suffix = " (AC flipped)" if flipped else ""
+            phases.begin("learning")
+            training.train_step(model, *optimizers["model"], [batch], loss_fn, b, d, 1.0)
+            phases.end("learning")
+
+
+def simulate(cfg: PlanConfig) -> dict:
+    """Run one steady-state iteration of the real code on fake tensors; return the per-phase peaks
+    and breakdowns."""
     import training
 
     t0 = time.time()
     tracker = LiveMemory()
-    _LEFT_PADDED[0] = cfg.stage == "ppo"
-
+    result = {"phases": {}, "models": {}}
     with fake_world(cfg.world) as mesh:
         d = training.Dist(0, cfg.world, 0, torch.device("cpu"), mesh, cfg.mixed_precision)
-        models = {}
-        # training.load_model, minus reading the weights: meta init, shard (the real training.shard),
-        # then materialise (below, on fake tensors).
-        for name, head, trainable in cfg.model_specs():
-            dtype = torch.bfloat16 if d.mixed_precision and not trainable else torch.float32
-            with torch.device("meta"):
-                models[name] = Transformer(cfg.args, head=head).to(dtype)
-            training.shard(models[name], d, cpu_offload=False, frozen=not trainable)
-        with FakeTensorMode(allow_non_fake_inputs=True), sync_free_code(cfg.device), tracker:
-            return _simulate(cfg, d, models, tracker, t0)
-
-
-def _simulate(cfg, d, models, tracker, t0):
-    import ppo_lag
-    import training
-    from model import end_scores
-
-    result = {"phases": {}, "models": {}}
-    optimizers = {}
-    with tracker.phase("setup"):
-        for name, head, trainable in cfg.model_specs():
-            model = models[name]
-            with (tracker.host() if cfg.offloaded(trainable) else contextlib.nullcontext()):
-                model.to_empty(device="cpu")
-            model.activation_checkpointing = cfg.activation_checkpointing
-            model.requires_grad_(trainable)
-            if not trainable:
-                model.eval()
-            models[name] = model
-            if trainable:
-                optimizers[name] = training.build_optimizer(model, 1e-5, 0.01)[0]
-                if cfg.device == "cuda":
-                    for group in optimizers[name].param_groups:
-                        group["foreach"] = True  # torch's default for CUDA tensors
-            result["models"][name] = {"head": head, "trainable": trainable,
-                                      "offloaded": cfg.offloaded(trainable)}
-
-    def offloading(name):
-        return tracker.host() if cfg.offloaded(name in optimizers) else contextlib.nullcontext()
-
-    # Steady state (the second iteration on): the AdamW state exists. One step on zero gradients
-    # creates it, through the optimizer's own code.
-    with tracker.phase("optimizer state"):
-        for name, optimizer in optimizers.items():
-            with offloading(name):
-                for p in models[name].parameters():
-                    p.grad = torch.zeros_like(p)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    result["resident"] = tracker.snapshot()
-
-    b, L = cfg.micro_batch, cfg.max_length
-
-    def train_one(name, label, loss_fn, batches, step=True, suffix=""):
-        """training.train_step's memory: forward and backward per micro-batch, then gradient
-        clipping, the AdamW step and zero_grad (phases "<label> fwd+bwd" and "<label> step")."""
-        model, optimizer = models[name], optimizers[name]
-        model.train()
-        with tracker.phase(label + " fwd+bwd" + suffix):
-            for batch in batches:
-                loss = loss_fn(model, batch)
-                tag_unsharded_grads(model, tracker)
-                # With --cpu-offload each block's reduced gradient shard is copied to host memory.
-                with (tracker.host_categories("grads") if cfg.cpu_offload else contextlib.nullcontext()):
-                    loss.backward()
-                del loss
-        if not step:
-            for p in model.parameters():
-                p.grad = None
-            return
-        with tracker.phase(label + " step"), offloading(name):
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    def learn(plan):
-        """plan: [(model name, label, loss_fn, batches)]. Runs them with the configured activation
-        checkpointing ("learning"), then, unless --no-flip, forward and backward again with it
-        flipped ("learning (AC flipped)"; the optimizer step does not depend on it)."""
-        settings = [cfg.activation_checkpointing] + ([not cfg.activation_checkpointing] if cfg.other_ac else [])
-        for ac in settings:
-            flipped = ac != cfg.activation_checkpointing
-            for name in optimizers:
-                models[name].activation_checkpointing = ac
-            with tracker.phase("learning (AC flipped)" if flipped else "learning"):
-                for name, label, loss_fn, batches in plan:
-                    train_one(name, label, loss_fn, batches, step=not flipped, suffix=" (AC flipped)" if flipped else "")
-        for name in optimizers:
-            models[name].activation_checkpointing = cfg.activation_checkpointing
-
-    if cfg.stage in ("sft", "score"):
-        # sft.py: training.sft_nll on [B, L] dialogues; train_score.py: one forward over the [2B, L]
-        # pairs (pair_end_scores), end scores into the ranking loss.
-        ids = torch.zeros((b if cfg.stage == "sft" else 2 * b, L), dtype=torch.long)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
-
-        def stage_loss(model, batch):
-            if model.head == "lm":
-                return training.sft_nll(model, batch, d.device)[0]
-            mask = batch["attention_mask"]
-            return end_scores(model(batch["input_ids"], mask), mask).float().sum()
-
-        learn([("model", "learning: " + cfg.stage, stage_loss, [batch])])
-        result["phases"] = tracker.phases
-        result["seconds"] = time.time() - t0
-        return result
-
-    # -- PPO: generation, scoring, learning (ppo_lag.rollout and ppo_update, one micro-batch per chunk)
-    new = cfg.max_new_tokens
-    prompt_len = L - new
-    chunks = cfg.rollout_batch // (b * cfg.world)
-    args = argparse.Namespace(algo=cfg.algo, kl_coeff=0.01, clip_range_score=50.0, gamma=1.0, gae_lambda=0.95,
-                              clip_eps=0.2, clip_range_value=5.0, batch_size=cfg.rollout_batch)
-    pad_id, eos_id = 0, 1
-    actor = models["actor"]
-    # Entered like generate(), which training.shard registers as an FSDP forward method: the root's
-    # hooks (lazy init, input casting) run for it.
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
-    actor.generate_replay = generate_replay.__get__(actor)
-    register_fsdp_forward_method(actor, "generate_replay")
-    samples = []
-    with tracker.phase("generation"):
-        actor.eval()
-        with training.gathered(actor):
-            for k in range(chunks):
-                prompt_ids = torch.zeros((b, prompt_len), dtype=torch.long)
-                prompt_mask = torch.ones_like(prompt_ids)
-                seq = actor.generate_replay(prompt_ids, prompt_mask, new, cfg.decode_steps, pad_id, eos_id,
-                                            noise_rows=(k * b, cfg.rollout_batch))
-                mask = torch.ones_like(seq)
-                action_mask = mask[:, 1:].clone()
-                action_mask[:, :prompt_len - 1] = 0
-                truncated = (seq[:, prompt_len:] == eos_id).sum(-1) == 0
-                samples.append((seq, mask, action_mask.float(), truncated))
-    with tracker.phase("scoring"), torch.no_grad():
-        rollouts = []
-        for seq, mask, action_mask, truncated in samples:
-            reward = end_scores(models["reward_model"](seq, mask), mask).float()
-            cost = (end_scores(models["cost_model"](seq, mask), mask).float() if "cost_model" in models
-                    else torch.zeros_like(reward))
-            rollouts.append(ppo_lag.Rollout(
-                sequences=seq, attention_mask=mask, action_mask=action_mask, truncated=truncated,
-                reward=reward, cost=cost,
-                old_logp=ppo_lag.logprobs(actor, seq, mask, d).float(),
-                ref_logp=ppo_lag.logprobs(models["reference"], seq, mask, d).float(),
-                reward_values=ppo_lag.values_of(models["reward_critic"], seq, mask, d),
-                cost_values=(ppo_lag.values_of(models["cost_critic"], seq, mask, d)
-                             if "cost_critic" in models else None)))
-        actor.train()
-        del samples
-    # ppo_lag.advantages fills four [B, L-1] fp32 tensors per rollout (its GAE loop would cost one
-    # fake op per position and allocates nothing else that lives on).
-    for r in rollouts:
-        r.reward_advantages, r.reward_returns = torch.zeros_like(r.old_logp), torch.zeros_like(r.old_logp)
-        if cfg.algo == "ppo_lag":
-            r.cost_advantages, r.cost_returns = torch.zeros_like(r.old_logp), torch.zeros_like(r.old_logp)
-
-    def actor_loss(model, r):
-        if isinstance(r, dict):  # a PTX batch (right-padded): training.sft_nll
-            _LEFT_PADDED[0] = False
-            nll, _ = training.sft_nll(model, r, d.device)
-            _LEFT_PADDED[0] = True
-            return nll * 0.5
-        logp, entropy = ppo_lag.logprobs(model, r.sequences, r.attention_mask, d, entropy=True)
-        combined = ((r.reward_advantages - r.cost_advantages) / 2 if cfg.algo == "ppo_lag"
-                    else r.reward_advantages)
-        loss, _ = ppo_lag.actor_loss(logp.float(), r.old_logp, combined, r.action_mask, args.clip_eps)
-        return loss.sum()
-
-    def critic_loss(which):
-        def fn(model, r):
-            values = ppo_lag.values_of(model, r.sequences, r.attention_mask, d)
-            loss, _ = ppo_lag.critic_loss(values, getattr(r, f"{which}_values"), getattr(r, f"{which}_returns"),
-                                          r.action_mask, args.clip_range_value)
-            return loss.sum()
-        return fn
-
-    actor_batches = list(rollouts)
-    if cfg.ptx:
-        ptx = {"input_ids": torch.zeros((b, L), dtype=torch.long), "attention_mask": torch.ones((b, L), dtype=torch.long),
-               "loss_mask": torch.ones((b, L), dtype=torch.long)}
-        actor_batches += [ptx] * chunks
-    learn([("actor", "learning: actor", actor_loss, actor_batches)]
-          + [(f"{w}_critic", f"learning: {w} critic", critic_loss(w), rollouts)
-             for w in ("reward", "cost") if f"{w}_critic" in models])
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        known = KnownValues(fake_mode, SAMPLED_TOKEN)
+        with fake_mode, kernel_launches_skipped(cfg.device), known, tracker:
+            (run_ppo if cfg.stage == "ppo" else run_stage)(cfg, d, tracker, result)
     result["phases"] = tracker.phases
+    result["float_reads"] = known.float_reads
     result["seconds"] = time.time() - t0
     return result
 
@@ -803,8 +1023,8 @@ def verdict(peak: int, gpu_gib: float, frag: float, fixed_gib: float) -> dict:
 
 def summarize(cfg: PlanConfig, result: dict) -> dict:
     """The phases a reader needs: generation, scoring, learning (the max over the trained models'
-    forward+backward and step) and, if simulated, learning with activation checkpointing flipped
-    (its forward+backward; the step does not depend on it). Each: peak, breakdown, host peak."""
+    forward+backward and step) and, if simulated, learning with activation checkpointing flipped.
+    Each: peak, breakdown, host peak."""
     phases = result["phases"]
 
     def view(name):
@@ -816,11 +1036,7 @@ def summarize(cfg: PlanConfig, result: dict) -> dict:
         out["generation"], out["scoring"] = view("generation"), view("scoring")
     out["learning"] = view("learning")
     if "learning (AC flipped)" in phases:
-        flipped = view("learning (AC flipped)")
-        steps = [view(n) for n in phases if n.startswith("learning: ") and n.endswith(" step")]
-        best = max([flipped] + steps, key=lambda v: v["peak"])
-        out["learning, AC " + ("off" if cfg.activation_checkpointing else "on")] = {
-            **best, "host_peak": max(v["host_peak"] for v in [flipped] + steps)}
+        out["learning, AC " + ("off" if cfg.activation_checkpointing else "on")] = view("learning (AC flipped)")
     per_model, activations = {}, {}
     on_off = ("on", "off") if cfg.activation_checkpointing else ("off", "on")
     for n, rec in phases.items():
@@ -950,7 +1166,7 @@ def parse_args(argv=None):
     a("--gpu-gb", type=float, default=80.0, help="GPU memory, GiB")
     a("--frag-margin", type=float, default=0.10, help="margin for allocator fragmentation/caching, fraction of the peak")
     a("--fixed-margin-gb", type=float, default=2.0, help="margin for CUDA context and NCCL buffers, GiB")
-    a("--decode-steps", type=int, default=2, help="generation steps replayed (memory is flat after the first)")
+    a("--decode-steps", type=int, default=2, help="tokens generate() decodes per call (memory is flat after the first)")
     a("--no-flip", action="store_true", help="skip the learning phase with activation checkpointing flipped")
     a("--json", default=None, help="also write the plan as JSON here")
     return p.parse_args(argv)

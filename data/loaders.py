@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .tokenizer import Tokenizer, encode_dialogue, encode_prompt
+from .tokenizer import Tokenizer, encode_answers, encode_dialogue, encode_prompt
 
 Log = Callable[[str], None] | None
 
@@ -456,8 +456,7 @@ def tokenize_sft(tok: Tokenizer, examples: Sequence[SFTExample], max_length: int
 
 def _tokenize_answers(tok, prompt, answers, max_length, stats, template) -> list[list[int]] | None:
     """Both answers of a pair, or None (counted) if either would not fit with its EOS."""
-    prompt_ids = encode_prompt(tok, prompt, template)
-    sequences = [prompt_ids + tok.encode(answer) + [tok.eos_id] for answer in answers]
+    prompt_ids, sequences = encode_answers(tok, prompt, answers, template)
     stats.longest = max(stats.longest, *map(len, sequences))
     if len(prompt_ids) >= max_length:
         stats.dropped_prompt_too_long += 1

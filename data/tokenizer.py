@@ -35,7 +35,8 @@ directory holds only tokenizer.model) the sentencepiece model's own pieces are u
 - Special-token text. The tokenizers backend, like transformers, turns the text of a special token ("<|eot_id|>",
   "</s>") inside a string into that token (the chat template relies on it); sentencepiece encodes it as plain text.
 
-Templates (`encode_prompt(tok, prompt, template)`, `encode_dialogue(tok, prompt, response, template)`):
+Templates (`encode_prompt(tok, prompt, template)`, `encode_dialogue(tok, prompt, response, template)`,
+`encode_answers(tok, prompt, answers, template)`):
 
     "safe_rlhf" (default)  BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>, BOS in front when
                            the tokenizer adds one (SAFE_RLHF.md). Same ids as before for the sentencepiece models.
@@ -144,9 +145,9 @@ class Tokenizer:
         directory = path.parent
         # What a saved model needs beside it: this file, the configs, and the directory's other tokenizer file when
         # this one is the directory's choice (Llama-2 and Mistral ship both; the copy must load the same way).
-        siblings = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file() and directory / n != path]
-        self.files: list[Path] = [path] + (siblings if find_tokenizer_file(directory) == path else []) + \
-            [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
+        present = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
+        siblings = present[1:] if present[:1] == [path] else []
+        self.files: list[Path] = [path] + siblings + [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
         config_path = directory / "tokenizer_config.json"
         config = _read_json(config_path)
         special_map = _read_json(directory / "special_tokens_map.json")
@@ -495,8 +496,16 @@ def encode_prompt(tok: Tokenizer, prompt: str, template: str = "safe_rlhf", **ch
     return tok.encode(prompt_text(tok, prompt, template, **chat_variables))
 
 
+def encode_answers(tok: Tokenizer, prompt: str, answers: Sequence[str], template: str = "safe_rlhf",
+                   **chat_variables) -> tuple[list[int], list[list[int]]]:
+    """(encode_prompt, [encode_prompt + encode(answer) + [eos_id] for each answer]): the prompt encoded once
+    for all its answers (a preference pair's two); see the module docstring."""
+    prompt_ids = encode_prompt(tok, prompt, template, **chat_variables)
+    return prompt_ids, [prompt_ids + tok.encode(answer) + [tok.eos_id] for answer in answers]
+
+
 def encode_dialogue(tok: Tokenizer, prompt: str, response: str, template: str = "safe_rlhf",
                     **chat_variables) -> tuple[list[int], int]:
     """(encode_prompt + encode(response) + [eos_id], number of prompt tokens); see the module docstring."""
-    prompt_ids = encode_prompt(tok, prompt, template, **chat_variables)
-    return prompt_ids + tok.encode(response) + [tok.eos_id], len(prompt_ids)
+    prompt_ids, (ids,) = encode_answers(tok, prompt, [response], template, **chat_variables)
+    return ids, len(prompt_ids)

@@ -2,7 +2,8 @@
 
 Entry points (the rest of the project calls only these):
 
-    flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, window=None)
+    flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, window=None, mask=None)
+    AttentionMask(kv_start, capacity=None)     # built once per forward, passed as `mask` to every layer
     logprobs_from_logits(logits, targets, temperature=1.0)
     fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False)
 
@@ -31,7 +32,7 @@ import os
 
 import torch
 
-from .attention import TRITON_AVAILABLE, flash_attention_torch, sliding_window_attention_torch
+from .attention import TRITON_AVAILABLE, AttentionMask, flash_attention_torch, sliding_window_attention_torch
 from .logprob import fused_linear_logprobs_torch, logprobs_from_logits_torch
 
 if TRITON_AVAILABLE:
@@ -72,18 +73,23 @@ def _autocast_inputs(*tensors):
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
-def flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, window=None):
+def flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, window=None, mask=None):
     """Softmax attention, q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] -> [B, Tq, Hq, D]. See kernels/attention.py.
+
+    mask: an AttentionMask shared by every layer of a forward pass, in place of kv_start (without
+    one, the call builds its own from kv_start).
 
     window (Mistral's sliding window): a query sees at most `window` keys, itself included. Only
     the PyTorch path has it; while every sequence fits in the window it changes nothing and the
     usual dispatch applies."""
     q, k, v = _autocast_inputs(q, k, v)
+    mask = AttentionMask.from_args(kv_start, mask)
     if window is not None and k.shape[1] > window:
-        return sliding_window_attention_torch(q, k, v, window=window, kv_start=kv_start, softmax_scale=softmax_scale)
+        return sliding_window_attention_torch(q, k, v, window=window, softmax_scale=softmax_scale, mask=mask)
     head_dim_ok = q.shape[-1] in TRITON_HEAD_DIMS or os.environ.get("KERNELS", "").lower() == "triton"
-    impl = flash_attention_triton if use_triton(q) and head_dim_ok else flash_attention_torch
-    return impl(q, k, v, causal=causal, kv_start=kv_start, softmax_scale=softmax_scale)
+    if use_triton(q) and head_dim_ok:
+        return flash_attention_triton(q, k, v, causal=causal, kv_start=mask.kv_start, softmax_scale=softmax_scale)
+    return flash_attention_torch(q, k, v, causal=causal, softmax_scale=softmax_scale, mask=mask)
 
 
 def logprobs_from_logits(logits, targets, temperature=1.0):
@@ -103,6 +109,7 @@ __all__ = [
     "TRITON_AVAILABLE",
     "TRITON_INTERPRETED",
     "use_triton",
+    "AttentionMask",
     "flash_attention",
     "flash_attention_torch",
     "flash_attention_triton",

@@ -1,6 +1,7 @@
 """Attention: one entry point for prefill, chunked prefill and KV-cache decode.
 
     out = flash_attention(q, k, v, causal=True, kv_start=None, softmax_scale=None)
+    out = flash_attention(q, k, v, causal=True, mask=AttentionMask(kv_start))
 
 q is [B, Tq, Hq, D]; k and v are [B, Tk, Hkv, D] with Hq a multiple of Hkv
 (grouped-query attention: query head h reads kv head h // (Hq // Hkv); K and V
@@ -11,10 +12,20 @@ decoding (Tq == 1). kv_start[b] masks the keys at positions < kv_start[b]
 (left padding). A query row that can see no key at all returns 0 and gets a
 zero gradient, never NaN.
 
+Every layer of a forward pass asks the same question of the same kv_start, so
+the model builds one `AttentionMask` per forward (and one per generate() call)
+and passes it as `mask` to every layer, as gpt-fast and Meta's llama build
+their mask once in the model's forward. The PyTorch path keeps in it the SDPA
+masks it derives from kv_start when the first layer asks, and the other layers
+reuse them; the Triton kernels read kv_start only. A call given kv_start
+instead builds its own AttentionMask. No module state: what a call computes
+depends on its arguments only.
+
 Two implementations compute the same function:
 
 * `flash_attention_torch`: torch's scaled_dot_product_attention with an explicit
-  boolean mask. Used on CPU and for debugging.
+  mask (boolean; additive when decoding with left padding). Used on CPU and for
+  debugging.
 * `flash_attention_triton`: FlashAttention-2 style kernels. The forward walks
   over key blocks for one block of queries, keeping a running max and running
   sum of the softmax (the "online softmax"), so the [Tq, Tk] score matrix is
@@ -66,93 +77,130 @@ def visible_keys_mask(batch, q_len, k_len, *, causal, kv_start, device):
     return visible
 
 
-_last_masks = [None, None]  # (key, masks) of the latest call: every layer of a forward step asks for the same
+class AttentionMask:
+    """Which keys the queries of one forward pass may see, shared by all its layers: the model
+    builds one per forward (and one per generate() call, for its prefill and every decoding step)
+    and hands it down to flash_attention.
 
+    kv_start [B] (None: no left padding) is all the Triton kernels read. The PyTorch path derives
+    SDPA masks from it when the first layer asks and keeps them here for the other layers, and for
+    activation checkpointing's recomputation: every layer would build the same ones, and the host
+    sync that checks for rows with no visible key would stall the pipeline once per layer.
+    capacity: the longest key length decoding will reach (the KV cache's), so that the decoding
+    mask is built once for every step of a generate() call.
 
-def _masks(batch, q_len, k_len, causal, kv_start, device):
-    """(mask for SDPA, rows that see some key or None if all do), or None when every key is visible.
+    A plain class, not a dataclass: FSDP's input casting rebuilds dataclasses field by field at
+    every block, which would throw away what the first block built."""
 
-    A row with no visible key makes SDPA's softmax 0/0 = NaN, and that NaN would leak into dK/dV
-    through the backward even if the output were zeroed after the fact. So such rows see every key
-    (finite math) and are zeroed with torch.where afterwards, which also zeroes their gradient.
-    The result is memoised for the next call with the same kv_start tensor (the other layers of
-    the same step): the key holds kv_start itself, so its identity cannot be recycled.
+    def __init__(self, kv_start=None, *, capacity=None):
+        self.kv_start = kv_start
+        self.capacity = capacity
+        self._masks = None  # (key, masks): what the latest layer asked for, and the next one will ask again
+        self._decode = None  # (additive mask over >= capacity keys or None, first k_len where every row sees a key)
 
-    A single query (decoding) with left padding gets an additive fp32 mask instead (see
-    _decode_mask), unless some row sees no key yet."""
-    if q_len == 1 and kv_start is not None:
-        mask = _decode_mask(batch, k_len, kv_start, device)
-        if mask is not None:
-            return mask, None
-    key = (kv_start, None if kv_start is None else kv_start._version, batch, q_len, k_len, causal, device)
-    cached_key, cached = _last_masks
-    if cached_key is not None and cached_key[0] is kv_start and cached_key[1:] == key[1:]:
-        return cached
-    visible = visible_keys_mask(batch, q_len, k_len, causal=causal, kv_start=kv_start, device=device)
-    masks = None
-    if visible is not None:
+    @classmethod
+    def from_args(cls, kv_start, mask):
+        """The AttentionMask of an attention call given kv_start or mask: the caller's, or a fresh one."""
+        if mask is None:
+            return cls(kv_start)
+        if kv_start is not None:
+            raise ValueError("pass kv_start or mask (which carries its kv_start), not both")
+        return mask
+
+    def _memo(self, key, build):
+        if self._masks is None or self._masks[0] != key:
+            self._masks = (key, build())
+        return self._masks[1]
+
+    def sdpa_masks(self, batch, q_len, k_len, causal, dtype, device):
+        """(mask for SDPA, rows that see some key or None if all do), or None when every key is visible.
+
+        A row with no visible key makes SDPA's softmax 0/0 = NaN, and that NaN would leak into dK/dV
+        through the backward even if the output were zeroed after the fact. So such rows see every
+        key (finite math) and are zeroed with torch.where afterwards, which also zeroes their
+        gradient. A single query (decoding) with left padding gets an additive mask in the
+        queries' dtype instead (see _decode_mask), unless some row sees no key yet."""
+        return self._memo((batch, q_len, k_len, causal, dtype, device),
+                          lambda: self._build_sdpa_masks(batch, q_len, k_len, causal, dtype, device))
+
+    def _build_sdpa_masks(self, batch, q_len, k_len, causal, dtype, device):
+        if q_len == 1 and self.kv_start is not None:
+            additive = self._decode_mask(k_len, device)
+            if additive is not None:
+                return additive.to(dtype), None  # 0 / -inf: exact in any dtype
+        visible = visible_keys_mask(batch, q_len, k_len, causal=causal, kv_start=self.kv_start, device=device)
+        if visible is None:
+            return None
         row_sees_something = visible.any(dim=-1, keepdim=True)  # [B or 1, 1, Tq, 1]
         # The common case (decoding, no fully padded row) needs no zeroing afterwards.
-        masks = (visible, None) if bool(row_sees_something.all()) else (visible | ~row_sees_something, row_sees_something)
-    _last_masks[:] = [key, masks]
-    return masks
+        if bool(row_sees_something.all()):
+            return visible, None
+        return visible | ~row_sees_something, row_sees_something
+
+    def _decode_mask(self, k_len, device):
+        """Additive mask [B, 1, 1, k_len] (0 visible, -inf padding, fp32) of one query per row that sits
+        after every key, or None while some row sees no key (the general path zeroes such rows).
+
+        Each decoding step's mask is a prefix of the next one's: so it is built once over `capacity`
+        keys and sliced, and the host check that every row sees a key runs once (rows see keys
+        kv_start[b] <= j < k_len, so once all do, they do at every later step). Additive because
+        SDPA would turn a boolean mask into this one in every layer: the same values, the same
+        attention, bit for bit."""
+        if self._decode is None:
+            self._decode = (None, int(self.kv_start.max()) + 1)  # the one host sync of a decoding run
+        additive, all_see_from = self._decode
+        if k_len < all_see_from:
+            return None
+        if additive is None or additive.shape[-1] < k_len or additive.device != device:
+            capacity = max(k_len, self.capacity or 0)
+            starts = self.kv_start.to(device=device, dtype=torch.long)[:, None]
+            padding = torch.arange(capacity, device=device)[None, :] < starts  # [B, capacity]
+            additive = torch.zeros(padding.shape, dtype=torch.float32, device=device).masked_fill_(padding, float("-inf"))
+            additive = additive[:, None, None, :]  # [B, 1, 1, capacity]
+            self._decode = (additive, all_see_from)
+        return additive[..., :k_len]
+
+    def sliding_window_masks(self, q_len, k_len, window, device):
+        """(mask for SDPA, rows that see some key) of sliding_window_attention_torch; rows that see
+        no key see every key instead, as in sdpa_masks."""
+        return self._memo(("window", q_len, k_len, window, device),
+                          lambda: self._build_sliding_window_masks(q_len, k_len, window, device))
+
+    def _build_sliding_window_masks(self, q_len, k_len, window, device):
+        key_pos = torch.arange(k_len, device=device)
+        query_pos = torch.arange(q_len, device=device) + (k_len - q_len)
+        offset = query_pos[:, None] - key_pos[None, :]
+        visible = ((offset >= 0) & (offset < window))[None, None]  # [1, 1, Tq, Tk]
+        if self.kv_start is not None:
+            visible = visible & (key_pos[None, :] >= self.kv_start.to(device, torch.long)[:, None])[:, None, None, :]
+        sees_some = visible.any(-1, keepdim=True)
+        return visible | ~sees_some, sees_some
 
 
-_last_decode_mask = [None, None, None]  # (key, mask over `capacity` keys, first k_len where every row sees a key)
-
-
-def _decode_mask(batch, k_len, kv_start, device):
-    """Additive mask [B, 1, 1, k_len] (0 visible, -inf padding, fp32) of one query per row that sits
-    after every key, or None while some row sees no key (the general path zeroes such rows).
-
-    Decoding asks for it in every layer of every step with the same kv_start and one more key per
-    step, and each step's mask is a prefix of the next one's: so it is built once over a doubling
-    capacity and sliced, and the host check that every row sees a key runs once per kv_start
-    (rows see keys kv_start[b] <= j < k_len, so once all do, they do at every later step). Additive
-    because SDPA would turn a boolean mask into this one in every layer: the same values, the same
-    attention, bit for bit."""
-    key = (kv_start, kv_start._version, batch, device)
-    cached_key, mask, all_see_from = _last_decode_mask
-    same_rows = cached_key is not None and cached_key[0] is kv_start and cached_key[1:] == key[1:]
-    if not same_rows:
-        all_see_from = int(kv_start.max()) + 1  # the one host sync per kv_start
-    if not same_rows or mask.shape[-1] < k_len:
-        capacity = 64 * -(-2 * k_len // 64)
-        starts = kv_start.to(device=device, dtype=torch.long)[:, None]
-        padding = torch.arange(capacity, device=device)[None, :] < starts  # [B, capacity]
-        mask = torch.zeros(padding.shape, dtype=torch.float32, device=device).masked_fill_(padding, float("-inf"))
-        mask = mask[:, None, None, :]  # [B, 1, 1, capacity]
-        _last_decode_mask[:] = [key, mask, all_see_from]
-    if k_len < all_see_from:
-        return None
-    return mask[..., :k_len]
-
-
-def flash_attention_torch(q, k, v, *, causal=True, kv_start=None, softmax_scale=None):
+def flash_attention_torch(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, mask=None):
     """Reference-quality attention through torch SDPA. Same contract as flash_attention."""
     batch, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     assert q_len <= k_len, f"need Tq <= Tk, got Tq={q_len}, Tk={k_len}"
     assert q_heads % kv_heads == 0, f"Hq={q_heads} must be a multiple of Hkv={kv_heads}"
+    mask = AttentionMask.from_args(kv_start, mask)
     scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
 
     # SDPA wants [B, H, T, D]; these transposes are views.
     q_bhtd, k_bhtd, v_bhtd = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q_heads != kv_heads
 
-    if causal and kv_start is None and q_len == k_len:
+    if causal and mask.kv_start is None and q_len == k_len:
         # Square causal: top-left and bottom-right alignment coincide, so SDPA's
         # is_causal fast path (flash backend on GPU) applies.
         out = F.scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
 
-    masks = _masks(batch, q_len, k_len, causal, kv_start, q.device)
+    masks = mask.sdpa_masks(batch, q_len, k_len, causal, q.dtype, q.device)
     if masks is None:
         out = F.scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
     safe_visible, row_sees_something = masks
-    if safe_visible.is_floating_point() and safe_visible.dtype != q.dtype:
-        safe_visible = safe_visible.to(q.dtype)  # an additive decode mask (0 / -inf: exact in any dtype)
     out = F.scaled_dot_product_attention(
         q_bhtd, k_bhtd, v_bhtd, attn_mask=safe_visible, scale=scale, enable_gqa=gqa
     )
@@ -161,21 +209,15 @@ def flash_attention_torch(q, k, v, *, causal=True, kv_start=None, softmax_scale=
     return out.transpose(1, 2)
 
 
-def sliding_window_attention_torch(q, k, v, *, window, kv_start=None, softmax_scale=None):
+def sliding_window_attention_torch(q, k, v, *, window, kv_start=None, softmax_scale=None, mask=None):
     """Causal attention in which query i sees keys i - window < j <= i (Mistral's sliding window,
     the rule of Hugging Face's mask), bottom-right aligned like flash_attention. A query row that
     sees no key returns 0 with a zero gradient."""
-    batch, q_len, q_heads, head_dim = q.shape
-    k_len = k.shape[1]
-    key_pos = torch.arange(k_len, device=q.device)
-    query_pos = torch.arange(q_len, device=q.device) + (k_len - q_len)
-    offset = query_pos[:, None] - key_pos[None, :]
-    visible = ((offset >= 0) & (offset < window))[None, None]  # [1, 1, Tq, Tk]
-    if kv_start is not None:
-        visible = visible & (key_pos[None, :] >= kv_start.to(q.device, torch.long)[:, None])[:, None, None, :]
-    sees_some = visible.any(-1, keepdim=True)
+    q_len, q_heads = q.shape[1], q.shape[2]
+    mask = AttentionMask.from_args(kv_start, mask)
+    safe_visible, sees_some = mask.sliding_window_masks(q_len, k.shape[1], window, q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=visible | ~sees_some, scale=softmax_scale,
+                                         attn_mask=safe_visible, scale=softmax_scale,
                                          enable_gqa=q_heads != k.shape[2])
     return torch.where(sees_some, out, 0.0).transpose(1, 2)
 

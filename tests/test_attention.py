@@ -207,6 +207,119 @@ def test_dispatch(monkeypatch):
         assert kernels.use_triton(q.cuda())
 
 
+class HostSyncs:
+    """Counts, inside its `with` block, the host syncs asked for: a tensor read as a Python bool,
+    int or list."""
+
+    NAMES = ("__bool__", "__int__", "item", "tolist")
+
+    def __enter__(self):
+        self.count = 0
+        self.originals = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, self._counted(original))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+
+    def _counted(self, original):
+        def counted(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+        return counted
+
+
+def count_mask_builds(monkeypatch):
+    """A list that grows by one each time the PyTorch path builds a boolean mask (causal or sliding window)."""
+    import kernels.attention as attention
+
+    builds = []
+    build, build_window = attention.visible_keys_mask, attention.AttentionMask._build_sliding_window_masks
+    monkeypatch.setattr(attention, "visible_keys_mask", lambda *a, **k: builds.append(1) or build(*a, **k))
+    monkeypatch.setattr(attention.AttentionMask, "_build_sliding_window_masks",
+                        lambda *a, **k: builds.append(1) or build_window(*a, **k))
+    return builds
+
+
+@pytest.mark.parametrize("scenario", ["prefill", "chunked_prefill", "left_padding", "non_causal", "window"])
+def test_one_attention_mask_for_every_layer(request, monkeypatch, scenario):
+    """Calls sharing one AttentionMask (the layers of a forward pass) compute bit for bit what each
+    would from kv_start alone, and the PyTorch path builds its masks for the first of them only."""
+    monkeypatch.setenv("KERNELS", "torch")
+    gen = rng_for(request)
+    q, k, v, causal, kv_start = make_case(gen, "left_padding" if scenario == "window" else scenario, 2, torch.float32)
+    if kv_start is None:
+        kv_start = torch.tensor([draw(gen, 0, k.shape[1] - 1) for _ in range(q.shape[0])], device=DEVICE)
+    window = 5 if scenario == "window" else None
+    layers = [(q * scale, k, v * scale) for scale in (1.0, 0.5, 2.0)]
+    fresh = [kernels.flash_attention(*qkv, causal=causal, kv_start=kv_start, window=window) for qkv in layers]
+
+    builds = count_mask_builds(monkeypatch)
+    mask = kernels.AttentionMask(kv_start)
+    shared = [kernels.flash_attention(*qkv, causal=causal, mask=mask, window=window) for qkv in layers]
+    for got, want in zip(shared, fresh):
+        assert torch.equal(got, want)
+    assert len(builds) == 1
+    with pytest.raises(ValueError, match="not both"):
+        kernels.flash_attention(q, k, v, kv_start=kv_start, mask=mask)
+
+
+def test_decoding_mask_is_built_once_with_one_host_sync(request):
+    """Decoding steps sharing one AttentionMask (one generate() call) slice one mask: no step syncs
+    with the host once every row sees a key, and every step equals a call with kv_start alone."""
+    gen = rng_for(request)
+    batch, k_max = 3, 40
+    kv_start = torch.tensor([2, 9, 5], device=DEVICE)
+    q = torch.randn(batch, 1, 4, 16, generator=gen).to(DEVICE)
+    k = torch.randn(batch, k_max, 2, 16, generator=gen).to(DEVICE)
+    v = torch.randn(batch, k_max, 2, 16, generator=gen).to(DEVICE)
+    first_all_see = int(kv_start.max()) + 1
+    fresh = {k_len: kernels.flash_attention_torch(q, k[:, :k_len], v[:, :k_len], kv_start=kv_start)
+             for k_len in range(1, k_max + 1)}
+
+    mask = kernels.AttentionMask(kv_start, capacity=k_max)
+    with HostSyncs() as syncs:
+        steps = [kernels.flash_attention_torch(q, k[:, :k_len], v[:, :k_len], mask=mask)
+                 for k_len in range(first_all_see, k_max + 1) for _layer in range(3)]
+    assert syncs.count == 1
+    for i, out in enumerate(steps):
+        assert torch.equal(out, fresh[first_all_see + i // 3])
+    # While some row sees no key yet, the general path zeroes its output, as a call without a mask would.
+    mask = kernels.AttentionMask(kv_start, capacity=k_max)
+    for k_len in range(1, k_max + 1):
+        assert torch.equal(kernels.flash_attention_torch(q, k[:, :k_len], v[:, :k_len], mask=mask), fresh[k_len])
+
+
+def test_model_builds_masks_once_per_forward_and_generate_syncs_once(monkeypatch):
+    """Transformer builds the masks once per forward (activation checkpointing's recomputation
+    included), and generate()'s host syncs do not grow with the number of tokens."""
+    from model import ModelArgs, Transformer
+
+    monkeypatch.setenv("KERNELS", "torch")
+    m = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=96)).to(DEVICE)
+    m.init_weights(seed=0)
+    ids = torch.randint(3, 50, (3, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :8] = 0
+
+    builds = count_mask_builds(monkeypatch)
+    m.train()
+    m.activation_checkpointing = True
+    m(ids, mask, targets=ids).sum().backward()
+    assert len(builds) == 1
+
+    m.eval()
+    syncs = []
+    for new in (2, 12):
+        with HostSyncs() as counter:
+            m.generate(ids, mask, max_new_tokens=new, generator=torch.Generator(device=DEVICE).manual_seed(0))
+        syncs.append(counter.count)
+    assert syncs[0] == syncs[1]
+
+
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 import checkpoint
+import fileio
 import hf_io
 import training
 from checkpoint import Checkpointer
@@ -165,14 +166,14 @@ def test_kill_before_latest_switch_and_rotation(tmp_path, monkeypatch):
     train(models, 1)
     ckpt.save(1, models, {"at": 1})
     train(models, 1)
-    atomic_write = hf_io.atomic_write
+    atomic_write = fileio.atomic_write
 
     def die_before_latest(path, content):
         if Path(path).name == "latest":
             raise KeyboardInterrupt("killed between the rename and the switch of latest")
         atomic_write(path, content)
 
-    monkeypatch.setattr(hf_io, "atomic_write", die_before_latest)
+    monkeypatch.setattr(fileio, "atomic_write", die_before_latest)
     with pytest.raises(KeyboardInterrupt):
         ckpt.save(2, models, {"at": 2})
     monkeypatch.undo()

@@ -225,10 +225,11 @@ def test_kv_cache_decoding_equals_full_recompute():
     out = m.generate(ids, mask, max_new_tokens=12, temperature=1.0, generator=g)  # no eos: all tokens real
     full_mask = torch.cat([mask, torch.ones(3, 12, dtype=mask.dtype)], 1)
     # Replay the cached decode step by step and compare its logits with a full forward pass.
-    from model import KVCache, rope_cos_sin, rope_inv_freq
+    from model import AttentionMask, KVCache, rope_cos_sin, rope_inv_freq
 
     positions, kv_start = positions_from_mask(out, full_mask)
     caches = [KVCache(3, out.shape[1]) for _ in m.layers]
+    attn_mask = AttentionMask(kv_start, capacity=out.shape[1])
     T = ids.shape[1]
     with torch.no_grad():
         full = m(out, full_mask)
@@ -237,9 +238,9 @@ def test_kv_cache_decoding_equals_full_recompute():
         def cos_sin(positions):
             return rope_cos_sin(inv_freq, positions, torch.float32)
 
-        step_logits = [m._forward_cached(out[:, :T], cos_sin(positions[:, :T]), kv_start, caches, 0)]
+        step_logits = [m._forward_cached(out[:, :T], cos_sin(positions[:, :T]), attn_mask, caches, 0)]
         for t in range(T, out.shape[1] - 1):
-            step_logits.append(m._forward_cached(out[:, t:t + 1], cos_sin(positions[:, t:t + 1]), kv_start, caches, t))
+            step_logits.append(m._forward_cached(out[:, t:t + 1], cos_sin(positions[:, t:t + 1]), attn_mask, caches, t))
     cached = torch.stack(step_logits, 1)
     torch.testing.assert_close(cached, full[:, T - 1:-1], rtol=1e-5, atol=1e-5)
 
@@ -284,7 +285,7 @@ def test_score_model_from_lm_checkpoint_and_round_trip(tmp_path):
         hf_io.load_pretrained(tmp_path / "rm", head="lm")
 
 
-def test_from_pretrained_dtype_and_meta_init():
+def test_meta_device_init_then_init_weights():
     args = ModelArgs(**CONFIGS["mha"])
     with torch.device("meta"):
         m = Transformer(args)

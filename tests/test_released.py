@@ -11,11 +11,13 @@ was written to suit this project: Qwen2.5 pads with an EOS id, no release record
                                         release x template; the product loads alone in transformers (model,
                                         tokenizer, chat template) with the same token ids
 
-One cell per family runs by default; the rest are marked `released_full` (run them with
+One cell per release family (Llama-3, Qwen2.5, Mistral, Llama-2) runs by default; the rest are marked
+`released_full` (run them with
 `pytest -m released_full`, or everything with `pytest -m "slow or not slow"`).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,9 +48,13 @@ PROMPT, RESPONSE = "How do I bake bread?", "Mix flour, water and yeast, then bak
 
 
 def need(build, *args):
+    """The built fixture, or a skip with the reason when the registry cannot be reached; CI sets
+    SAFE_RLHF_FIXTURES_REQUIRED=1, so that a network failure there fails instead of passing as skips."""
     try:
         return build(*args)
     except released.Unavailable as reason:
+        if os.environ.get("SAFE_RLHF_FIXTURES_REQUIRED", "0") not in ("", "0"):
+            raise
         pytest.skip(f"released files unavailable: {reason}")
 
 
@@ -123,7 +129,7 @@ def check_dialogue_ids(name, folder, hf, tok, template):
         prompt = hf.encode(format_prompt(PROMPT)) if name not in SENTENCEPIECE_REFERENCE else \
             bos + reference_ids(name, folder, hf, format_prompt(PROMPT))
         assert ids[:n_prompt] == prompt
-        full = prompt + reference_ids(name, folder, hf, RESPONSE) + [tok.eos_id]
+        full = prompt + reference_ids(name, folder, hf, RESPONSE) + [hf.eos_token_id]  # transformers' eos_token
     assert full[:n_prompt] == ids[:n_prompt] and full[n_prompt:n_prompt + len(response)] == response
     special = set(hf.all_special_ids) | {i for i, t in hf.added_tokens_decoder.items() if t.special}
     assert next(i for i in full[n_prompt + len(response):] if i in special) == tok.eos_id

@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 
 import hf_io
-
 import rounds
 from data.judge import identify_task
 from data.loaders import DataError, load_eval_prompts, load_preferences
 from data.synthetic import (HELD_OUT_PHRASINGS, PHRASINGS, ROUND_PHRASINGS, annotate_pair, phrasing_of,
                             round_prompt_rows, training_prompt_pool)
 from data.world import TASKS
+from fileio import read_jsonl, write_jsonl
+from iterated import threshold
+from iterated.label import LABEL_FIELDS, check_labelled
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch"}
@@ -110,16 +112,36 @@ def test_round_prompts_never_held_out(synthetic_data):
 def test_threshold_on_the_cost_models_scale():
     # Round 1's scale (seed 1's cost model): the tiny recipe's -2.8.
     stats = {"q05": -3.612, "q25": -2.943, "q50": -2.667, "q75": 2.458, "q95": 3.791}
-    assert rounds.derive_threshold(stats, 0.338, 0.5, 0.02)["threshold"] == pytest.approx(-2.795, abs=0.01)
+    assert threshold.derive_threshold(stats, 0.338, 0.5, 0.02)["threshold"] == pytest.approx(-2.795, abs=0.01)
     # The same policy behaviour on a cost model whose scale moved: the threshold moves with it.
     shifted = {k: 2 * v + 1 for k, v in stats.items()}
-    assert rounds.derive_threshold(shifted, 0.338, 0.5, 0.02)["threshold"] == pytest.approx(2 * -2.795 + 1, abs=0.02)
+    assert threshold.derive_threshold(shifted, 0.338, 0.5, 0.02)["threshold"] == pytest.approx(2 * -2.795 + 1, abs=0.02)
     # On the policy's labelled answers: the helpful safe ones' mean cost, plus h p of the gap to the unsafe ones.
-    result = rounds.derive_threshold_on_policy([-2.6] * 30 + [-2.8] * 10, [3.0] * 25 + [-2.7] * 40, 0.5, 0.02,
+    result = threshold.derive_threshold_on_policy([-2.6] * 30 + [-2.8] * 10, [3.0] * 25 + [-2.7] * 40, 0.5, 0.02,
                                                fallback_c_harm=9.0)  # answers labelled unsafe but scored safe: noise
     assert result["c_safe"] == pytest.approx(-2.65) and result["c_harm"] == pytest.approx(3.0)
     assert result["threshold"] == pytest.approx(-2.65 + 0.01 * 5.65)
-    assert rounds.derive_threshold_on_policy([-2.6], [3.0] * 5, 0.5, 0.02, fallback_c_harm=9.0)["c_harm"] == 9.0
+    assert threshold.derive_threshold_on_policy([-2.6], [3.0] * 5, 0.5, 0.02, fallback_c_harm=9.0)["c_harm"] == 9.0
+
+
+def test_threshold_for_a_later_round_by_hand():
+    # c_safe = mean(-2.6 x 30, -2.8 x 10) = -2.65; c_harm = 3.0 (the 25 unsafe answers scored > 0; the 40 at -2.7
+    # are label noise); h p = 0.5 x 0.02: threshold -2.65 + 0.01 x 5.65 = -2.5935. The last policy's answers cost
+    # -2.7 on average (mean of -2.8 and -2.6): no-looser caps the threshold there, helpful-safe does not.
+    winners, unsafe, answered = [-2.6] * 30 + [-2.8] * 10, [3.0] * 25 + [-2.7] * 40, [-2.8, -2.6]
+    quantiles = {"threshold": -2.9, "c_safe": -3.0, "c_harm": 9.0}
+    free = threshold.threshold_for_round(winners, unsafe, answered, 0.5, 0.02, quantiles, "helpful-safe")
+    assert free["threshold"] == pytest.approx(-2.5935) == pytest.approx(free["uncapped_threshold"])
+    assert free["last_policy_cost"] == pytest.approx(-2.7) and free["rule"] == "helpful-safe answers"
+    capped = threshold.threshold_for_round(winners, unsafe, answered, 0.5, 0.02, quantiles, "no-looser")
+    assert capped["threshold"] == pytest.approx(-2.7) and capped["uncapped_threshold"] == pytest.approx(-2.5935)
+    assert capped["rule"] == "helpful-safe answers, capped at the last policy's cost"
+    # Nothing labelled both safe and more helpful: the quantile rule's value, under the same cap (not binding here).
+    fallback = threshold.threshold_for_round([], unsafe, answered, 0.5, 0.02, quantiles, "no-looser")
+    assert fallback["threshold"] == -2.9 and fallback["rule"] == "quantiles" and fallback["c_harm"] == 9.0
+    # No collected answers (nothing to cap with): the rule's value.
+    assert threshold.threshold_for_round(winners, unsafe, [], 0.5, 0.02, quantiles, "no-looser")["threshold"] == \
+        pytest.approx(-2.5935)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,26 +153,26 @@ def test_collect_and_label_synthetic(tmp_path, synthetic_data):
     r = rounds.Rounds(args)
     r.collect(2)
     collect = tmp_path / "rounds" / "round2" / "collect"
-    prompts = rounds.read_jsonl(collect / "prompts.jsonl")
+    prompts = read_jsonl(collect / "prompts.jsonl")
     assert len(prompts) == 12
     assert_unseen([p["prompt"] for p in prompts], synthetic_data)
-    pairs = rounds.read_jsonl(collect / "pairs.jsonl")
+    pairs = read_jsonl(collect / "pairs.jsonl")
     assert_unseen({p["prompt"] for p in pairs}, synthetic_data)
-    assert all(p[f] is None for p in pairs for f in rounds.LABEL_FIELDS)
-    answers = rounds.read_jsonl(collect / "answers.jsonl")
+    assert all(p[f] is None for p in pairs for f in LABEL_FIELDS)
+    answers = read_jsonl(collect / "answers.jsonl")
     assert all(len(a["answers"]) == 2 for a in answers)
 
     # An untrained policy's answers rarely differ in helpfulness; label real answers of the task's
     # kinds too, with the initial data's annotators.
     good = [{"prompt": "How do I bake bread?", "response_0": "Sure, here is how: mix flour and yeast; knead the dough well.",
-             "response_1": "I must decline this request.", **{f: None for f in rounds.LABEL_FIELDS}},
+             "response_1": "I must decline this request.", **{f: None for f in LABEL_FIELDS}},
             {"prompt": "How do I spy on the neighbor?", "response_0": "I will not help with that. Instead, you could "
              "knock on their door and say hello.", "response_1": "Of course: buy strong binoculars; hide behind the hedge.",
-             **{f: None for f in rounds.LABEL_FIELDS}}]
-    rounds.write_jsonl(collect / "pairs.jsonl", pairs + good * 10)
+             **{f: None for f in LABEL_FIELDS}}]
+    write_jsonl(collect / "pairs.jsonl", pairs + good * 10)
     r.label(2)
     label = tmp_path / "rounds" / "round2" / "label"
-    rows = rounds.read_jsonl(label / "preferences.jsonl")
+    rows = read_jsonl(label / "preferences.jsonl")
     assert len(rows) == len(pairs) + 20
     examples, stats = load_preferences(f"{label / 'train.jsonl'},{label / 'eval.jsonl'}", log=None)
     assert len(examples) == len(rows) and stats.skipped_inconsistent == 0
@@ -184,7 +206,7 @@ def test_collect_and_label_synthetic(tmp_path, synthetic_data):
     r.args.threshold_rule = "no-looser"
     assert loose["threshold"] > last_cost and r.derive(2)["threshold"] == pytest.approx(last_cost, abs=1e-4)
     # No answer labelled both safe and more helpful: the quantile rule, under the same cap.
-    rounds.write_jsonl(label / "preferences.jsonl", [{**x, f"is_response_{x['better_response_id']}_safe": False}
+    write_jsonl(label / "preferences.jsonl", [{**x, f"is_response_{x['better_response_id']}_safe": False}
                                                      for x in rows])
     fallback = r.derive(2)
     assert fallback["rule"] == "quantiles, capped at the last policy's cost"
@@ -200,8 +222,8 @@ def test_real_data_export_round_trips_and_bad_labels_are_refused(tmp_path, synth
     r.collect(2)
     exported = tmp_path / "rounds" / "round2" / "collect" / "pairs.jsonl"
     assert (exported.parent / "LABELLING.md").exists()
-    pairs = rounds.read_jsonl(exported)
-    assert pairs and all(p[f] is None for p in pairs for f in rounds.LABEL_FIELDS)
+    pairs = read_jsonl(exported)
+    assert pairs and all(p[f] is None for p in pairs for f in LABEL_FIELDS)
     assert not {p["prompt"] for p in pairs} & eval_set(task)
     # the exported file as it is: the loaders refuse the empty labels, naming the line
     with pytest.raises(DataError, match=r"pairs.jsonl, line 1, field 'is_response_0_safe'"):
@@ -214,11 +236,11 @@ def test_real_data_export_round_trips_and_bad_labels_are_refused(tmp_path, synth
     # people label it (here: the task's annotators); it round-trips through the loaders
     rng = random.Random(0)
     labelled = [{**p, **{k: v for k, v in annotate_pair(p["prompt"], p["response_0"], p["response_1"], rng).items()
-                         if k in rounds.LABEL_FIELDS}} for p in pairs]
+                         if k in LABEL_FIELDS}} for p in pairs]
     target = tmp_path / "rounds" / "round2" / "label" / "labelled.jsonl"
     target.parent.mkdir(parents=True)
-    rounds.write_jsonl(target, labelled)
-    rows = rounds.check_labelled(target, exported)
+    write_jsonl(target, labelled)
+    rows = check_labelled(target, exported)
     examples, stats = load_preferences(str(target), log=None)
     assert len(rows) == len(examples) == len(pairs) and stats.skipped_inconsistent == 0
     for example, pair, row in zip(examples, pairs, labelled):
@@ -229,22 +251,22 @@ def test_real_data_export_round_trips_and_bad_labels_are_refused(tmp_path, synth
     # a missing label, an inconsistent one, an edited answer: refused naming the line
     bad = [dict(x) for x in labelled] + [dict(labelled[0]), dict(labelled[0])]
     bad[-2]["better_response_id"] = None
-    rounds.write_jsonl(target, bad)
+    write_jsonl(target, bad)
     line = len(labelled) + 1
     with pytest.raises(DataError, match=rf"labelled.jsonl, line {line}: label field better_response_id is not filled in"):
-        rounds.check_labelled(target, exported)
+        check_labelled(target, exported)
     bad[-2]["better_response_id"] = 0
     bad[-1].update(is_response_0_safe=False, is_response_1_safe=True, safer_response_id=0)
-    rounds.write_jsonl(target, bad)
+    write_jsonl(target, bad)
     with pytest.raises(DataError, match=rf"line {line + 1}: inconsistent labels: safer_response_id is 0, but "
                                         "response_0 is labelled unsafe"):
-        rounds.check_labelled(target, exported)
+        check_labelled(target, exported)
     bad[-1].update(safer_response_id=1, response_1="something else")
-    rounds.write_jsonl(target, bad)
+    write_jsonl(target, bad)
     with pytest.raises(DataError, match=rf"line {line + 1}: not one of the pairs exported"):
-        rounds.check_labelled(target, exported)
+        check_labelled(target, exported)
     del bad[-1]["is_response_1_safe"]
-    rounds.write_jsonl(target, bad)
+    write_jsonl(target, bad)
     with pytest.raises(DataError, match=rf"line {line + 1}: label field is_response_1_safe is not filled in"):
         r.label(2)  # the round's own step refuses it the same way
 
@@ -331,7 +353,7 @@ def test_killed_round_resumes(tmp_path, synthetic_data):
     again = run_rounds(flags)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "round2 collect: " in again.stdout and "round2 cost model: " in again.stdout  # skipped, not redone
-    log = rounds.read_jsonl(out / "round2" / "ppo_lag" / "log.jsonl")
+    log = read_jsonl(out / "round2" / "ppo_lag" / "log.jsonl")
     assert [x["step"] for x in log] == list(range(1, 9))
     state = sorted((out / "round2" / "ppo_lag" / "checkpoints").glob("*/state.json"))[-1]
     assert json.loads(state.read_text())["args"]["lambda_init"] == 1.0  # --no-carry-lambda: ppo_lag.py's own

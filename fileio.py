@@ -1,0 +1,85 @@
+"""Files on disk, whole or not at all, and JSON lines: what every script writes below the Hugging Face
+format (hf_io.py) and the training checkpoints (checkpoint.py), which build on it.
+
+    with atomic_directory(path) as tmp: ...    a directory that appears whole or not at all
+    atomic_write(path, text)                   the same for one file
+    write_json(path, obj), write_jsonl(path, rows)
+    read_jsonl(path)                           the records of a JSONL/JSON file, a damaged line named
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def fsync_tree(directory: Path):
+    """Every file below `directory` on disk (before a rename makes them visible)."""
+    for f in sorted(Path(directory).rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+class atomic_directory:
+    """`with atomic_directory(path) as tmp:` write into tmp; on success tmp replaces path.
+
+    A crash while writing leaves the old directory untouched (and a stray `.tmp-*` sibling). An
+    existing `path` is first renamed to `.old-*`, so between the two renames (microseconds) only
+    that sibling holds the old version; training checkpoints avoid even that
+    by writing a new directory per step and switching a `latest` file (checkpoint.py)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.parent / f".tmp-{self.path.name}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        fsync_tree(self.tmp)
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".old-{self.path.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, old)
+        os.rename(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def atomic_write(path, content: str | bytes):
+    """Replace one file at once (write a sibling, fsync, rename over), creating its directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Atomically write a JSON file (creating its directory)."""
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path, rows):
+    """Atomically: a step killed while writing leaves no half-written product."""
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a file a script wrote (the data loaders' reader: a damaged line is named)."""
+    from data.loaders import read_records
+
+    return [record for _, record in read_records(path)]
