@@ -240,7 +240,8 @@ class Checkpointer:
     # (a different --lr, batch size, data, objective or algorithm would silently make another run).
     # --recipe only fills the flags left unset, and those values are compared one by one.
     RESUMABLE_CHANGES = {"out", "eval_every", "save_every", "max_steps", "epochs", "device", "precision",
-                         "activation_checkpointing", "cpu_offload", "offload_frozen", "save_dtype", "recipe"}
+                         "activation_checkpointing", "cpu_offload", "offload_frozen", "save_dtype", "recipe",
+                         "report_to"}
 
     def __init__(self, out_dir, d, keep: int = 2, args=None):
         self.root = Path(out_dir) / "checkpoints"

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from data.tokenizer import TEMPLATES
+from trackers import REPORT_TO
 
 RECIPES = ("tiny", "authors")
 
@@ -72,6 +73,9 @@ def add_common_args(parser, out: str):
     a("--eval-every", type=positive(int), default=50, help="evaluate every N steps (and at the end)")
     a("--save-every", type=positive(int), default=None,
       help="checkpoint every N steps (and at the end); a rerun resumes from the latest (default: the recipe's, else 100)")
+    a("--report-to", nargs="+", choices=REPORT_TO, default=["none"],
+      help="experiment trackers that mirror <out>/log.jsonl: tensorboard (<out>/tensorboard), wandb (project "
+           "$WANDB_PROJECT, default safe-rlhf-minimal); several allowed")
     a("--seed", type=int, default=0, help="data order, synthetic task, fresh weights")
     a("--device", default="auto", help="auto | cpu | cuda")
     a("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -100,6 +104,7 @@ def show_recipes(parser, tiny: dict, authors: dict, notes: dict | None = None):
 def apply_recipe(args, recipes: dict[str, dict], data_given: bool):
     """Fill the flags left at None from --recipe (by default tiny on the embedded task, authors on data
     files), then check the batch flags against the number of ranks: before any data or model is loaded."""
+    check_report_to(args.report_to)
     args.recipe = args.recipe or ("authors" if data_given else "tiny")
     for key, value in recipes[args.recipe].items():
         if getattr(args, key, None) is None:
@@ -111,6 +116,15 @@ def apply_recipe(args, recipes: dict[str, dict], data_given: bool):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
                          f"{args.micro_batch_size} x {world} rank(s)")
     return args
+
+
+def check_report_to(report_to):
+    """A tracker asked for must be installed: said now, not after the models have loaded."""
+    import importlib.util
+
+    for kind, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if kind in (report_to or []) and importlib.util.find_spec(package) is None:
+            raise ImportError(f"--report-to {kind} needs the {package} package: pip install {package}")
 
 
 def run(main):

@@ -214,6 +214,7 @@ def main(argv=None):
     if args.dtype == "auto":
         args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
     args.dtype = getattr(torch, args.dtype)
+    training.resolve_models(args, None, "models", "arena", "reward_model", "cost_model")  # Hub ids -> the HF cache
 
     prompts_path = args.prompts or ensure_synthetic(args.synthetic_dir, seed=args.data_seed).eval_prompts
     if args.arena:

@@ -1,6 +1,7 @@
 """Models on disk: the Hugging Face format (config.json + safetensors), and atomic writes.
 
     model = load_pretrained(path, dtype, ...)  one plain Transformer from a Hugging Face directory
+    path = resolve_model("org/name@revision")   a Hub id -> its folder in the Hugging Face cache
     src = describe(path_or_preset, head)       config only: ModelArgs, which head, score statistics
     state = full_state_dict(src, seed)         every tensor, keyed by OUR names, ready for load_state_dict
     save_pretrained(model, path)               config.json + safetensors (sharded above 5 GiB), atomic
@@ -192,6 +193,32 @@ class ModelSource:
         name = self.config.get("torch_dtype") or self.config.get("dtype") or "float32"
         dtype = getattr(torch, str(name), None)
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+# What a model folder holds that we read: weights as safetensors only (a pickled .bin is never read),
+# the config, and the tokenizer and generation files that travel with it.
+MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
+               "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"]
+
+
+def resolve_model(spec: str) -> str:
+    """A local folder or a preset, as given; a Hub id "org/name[@revision]" -> its snapshot folder in the
+    Hugging Face cache (data/hub.py: downloaded if missing and allowed, only MODEL_FILES). A local folder
+    of the same name wins, as in transformers."""
+    from data.hub import HubError, is_hub_id, snapshot, split_id
+
+    spec = str(spec)
+    if spec in PRESETS or not is_hub_id(spec):
+        return spec
+    repo_id, revision = split_id(spec)
+    try:
+        folder = snapshot(repo_id, revision, "model", MODEL_FILES)
+    except HubError as error:  # perhaps a mistyped local path: say both
+        raise HubError(f"no local folder {spec}, and as a Hub id: {error}") from None
+    if not (folder / "config.json").is_file():
+        raise HubError(f"{spec}: its cached snapshot {folder} has no config.json (not a model, or partly "
+                       f"downloaded): run `huggingface-cli download {repo_id}` where there is network")
+    return str(folder)
 
 
 def describe(spec, head: str | None = None, vocab_size: int | None = None) -> ModelSource:

@@ -26,6 +26,7 @@ from data.tokenizer import TEMPLATES
 from ppo_lag import LambdaRule
 from runner import Steps, run_script
 from scoring import judge_can_score
+from trackers import REPORT_TO
 
 
 def main(argv=None):
@@ -47,6 +48,8 @@ def main(argv=None):
       help="conversation template of every stage: safe_rlhf (the authors') or chat (the model's own chat template, "
            "e.g. to align an instruct release in its own format)")
     a("--seed", type=int, default=0, help="training seed of every stage (the synthetic task keeps seed 0)")
+    a("--report-to", nargs="+", choices=REPORT_TO, default=["none"],
+      help="experiment trackers of every stage (each stage its own run): tensorboard, wandb")
     a("--sft-args", default="", help="extra flags for sft.py")
     a("--score-args", default="", help="extra flags for both train_score.py runs")
     a("--ppo-args", default="", help="extra flags for every ppo_lag.py run")
@@ -83,8 +86,9 @@ def main(argv=None):
               "ground-truth judge cannot score it: the arena only (reward and cost models as judges)", flush=True)
     launcher = shlex.split(args.launcher) or None
     seed = ["--seed", str(args.seed)]
-    # Left out when it is every stage's default, so the recorded flags of earlier runs still match.
-    template = [] if args.template == "safe_rlhf" else ["--template", args.template]
+    # Left out when they are every stage's default, so the recorded flags of earlier runs still match.
+    common = [] if args.template == "safe_rlhf" else ["--template", args.template]
+    common += [] if args.report_to == ["none"] else ["--report-to", *args.report_to]
     synthetic = ["--synthetic-dir", args.synthetic_dir or str(out / "synthetic")]
     steps = Steps()
 
@@ -99,21 +103,21 @@ def main(argv=None):
         return [flag, value] if value else []
 
     sft_model = out / "sft" / "model"
-    stage("sft", "sft.py", ["--model", args.model, "--out", str(out / "sft"), *synthetic, *seed, *template,
+    stage("sft", "sft.py", ["--model", args.model, "--out", str(out / "sft"), *synthetic, *seed, *common,
                             *data_flag("--data", args.sft_data), *shlex.split(args.sft_args)], sft_model)
     score_models = {}
     for objective in ("reward", "cost"):
         product = out / f"{objective}_model" / "model"
         stage(f"{objective} model", "train_score.py",
               ["--objective", objective, "--model", str(sft_model), "--out", str(out / f"{objective}_model"),
-               *synthetic, *seed, *template, *data_flag("--data", args.preference_data),
+               *synthetic, *seed, *common, *data_flag("--data", args.preference_data),
                *data_flag("--eval-data", args.preference_eval_data), *shlex.split(args.score_args)], product)
         score_models[objective] = product
 
     policies = {"sft": sft_model}
     for name, (algo, extra) in runs.items():
         flags = ["--algo", algo, "--actor", str(sft_model), "--reward-model", str(score_models["reward"]),
-                 "--cost-model", str(score_models["cost"]), "--out", str(out / name), *synthetic, *seed, *template,
+                 "--cost-model", str(score_models["cost"]), "--out", str(out / name), *synthetic, *seed, *common,
                  *data_flag("--prompts", args.prompts), *data_flag("--ptx-data", args.sft_data),  # PTX: the SFT data
                  *shlex.split(args.ppo_args), *extra]
         stage(name, "ppo_lag.py", flags, out / name / "actor")

@@ -702,6 +702,7 @@ def main(argv=None):
     args = parse_args(argv)
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
+    training.resolve_models(args, d, "actor", "reward_model", "cost_model", "reference")  # Hub ids -> their folders in the HF cache
     d.print(f"ppo_lag ({args.algo}): {d.world} rank(s) on {d.device}; recipe {args.recipe}; "
             + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
 
@@ -718,7 +719,8 @@ def main(argv=None):
         multiplier.load_state_dict(state["multiplier"])
     d.print(f"actor: {models.actor.num_params() / 1e6:.2f}M parameters; {total_steps} iterations "
             f"of {args.batch_size} prompts; {len(data.prompts)} prompts")
-    logger = training.Logger(args.out, d, total_steps, args.algo, resume_step=start_step)
+    logger = training.Logger(args.out, d, total_steps, args.algo, resume_step=start_step,
+                             report_to=args.report_to, config=vars(args))
 
     # -- training loop: one iteration = one log line ----------------------------------------------
     for step in range(start_step + 1, total_steps + 1):

@@ -61,6 +61,7 @@ from iterated.label import unsafe_share
 from iterated.sources import make_source
 from iterated.threshold import derive_threshold, threshold_for_round
 from runner import Steps, run_script
+from trackers import REPORT_TO
 
 
 class Layout:
@@ -143,12 +144,14 @@ class Rounds:
 
     def stage_flags(self) -> list:
         """What every later stage run is given besides its own flags: the source's (the embedded task's
-        directory and tiny recipe), and --template when round 1's SFT model was trained with another than
-        the stages' default (left out otherwise, so the recorded flags of earlier runs still match)."""
+        directory and tiny recipe), --template when round 1's SFT model was trained with another than the
+        stages' default, and --report-to (each left out when it is the default, so the recorded flags of
+        earlier runs still match)."""
         from training import resolve_template
 
         template = resolve_template(None, self.layout.sft)
-        return self.source.stage_flags() + ([] if template == "safe_rlhf" else ["--template", template])
+        return (self.source.stage_flags() + ([] if template == "safe_rlhf" else ["--template", template])
+                + ([] if self.args.report_to == ["none"] else ["--report-to", *self.args.report_to]))
 
     # -- round 1 -------------------------------------------------------------------------------
     def round_one(self):
@@ -168,6 +171,8 @@ class Rounds:
                     flags += [flag, value]
             if a.launcher:
                 flags += ["--launcher", a.launcher]
+            if a.report_to != ["none"]:
+                flags += ["--report-to", *a.report_to]
             self.steps.run("round1 pipeline", layout.actor(1) / "config.json", lambda: run_script("pipeline.py", flags))
         if self.source.judged():
             self.steps.run("round1 eval", layout.eval_json(1), lambda: self.evaluate(1, with_sft=True))
@@ -313,6 +318,8 @@ def parse_args(argv=None):
     a("--launcher", default="", help='prefix for the training stages, e.g. "torchrun --nproc_per_node=8"')
     a("--jobs", type=int, default=1, choices=[1, 2], help="2: train the reward and cost models of a round at once")
     a("--device", default="cpu", help="device of collect (generation) and the label diagnostics")
+    a("--report-to", nargs="+", choices=REPORT_TO, default=["none"],
+      help="experiment trackers of every stage (each stage its own run): tensorboard, wandb")
     g = parser.add_argument_group("collect and label")
     g.add_argument("--prompts-per-round", type=int, default=2000, help="fresh prompts per round (the size of the PPO prompt set)")
     g.add_argument("--samples-per-prompt", type=int, default=4, help="answers sampled per prompt (K)")

@@ -61,6 +61,7 @@ def main(argv=None):
     # -- setup ----------------------------------------------------------------------------------
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
+    training.resolve_models(args, d, "model")  # Hub ids -> their folders in the HF cache
     d.print(f"sft: {d.world} rank(s) on {d.device}; recipe {args.recipe}; " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
 
     # -- data -----------------------------------------------------------------------------------
@@ -90,7 +91,8 @@ def main(argv=None):
     start_step, _ = ckpt.resume(models)
     d.print(f"model: {model.num_params() / 1e6:.2f}M parameters; "
             f"{total_steps} steps of {args.batch_size} dialogues")
-    logger = training.Logger(args.out, d, total_steps, "sft", resume_step=start_step)
+    logger = training.Logger(args.out, d, total_steps, "sft", resume_step=start_step,
+                             report_to=args.report_to, config=vars(args))
 
     def loss_fn(batch):
         with training.autocast(d):

@@ -167,6 +167,7 @@ def main(argv=None):
     # -- setup ----------------------------------------------------------------------------------
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
+    training.resolve_models(args, d, "model")  # Hub ids -> their folders in the HF cache
     d.print(f"train_score ({args.objective}): {d.world} rank(s) on {d.device}; recipe {args.recipe}; "
             + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
 
@@ -199,7 +200,8 @@ def main(argv=None):
     ckpt = Checkpointer(args.out, d, args=args)
     start_step, _ = ckpt.resume(models)
     d.print(f"model: {model.num_params() / 1e6:.2f}M parameters; {total_steps} steps of {args.batch_size} pairs")
-    logger = training.Logger(args.out, d, total_steps, args.objective, resume_step=start_step)
+    logger = training.Logger(args.out, d, total_steps, args.objective, resume_step=start_step,
+                             report_to=args.report_to, config=vars(args))
 
     def loss_fn(batch):
         batch = {k: v.to(d.device) for k, v in batch.items()}

@@ -5,7 +5,8 @@
     opt, sched = build_optimizer(...)           AdamW (no decay on norms/biases) + cosine with warmup
     train_step(model, opt, sched, batches, ...) one optimiser step over this rank's micro-batches
     for step in ...: batches_for_step(...)      deterministic global batches, split across ranks
-    log = Logger(...)                           <out>/log.jsonl, one object per step, and a progress bar
+    log = Logger(...)                           <out>/log.jsonl, one object per step, a progress bar, and the
+                                                trackers of --report-to (TensorBoard, wandb)
 
 The command line (flags, recipes, user errors) is cli.py's, checkpoints are checkpoint.py's, Hugging
 Face-format models hf_io.py's, atomic files and JSON lines fileio.py's.
@@ -65,6 +66,32 @@ def load_tokenizer(args, model_path: str, synthetic_tokenizer, d: "Dist", *other
     tok = Tokenizer(path).for_template(args.template)
     d.print(f"tokenizer: {tok.describe()}; template {args.template}")
     return tok
+
+
+def resolve_models(args, d: "Dist | None", *flags):
+    """The Hub ids among args.<flag> (a path, a list of paths, or None) replaced by their folders in the
+    Hugging Face cache (hf_io.resolve_model). Local rank 0 of each node resolves first, downloading what
+    is missing; the other ranks wait for it, then find everything in the cache: one download per node.
+    d None: one process, no process group (evaluate.py)."""
+    from data.hub import is_hub_id
+
+    def values(flag):
+        value = getattr(args, flag, None)
+        return value if isinstance(value, list) else [value]
+
+    if not any(v and is_hub_id(str(v)) for flag in flags for v in values(flag)):
+        return
+    local_rank = d.local_rank if d else 0
+    for turn in ("local rank 0", "the others"):
+        if (local_rank == 0) == (turn == "local rank 0"):
+            resolved = {flag: [hf_io.resolve_model(v) if v else v for v in values(flag)] for flag in flags}
+        if d:
+            d.barrier()
+    for flag, paths in resolved.items():
+        for given, path in zip(values(flag), paths):
+            if given != path and (d is None or d.is_main):
+                print(f"--{flag.replace('_', '-')} {given}: {path}", flush=True)
+        setattr(args, flag, paths if isinstance(getattr(args, flag), list) else paths[0])
 
 
 def recorded_template(path) -> str | None:
@@ -462,7 +489,10 @@ class Logger:
     on the terminal. On resume, lines past the resumed step (written before the kill) are dropped,
     so the log reads as if the run had never stopped."""
 
-    def __init__(self, out_dir, d: Dist, total_steps: int, name: str, resume_step: int = 0):
+    def __init__(self, out_dir, d: Dist, total_steps: int, name: str, resume_step: int = 0, report_to=None,
+                 config: dict | None = None):
+        from trackers import Trackers, open_trackers
+
         self.d, self.total, self.name = d, total_steps, name
         self.path = Path(out_dir) / "log.jsonl"
         self.start_time, self.start_step = time.time(), resume_step
@@ -472,10 +502,16 @@ class Logger:
                     "allocation, kernel compilation)")
         if d.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
             if self.path.exists():
                 kept = [line for line in self.path.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", 0) <= resume_step]
                 fileio.atomic_write(self.path, "".join(line + "\n" for line in kept))
+            # TensorBoard / wandb (--report-to) mirror each line; the kept ones for a tracker that lacks them.
+            config = json.loads(json.dumps(config or {}, default=str))  # the run's flags, as plain values
+            self.trackers = open_trackers(report_to, out_dir, name, config, resume_step, map(json.loads, kept))
+        else:
+            self.trackers = Trackers([])
 
     def log(self, step: int, metrics: dict, summary: str = ""):
         if not self.d.is_main:
@@ -483,6 +519,7 @@ class Logger:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.trackers.log(step, record)
         done = step - self.start_step
         elapsed = time.time() - self.start_time
         eta = elapsed / max(done, 1) * (self.total - step)
@@ -496,6 +533,7 @@ class Logger:
             print(line, file=sys.stderr, flush=True)
 
     def close(self):
+        self.trackers.close()
         if self.d.is_main and self.tty:
             print(file=sys.stderr)
 

@@ -8,10 +8,12 @@ Files are JSONL (one object per line) or one JSON array of objects; extra fields
                  better_response_id, safer_response_id}
     prompts      {prompt} (PKU-SafeRLHF files work) or Alpaca {instruction, input}; deduplicated
 
-A data argument names one or more files, each with an optional share (see `parse_sources`):
+A data argument names one or more files or Hub datasets, each with an optional share (see `parse_sources`):
 
     "a.jsonl"                    all rows
     "a.jsonl:0.5,b.json:1000"    a random half of a.jsonl and 1000 random rows of b.json (seeded)
+    "PKU-Alignment/PKU-SafeRLHF:alpaca-7b:train"
+                                 a Hub dataset's subset and split, from the Hugging Face cache (data/hub.py)
 
 Bad input raises DataError naming the file, the line and the field. Preference rows whose safer
 answer is labelled unsafe while the other is labelled safe (the public PKU-SafeRLHF data has some)
@@ -221,14 +223,33 @@ def _prompt_of(path, line_no, record) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    path: Path
+    path: Path                     # a file, or a Hub dataset spec (org/name[:subset][:split]), as named in messages
     fraction: float | None = None  # a random fraction of the usable rows, in (0, 1]
     count: int | None = None       # or this many random rows
+    files: tuple[Path, ...] = ()   # what is read: the file itself, or the files of the dataset's split
+
+    def __post_init__(self):
+        if not self.files:
+            object.__setattr__(self, "files", (self.path,))
+
+
+def _source(name: str, **share) -> Source:
+    """A local file, or, when no such file exists and it reads as one, a Hub dataset id (data/hub.py)."""
+    from .hub import HubError, is_hub_id, resolve_dataset
+
+    if not Path(name).exists() and is_hub_id(name.split(":")[0]):
+        try:
+            return Source(Path(name), files=resolve_dataset(name).files, **share)
+        except HubError as error:  # perhaps a mistyped local path: say both
+            raise DataError(f"no data file {name}, and as a Hub dataset: {error}") from None
+    return Source(Path(name), **share)
 
 
 def parse_sources(spec: str | Path | Sequence[str | Path]) -> list[Source]:
     """"a.jsonl:0.5,b.json:1000" -> sources. A suffix with a decimal point is a fraction, an integer a
-    count; a suffix that is not a number is part of the path. Paths cannot contain commas."""
+    count; a suffix that is not a number is part of the path. Paths cannot contain commas. A Hub
+    dataset id takes the same suffix after its subset and split:
+    "PKU-Alignment/PKU-SafeRLHF:alpaca-7b:train:1000" (see data/hub.py)."""
     parts = [str(p) for p in spec] if isinstance(spec, (list, tuple)) else str(spec).split(",")
     sources = []
     for part in (p.strip() for p in parts):
@@ -240,13 +261,13 @@ def parse_sources(spec: str | Path | Sequence[str | Path]) -> list[Source]:
                 fraction = float(amount)
                 if not 0 < fraction <= 1:
                     raise ValueError(f"{part!r}: a fraction must be in (0, 1]")
-                sources.append(Source(Path(path), fraction=fraction))
+                sources.append(_source(path, fraction=fraction))
             else:
                 if int(amount) < 1:
                     raise ValueError(f"{part!r}: a count must be at least 1")
-                sources.append(Source(Path(path), count=int(amount)))
+                sources.append(_source(path, count=int(amount)))
         else:
-            sources.append(Source(Path(part)))
+            sources.append(_source(part))
     if not sources:
         raise ValueError(f"no data files in {spec!r}")
     return sources
@@ -285,7 +306,10 @@ def _load(kind: str, spec, parse_file, seed: int, log: Log):
     rng = random.Random(seed)
     stats, examples = LoadStats(kind), []
     for source in parse_sources(spec):
-        items, skipped, duplicates = parse_file(source.path)
+        items, skipped, duplicates = [], 0, 0
+        for path in source.files:
+            file_items, file_skipped, file_duplicates = parse_file(path)
+            items, skipped, duplicates = items + file_items, skipped + file_skipped, duplicates + file_duplicates
         chosen = _select(items, source, rng)
         stats.rows += len(items) + skipped + duplicates
         stats.skipped_inconsistent += skipped

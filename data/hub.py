@@ -1,0 +1,161 @@
+"""Hugging Face Hub ids, read through huggingface_hub's cache: the one place that talks to the Hub.
+
+    snapshot(repo_id, revision, repo_type, patterns)   the repo's snapshot folder in the HF cache (downloaded
+                                                       if missing and allowed), with a one-line error
+    is_hub_id(text)                                    "org/name" or "org/name@revision", not a local path
+    resolve_dataset(spec) -> DatasetFiles              "org/name[@revision][:subset][:split]" -> local files
+
+huggingface_hub does the work, so its conventions hold exactly: the cache (HF_HOME, HF_HUB_CACHE, or
+~/.cache/huggingface/hub, as transformers and `huggingface-cli download` fill it), HF_HUB_OFFLINE=1 (read
+from the cache, never the network), and the token (HF_TOKEN or `huggingface-cli login`) for gated repos.
+hf_io.resolve_model resolves model ids with `snapshot`; data/loaders.py dataset ids with `resolve_dataset`.
+
+A dataset id names the files of one split of one subset ("config" in the `datasets` library): the dataset
+card's `configs:` (README.md's YAML front matter: `config_name`, `data_files` with `split` and `path`
+globs), as `datasets.load_dataset(repo, name=subset, split=split)` reads them; without `configs:`, the
+repo's data files with the split's name in their path (`train.jsonl`, `data/train-00000-of-00001.parquet`).
+The files are then read by our own loaders (JSONL, JSON, Parquet), with the same row-level errors as local
+files. Without the `datasets` library: it would bring its own cache (Arrow files) beside the one users
+have, and a dozen dependencies, to read a few JSONL or Parquet files that our loaders already read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# "org/name" with the characters the Hub allows, optionally "@revision" (a branch, tag or commit).
+_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+SPLIT_NAMES = ("train", "validation", "valid", "dev", "test", "eval")
+
+
+class HubError(ValueError):
+    """A Hub id that cannot be resolved; the message names the id, the revision and what to do."""
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` reads as a Hub id rather than a local path: org/name[@revision], no file suffix,
+    and nothing of that name on disk (a local directory of the same name wins, as in transformers)."""
+    match = _ID.match(str(text))
+    return bool(match) and not Path(text).exists() and not match["repo"].endswith(DATA_SUFFIXES)
+
+
+def split_id(text: str) -> tuple[str, str | None]:
+    """"org/name@revision" -> ("org/name", "revision"); no revision: None (the repo's main branch)."""
+    match = _ID.match(text)
+    if not match:
+        raise HubError(f"{text!r} is not a Hub id (org/name or org/name@revision)")
+    return match["repo"], match["revision"]
+
+
+def snapshot(repo_id: str, revision: str | None, repo_type: str, patterns: list[str]) -> Path:
+    """The snapshot folder of `repo_id` at `revision` in the HF cache, with the files matching `patterns`
+    downloaded first when they are missing and the network is allowed."""
+    try:
+        from huggingface_hub import constants, errors, snapshot_download
+    except ImportError:
+        raise ImportError(f"{repo_id}: reading a Hub id needs huggingface_hub (pip install huggingface_hub)") from None
+    kind = "dataset" if repo_type == "dataset" else "model"
+    where = f"{kind} {repo_id}" + (f" at revision {revision}" if revision else "")
+    cache = constants.HF_HUB_CACHE
+    try:
+        folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns)
+    except errors.GatedRepoError:
+        raise HubError(f"{where} is gated: accept its terms on https://huggingface.co/{repo_id} and log in "
+                       "(huggingface-cli login, or HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise HubError(f"{where}: no such {kind} on the Hub (or it is private: log in with huggingface-cli login, "
+                       "or set HF_TOKEN); a local folder of that name would be used instead") from None
+    except errors.RevisionNotFoundError:
+        raise HubError(f"{where}: no such revision (a branch, tag or commit of the repo)") from None
+    except errors.LocalEntryNotFoundError:
+        offline = constants.HF_HUB_OFFLINE
+        raise HubError(f"{where} is not in the Hugging Face cache {cache}"
+                       + (" and HF_HUB_OFFLINE=1 forbids downloading it" if offline else " and the Hub cannot be reached")
+                       + f": run `huggingface-cli download {'--repo-type dataset ' if kind == 'dataset' else ''}{repo_id}"
+                       + (f" --revision {revision}" if revision else "") + "` where there is network (with the same "
+                       "HF_HOME), or point HF_HOME / HF_HUB_CACHE at the cache that has it") from None
+    return Path(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sets
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    name: str          # the spec as the user wrote it, for messages
+    files: tuple[Path, ...]
+
+
+def resolve_dataset(spec: str) -> DatasetFiles:
+    """"org/name[@revision][:subset][:split]" -> the split's files in the HF cache. The subset is a config
+    of the dataset card (default: the card's default config); the split defaults to train. One name
+    after the id is a subset if the card has a config of that name, else a split."""
+    repo_part, *names = spec.split(":")
+    repo_id, revision = split_id(repo_part)
+    if len(names) > 2 or not all(names):
+        raise HubError(f"{spec!r}: a dataset id is org/name[@revision][:subset][:split]")
+    card_folder = snapshot(repo_id, revision, "dataset", ["README.md"])
+    configs, default = _card_configs(card_folder / "README.md")
+    subset, split = (names + [None, None])[:2]
+    if len(names) == 1 and names[0] not in configs:
+        subset, split = None, names[0]
+    if configs:
+        if subset is None and default is None and len(configs) > 1:
+            raise HubError(f"{spec}: name a subset; {repo_id} has several: {', '.join(configs)}")
+        subset = subset or default or next(iter(configs))
+        if subset not in configs:
+            raise HubError(f"{spec}: {repo_id} has no subset {subset!r}; its subsets: {', '.join(configs)}")
+        by_split = configs[subset]
+    else:
+        if subset is not None:
+            raise HubError(f"{spec}: {repo_id}'s card declares no subsets (configs); give only a split")
+        folder = snapshot(repo_id, revision, "dataset", [f"*{s}" for s in DATA_SUFFIXES])
+        by_split = _splits_from_files(folder)
+    split = split or "train"
+    if split not in by_split:
+        raise HubError(f"{spec}: no split {split!r} in {repo_id}" + (f" ({subset})" if subset else "")
+                       + f"; its splits: {', '.join(by_split) or 'none found'}")
+    folder = snapshot(repo_id, revision, "dataset", by_split[split])
+    files = sorted({f for pattern in by_split[split] for f in folder.glob(pattern) if f.is_file()})
+    if not files:
+        raise HubError(f"{spec}: the files of split {split!r} ({', '.join(by_split[split])}) are not in the "
+                       f"cached snapshot {folder}; download them with `huggingface-cli download --repo-type "
+                       f"dataset {repo_id}`")
+    return DatasetFiles(spec, tuple(files))
+
+
+def _card_configs(readme: Path) -> tuple[dict[str, dict[str, list[str]]], str | None]:
+    """(config name -> split -> path globs, the default config's name), from the card's `configs:`
+    (empty without one). The default: the config marked `default: true`, else one named "default"."""
+    if not readme.is_file():
+        return {}, None
+    from huggingface_hub.repocard import metadata_load
+
+    found, default = {}, None
+    for config in (metadata_load(readme) or {}).get("configs") or []:
+        name = config.get("config_name", "default")
+        files = config.get("data_files", [])
+        if isinstance(files, str) or (isinstance(files, list) and files and not isinstance(files[0], dict)):
+            files = [{"split": "train", "path": files}]  # a glob or a list of globs: one train split
+        found[name] = {f["split"]: [f["path"]] if isinstance(f["path"], str) else list(f["path"]) for f in files}
+        if config.get("default") or (default is None and name == "default"):
+            default = name
+    return found, default
+
+
+def _splits_from_files(folder: Path) -> dict[str, list[str]]:
+    """Without `configs:`: each data file goes to the split its path names (train.jsonl,
+    data/test-00000-of-00001.parquet, train/part-0.json), as the `datasets` library assigns them."""
+    splits = {}
+    for f in sorted(folder.rglob("*")):
+        if f.suffix not in DATA_SUFFIXES or not f.is_file():
+            continue
+        relative = f.relative_to(folder).as_posix()
+        for name in SPLIT_NAMES:
+            if any(re.match(rf"{name}([-_.]|$)", part) for part in relative.split("/")):
+                splits.setdefault(name, []).append(relative)
+                break
+    return splits

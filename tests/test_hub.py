@@ -1,0 +1,243 @@
+"""Models and data sets by Hub id, from a Hugging Face cache in its real on-disk layout (tests/hub_cache.py),
+read with HF_HUB_OFFLINE=1 as on a GPU node: nothing reaches the network.
+
+The model is a tiny LLaMA saved by transformers with the embedded task's tokenizer, at two commits (a tag
+v1 on the first, main on the second). The data sets copy the real repos' layouts: PKU-SafeRLHF's card with
+its `configs:` (subsets alpaca-7b, alpaca2-7b, alpaca3-8b and the default of all three; train and test
+splits) over data/<model>/{train,test}.jsonl, and Alpaca's card without configs over
+data/train-00000-of-00001-....parquet. Their rows are the embedded task's, in the same schemas.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+huggingface_hub = pytest.importorskip("huggingface_hub")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hub_cache import add_folder, add_repo  # noqa: E402
+from test_stages import log_of, run  # noqa: E402
+
+import hf_io  # noqa: E402
+from data.hub import HubError, resolve_dataset  # noqa: E402
+from data.loaders import DataError, load_preferences, load_sft  # noqa: E402
+
+MODEL = "safe-rlhf-test/tiny-llama"
+PKU = "PKU-Alignment/PKU-SafeRLHF"
+ALPACA = "tatsu-lab/alpaca"
+# The configs section of PKU-SafeRLHF's dataset card (README.md front matter), as the repo has it.
+PKU_CARD = """---
+configs:
+- config_name: default
+  data_files:
+    - split: train
+      path:
+        - "data/Alpaca-7B/train.jsonl"
+        - "data/Alpaca2-7B/train.jsonl"
+        - "data/Alpaca3-8B/train.jsonl"
+    - split: test
+      path:
+        - "data/Alpaca-7B/test.jsonl"
+        - "data/Alpaca2-7B/test.jsonl"
+        - "data/Alpaca3-8B/test.jsonl"
+- config_name: alpaca-7b
+  data_files:
+    - split: train
+      path:
+        - "data/Alpaca-7B/train.jsonl"
+    - split: test
+      path:
+        - "data/Alpaca-7B/test.jsonl"
+- config_name: alpaca2-7b
+  data_files:
+    - split: train
+      path:
+        - "data/Alpaca2-7B/train.jsonl"
+    - split: test
+      path:
+        - "data/Alpaca2-7B/test.jsonl"
+- config_name: alpaca3-8b
+  data_files:
+    - split: train
+      path:
+        - "data/Alpaca3-8B/train.jsonl"
+    - split: test
+      path:
+        - "data/Alpaca3-8B/test.jsonl"
+license: cc-by-nc-4.0
+---
+
+# Dataset Card for PKU-SafeRLHF
+"""
+ALPACA_PARQUET = "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet"
+
+
+def tiny_llama(folder: Path, tokenizer: Path, seed: int) -> Path:
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=1024, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, synthetic_data):
+    """The cache and the two commits of the model: (cache dir, commit of v1, commit of main)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    root = tmp_path_factory.mktemp("hub")
+    cache = root / "cache"
+    task = synthetic_data
+    assert json.loads((task.dir / "manifest.json").read_text())  # the task, as generated
+    first = add_folder(cache, MODEL, tiny_llama(root / "v1", task.tokenizer, seed=0), refs=("v1",))
+    main = add_folder(cache, MODEL, tiny_llama(root / "v2", task.tokenizer, seed=1), refs=("main",))
+    train, test = task.preference_train.read_text().splitlines(), task.preference_eval.read_text().splitlines()
+    files = {"README.md": PKU_CARD}
+    for k, model in enumerate(("Alpaca-7B", "Alpaca2-7B", "Alpaca3-8B")):  # a third of the rows each
+        files[f"data/{model}/train.jsonl"] = "\n".join(train[k::3][:40]) + "\n"
+        files[f"data/{model}/test.jsonl"] = "\n".join(test[k::3][:12]) + "\n"
+    add_repo(cache, PKU, files, kind="dataset")
+    rows = [json.loads(line) for line in task.sft_train.read_text().splitlines()[:64]]
+    table = pyarrow.table({k: [r[k] for r in rows] for k in ("instruction", "input", "output")})
+    pq.write_table(table, root / "alpaca.parquet")
+    add_repo(cache, ALPACA, {"README.md": "---\nlicense: cc-by-nc-4.0\n---\n# Alpaca\n",
+                             ALPACA_PARQUET: root / "alpaca.parquet"}, kind="dataset")
+    return cache, first, main
+
+
+@pytest.fixture
+def offline(hub, monkeypatch):
+    """This process reads the test cache, offline (huggingface_hub reads its constants when called)."""
+    cache = hub[0]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return hub
+
+
+def env_of(cache):
+    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+
+def test_model_ids_revisions_and_a_local_folder_of_the_same_name(offline, tmp_path, monkeypatch):
+    cache, first, main = offline
+    snapshots = cache / f"models--{MODEL.replace('/', '--')}" / "snapshots"
+    assert hf_io.resolve_model(MODEL) == str(snapshots / main)
+    assert hf_io.resolve_model(f"{MODEL}@v1") == str(snapshots / first)  # a tag
+    assert hf_io.resolve_model(f"{MODEL}@{first}") == str(snapshots / first)  # a commit
+    a, b = (hf_io.load_pretrained(hf_io.resolve_model(spec)) for spec in (f"{MODEL}@v1", MODEL))
+    assert not torch.equal(a.layers[0].attention.wq.weight, b.layers[0].attention.wq.weight)
+    assert hf_io.resolve_model("tiny") == "tiny"  # a preset stays one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / MODEL).mkdir(parents=True)  # a local folder of that name wins, as in transformers
+    assert hf_io.resolve_model(MODEL) == MODEL
+
+
+def test_model_id_errors_say_which_id_and_what_to_do(offline):
+    with pytest.raises(HubError, match=r"no local folder safe-rlhf-test/absent, and as a Hub id: model "
+                                       r"safe-rlhf-test/absent is not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*"
+                                       r"huggingface-cli download safe-rlhf-test/absent"):
+        hf_io.resolve_model("safe-rlhf-test/absent")
+    with pytest.raises(HubError, match=rf"{MODEL} at revision v9 is not in the Hugging Face cache.*--revision v9"):
+        hf_io.resolve_model(f"{MODEL}@v9")
+
+
+def test_dataset_subsets_and_splits_as_the_card_declares_them(offline):
+    folder = offline[0] / f"datasets--{PKU.replace('/', '--')}"
+    one = resolve_dataset(f"{PKU}:alpaca-7b:train").files
+    assert [f.relative_to(next((folder / "snapshots").iterdir())).as_posix() for f in one] == ["data/Alpaca-7B/train.jsonl"]
+    assert len(resolve_dataset(PKU).files) == 3  # the default subset, train
+    assert [f.parent.name for f in resolve_dataset(f"{PKU}:test").files] == ["Alpaca-7B", "Alpaca2-7B", "Alpaca3-8B"]
+    assert resolve_dataset(f"{PKU}:alpaca2-7b").files[0].parent.name == "Alpaca2-7B"  # a subset, train split
+    assert resolve_dataset(f"{PKU}:alpaca3-8b:test").files[0].name == "test.jsonl"
+    assert [f.name for f in resolve_dataset(ALPACA).files] == [Path(ALPACA_PARQUET).name]  # no configs: file names
+    with pytest.raises(HubError, match="no subset 'alpaca-9b'.*its subsets: default, alpaca-7b, alpaca2-7b, alpaca3-8b"):
+        resolve_dataset(f"{PKU}:alpaca-9b:train")
+    with pytest.raises(HubError, match=r"no split 'validation' in PKU-Alignment/PKU-SafeRLHF \(alpaca-7b\); its splits: train, test"):
+        resolve_dataset(f"{PKU}:alpaca-7b:validation")
+    with pytest.raises(HubError, match="no split 'test'.*its splits: train"):
+        resolve_dataset(f"{ALPACA}:test")
+
+
+def test_dataset_rows_through_the_loaders(offline, synthetic_data):
+    rows, stats = load_preferences(f"{PKU}:alpaca-7b:train:5", log=None)
+    assert len(rows) == 5 and stats.rows == 40
+    all_three, _ = load_preferences(f"{PKU}:train", log=None)
+    assert len(all_three) == 120  # one split over three files
+    sft, _ = load_sft(f"{ALPACA}:16", log=None)
+    local, _ = load_sft(str(synthetic_data.sft_train), log=None)
+    assert len(sft) == 16 and set(sft) <= set(local[:64])
+    with pytest.raises(DataError, match=r"no data file PKU-Alignment/PKU-SafeRLHF:alpaca-9b, and as a Hub dataset: .*"
+                                        r"no split 'alpaca-9b'"):
+        load_preferences(f"{PKU}:alpaca-9b", log=None)  # one name: neither a subset nor a split
+    with pytest.raises(FileNotFoundError, match="data file not found: org/absent.jsonl"):  # a path stays a path
+        load_preferences("org/absent.jsonl", log=None)
+
+
+@pytest.mark.slow
+def test_ids_through_every_stage_offline(hub, tmp_path, synthetic_data):
+    cache, _, main = hub
+    env = env_of(cache)
+    task = synthetic_data
+    small = ["--recipe", "tiny", "--batch-size", "4", "--micro-batch-size", "2", "--max-length", "96",
+             "--synthetic-dir", str(task.dir)]
+    out = run("sft.py", ["--model", MODEL, "--data", f"{ALPACA}:16", "--eval-data", f"{ALPACA}:4", "--max-steps", "1",
+                         "--out", str(tmp_path / "sft"), *small], env_extra=env)
+    assert f"--model {MODEL}: {cache}" in out.stdout and "recipe tiny" in out.stdout
+    for objective in ("reward", "cost"):
+        run("train_score.py", ["--objective", objective, "--model", str(tmp_path / "sft" / "model"),
+                               "--data", f"{PKU}:alpaca-7b:train:16", "--eval-data", f"{PKU}:alpaca-7b:test:8",
+                               "--max-steps", "1", "--out", str(tmp_path / objective), *small], env_extra=env)
+    run("ppo_lag.py", ["--actor", str(tmp_path / "sft" / "model"), "--reward-model", str(tmp_path / "reward" / "model"),
+                       "--cost-model", str(tmp_path / "cost" / "model"), "--reference", f"{MODEL}@{main}",
+                       "--prompts", f"{PKU}:alpaca-7b:train:8", "--ptx-data", f"{ALPACA}:8", "--max-new-tokens", "6",
+                       "--max-steps", "2", "--out", str(tmp_path / "ppo"), *small], env_extra=env)
+    assert len(log_of(tmp_path / "ppo")) == 2
+    scorers = ["--reward-model", str(tmp_path / "reward" / "model"), "--cost-model", str(tmp_path / "cost" / "model")]
+    judged = run("evaluate.py", ["--models", MODEL, str(tmp_path / "ppo" / "actor"), *scorers, "--prompts",
+                                 f"{task.eval_prompts}:8", "--samples-per-prompt", "1", "--max-new-tokens", "6",
+                                 "--out", str(tmp_path / "eval"), "--synthetic-dir", str(task.dir)], env_extra=env)
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
+    assert len(results) == 2 and str(cache) in next(iter(results)) and "harmful" in judged.stdout
+    run("evaluate.py", ["--arena", MODEL, str(tmp_path / "ppo" / "actor"), *scorers, "--prompts", f"{PKU}:test:4",
+                        "--samples-per-prompt", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "arena")],
+        env_extra=env)
+    assert json.loads((tmp_path / "arena" / "arena.json").read_text())["n"] == 4
+
+
+@pytest.mark.slow
+def test_two_ranks_resolve_an_id_once_per_node(hub, tmp_path, synthetic_data):
+    cache, _, main = hub
+    out = run("sft.py", ["--model", MODEL, "--max-steps", "1", "--batch-size", "4", "--micro-batch-size", "2",
+                         "--max-length", "96", "--synthetic-dir", str(synthetic_data.dir), "--out", str(tmp_path / "sft")],
+              nproc=2, env_extra=env_of(cache))
+    snapshot = cache / f"models--{MODEL.replace('/', '--')}" / "snapshots" / main
+    assert out.stdout.count(f"--model {MODEL}: {snapshot}") == 1
+    assert (tmp_path / "sft" / "model" / "config.json").is_file()
+
+
+def run_error(script, args, env_extra):
+    """A script run that must stop at a user error: exit 2, one message, no traceback. Returns the message."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch", **env_extra}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / script), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.mark.slow
+def test_hub_errors_are_one_line_naming_the_id(hub, tmp_path):
+    env = env_of(hub[0])
+    message = run_error("sft.py", ["--model", "safe-rlhf-test/absent", "--out", str(tmp_path / "a")], env_extra=env)
+    assert "safe-rlhf-test/absent is not in the Hugging Face cache" in message and "HF_HUB_OFFLINE=1" in message
+    message = run_error("train_score.py", ["--objective", "reward", "--model", MODEL, "--data", f"{PKU}:alpaca-9b:train",
+                                           "--out", str(tmp_path / "b")], env_extra=env)
+    assert "no subset 'alpaca-9b'" in message and "alpaca-7b" in message

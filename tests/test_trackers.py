@@ -1,0 +1,115 @@
+"""--report-to tensorboard / wandb: the trackers hold log.jsonl's values, step for step, also after a run is
+killed with SIGKILL and resumed (no step twice, none missing). Read back with TensorBoard's own event
+reader and, for wandb in offline mode (WANDB_MODE=offline), from the run files wandb writes."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_stages import ROOT, log_of, run  # noqa: E402
+
+ARGS = ["--max-steps", "8", "--batch-size", "16", "--micro-batch-size", "8", "--eval-every", "4", "--save-every", "2",
+        "--max-length", "96"]
+
+
+def killed_and_resumed(out: Path, synthetic_dir, tracker: str, env_extra: dict):
+    """sft.py killed with SIGKILL after its 5th logged step, then the same command again to the end."""
+    args = [*ARGS, "--synthetic-dir", str(synthetic_dir), "--report-to", tracker, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch", **env_extra}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, log = time.time() + 300, out / "log.jsonl"
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists(), "the run finished before it could be killed"
+    run("sft.py", args, env_extra=env_extra)
+    lines = log_of(out)
+    assert [r["step"] for r in lines] == list(range(1, 9))
+    return lines
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_log_across_a_kill(tmp_path, synthetic_data):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lines = killed_and_resumed(tmp_path / "run", synthetic_data.dir, "tensorboard", {})
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()  # the reader drops what the killed run logged past the resumed step (purge_step)
+    for key in ("loss", "lr", "grad_norm", "eval_loss"):
+        scalars = events.Scalars(key)
+        expected = [(r["step"], r[key]) for r in lines if key in r]
+        assert [s.step for s in scalars] == [step for step, _ in expected], key
+        assert [s.value for s in scalars] == pytest.approx([v for _, v in expected], rel=1e-6), key  # float32
+    flags = json.loads(events.Tensors("flags/text_summary")[0].tensor_proto.string_val[0].decode())  # the run's flags
+    assert flags["max_steps"] == 8 and flags["report_to"] == ["tensorboard"]
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of a .wandb run file: LevelDB-log framing (32 KiB blocks of chunks: crc32, length,
+    type) after wandb's 7-byte header, each record one protobuf `Record`."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", run_file
+    rows, pos, pending = [], 7, b""
+    block = 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 2, 3):  # FULL, FIRST, MIDDLE
+            pending = chunk if kind in (1, 2) else pending + chunk
+        if kind == 4:  # LAST
+            pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.HasField("history"):
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+@pytest.mark.slow
+def test_wandb_offline_holds_the_log_across_a_kill(tmp_path, synthetic_data):
+    pytest.importorskip("wandb")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_PROJECT": "safe-rlhf-test"}
+    lines = killed_and_resumed(tmp_path / "run", synthetic_data.dir, "wandb", env)
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    run_id = json.loads((tmp_path / "run" / "wandb_run.json").read_text())["id"]
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the same run, resumed
+    # The killed process's file may hold less than it sent (wandb buffers); the resumed one resent the
+    # earlier steps from log.jsonl, so it holds the whole history, each step once.
+    history = wandb_history(runs[-1] / f"run-{run_id}.wandb")
+    assert [row["_step"] for row in history] == list(range(1, 9))
+    for row, line in zip(history, lines):
+        for key in ("loss", "lr", "grad_norm", "eval_loss"):
+            assert row.get(key) == line.get(key), (line["step"], key)
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_before_any_work(monkeypatch, tmp_path, synthetic_data):
+    import importlib.util
+
+    import cli
+    import sft
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ImportError, match=r"^--report-to wandb needs the wandb package: pip install wandb$"):
+        sft.main(["--synthetic-dir", str(synthetic_data.dir), "--report-to", "tensorboard", "wandb",
+                  "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+    cli.check_report_to(["none"])  # nothing asked, nothing needed
