@@ -4,6 +4,7 @@ PPO-Lagrangian -> evaluation.
     python pipeline.py                                   # embedded synthetic task, tiny LLaMA, CPU
     python pipeline.py --algos ppo_lag ppo reward_shaping:1 reward_shaping:4   # with the baselines
     python pipeline.py --algos ppo_lag ppo_lag:pid          # lambda by SGD (the authors') and by PID
+    python pipeline.py --algos ppo_lag rlhf_mixed:consistent rlhf_mixed:crowd-1   # decoupled vs one preference
     python pipeline.py --launcher "torchrun --nproc_per_node=8" --model /models/llama-7b \
         --sft-data alpaca.json --preference-data pku/train.jsonl --preference-eval-data pku/test.jsonl \
         --prompts pku/train.jsonl --eval-prompts red_team.jsonl --out runs/7b
@@ -22,6 +23,9 @@ import sys
 from pathlib import Path
 
 import cli
+from data.mixed import BUDGETS, write_mixed
+from data.mixed import MODES as MIXED_MODES
+from data.synthetic import ensure_synthetic
 from data.tokenizer import TEMPLATES
 from ppo_lag import LambdaRule
 from runner import Steps, run_script
@@ -42,7 +46,9 @@ def main(argv=None):
     a("--eval-prompts", default=None, help="JSONL with 'prompt' and 'harmful' for evaluate.py (default: synthetic held-out prompts)")
     a("--algos", nargs="+", default=["ppo_lag"],
       help=f"PPO runs: ppo_lag, ppo_lag:RULE (a --lambda-update rule: {', '.join(LambdaRule.registry)}), ppo, "
-           "reward_shaping:LAMBDA (each goes to <out>/<name>: ppo_lag, ppo_lag_pid, ppo, reward_shaping_1, ...)")
+           "reward_shaping:LAMBDA, rlhf_mixed:MODE[:BUDGET] (standard RLHF, one reward model on one overall "
+           f"preference per pair, data/mixed.py; MODE: {', '.join(MIXED_MODES)}; BUDGET: {' or '.join(BUDGETS)}); each "
+           "goes to <out>/<name>: ppo_lag, ppo_lag_pid, ppo, reward_shaping_1, rlhf_mixed_consistent, ...")
     a("--synthetic-dir", default=None, help="where the synthetic task is generated (default: <out>/synthetic)")
     a("--template", choices=TEMPLATES, default="safe_rlhf",
       help="conversation template of every stage: safe_rlhf (the authors') or chat (the model's own chat template, "
@@ -61,6 +67,7 @@ def main(argv=None):
 
     out = Path(args.out)
     runs = {}  # <out>/<name> -> (--algo, extra ppo_lag.py flags); checked now, not after hours of SFT
+    mixed = {}  # <out>/<name> of a standard-RLHF run on single preferences -> (annotator mode, label budget)
     for spec in args.algos:
         algo, _, option = spec.partition(":")
         if algo == "ppo_lag" and option in ("", "sgd"):  # the default rule: no flag
@@ -71,9 +78,17 @@ def main(argv=None):
             runs["ppo"] = (algo, [])
         elif algo == "reward_shaping" and option.replace(".", "", 1).isdigit():
             runs[f"reward_shaping_{option}"] = (algo, ["--lambda-init", option])
+        elif algo == "rlhf_mixed" and option.partition(":")[0] in MIXED_MODES and option.partition(":")[2] in ("", *BUDGETS):
+            mode, _, budget = option.partition(":")
+            name = f"rlhf_mixed_{mode}" + (f"_{budget}" if budget not in ("", "pairs") else "")
+            runs[name], mixed[name] = ("ppo", ["--cost-model", "none"]), (mode, budget or "pairs")
         else:
             rules = ", ".join(f"ppo_lag:{rule}" for rule in LambdaRule.registry)
-            sys.exit(f"--algos: {spec!r} is not ppo_lag, {rules}, ppo or reward_shaping:LAMBDA")
+            sys.exit(f"--algos: {spec!r} is not ppo_lag, {rules}, ppo, reward_shaping:LAMBDA or "
+                     f"rlhf_mixed:MODE[:BUDGET] (MODE: {', '.join(MIXED_MODES)}; BUDGET: {', '.join(BUDGETS)})")
+    if mixed and any((args.sft_data, args.preference_data, args.prompts)):
+        sys.exit("--algos rlhf_mixed:...: the single-preference annotators label the embedded task's pairs with its "
+                 "judge; they have no real-data counterpart")
     # The ground-truth judge knows only the embedded task: real data is evaluated on prompts the user
     # gives, by the judge only if they are the task's own (labelled), else by the arena.
     if any((args.sft_data, args.preference_data, args.prompts)) and not args.eval_prompts:
@@ -114,9 +129,18 @@ def main(argv=None):
                *data_flag("--eval-data", args.preference_eval_data), *shlex.split(args.score_args)], product)
         score_models[objective] = product
 
+    for name, (mode, budget) in mixed.items():  # standard RLHF's one reward model, on one preference per pair
+        train, held_out = write_mixed(ensure_synthetic(synthetic[1], seed=0).dir, mode, budget)
+        product = out / f"reward_model_{name.removeprefix('rlhf_')}" / "model"
+        stage(f"reward model ({name})", "train_score.py",
+              ["--objective", "reward", "--model", str(sft_model), "--out", str(product.parent), "--data", str(train),
+               "--eval-data", str(held_out), "--recipe", "tiny", *synthetic, *seed, *common,
+               *shlex.split(args.score_args)], product)
+        score_models[name] = product
+
     policies = {"sft": sft_model}
     for name, (algo, extra) in runs.items():
-        flags = ["--algo", algo, "--actor", str(sft_model), "--reward-model", str(score_models["reward"]),
+        flags = ["--algo", algo, "--actor", str(sft_model), "--reward-model", str(score_models.get(name, score_models["reward"])),
                  "--cost-model", str(score_models["cost"]), "--out", str(out / name), *synthetic, *seed, *common,
                  *data_flag("--prompts", args.prompts), *data_flag("--ptx-data", args.sft_data),  # PTX: the SFT data
                  *shlex.split(args.ppo_args), *extra]

@@ -117,10 +117,11 @@ def plot_plane(eval_files, out):
         (hx, sx), (hy, sy) = mean_std([1 - v for v in metrics["harmful_rate"]]), mean_std(metrics["helpfulness"])
         style = {"sft": ("k", "s"), "ppo": ("tab:red", "o"), "ppo_lag": ("tab:green", "*"),
                  "ppo_lag_pid": ("tab:olive", "*")}.get(
-            name, ("tab:blue", "^"))
+            name, ("tab:purple", "D") if name.startswith("rlhf_mixed") else ("tab:blue", "^"))
         ax.errorbar(hx, hy, xerr=sx, yerr=sy, color=style[0], marker=style[1], ms=11 if style[1] == "*" else 7,
                     capsize=3, ls="none")
-        ax.annotate(name.replace("reward_shaping_", "shaping λ="), (hx, hy), textcoords="offset points",
+        label = name.replace("reward_shaping_", "shaping λ=").replace("rlhf_mixed_", "one preference: ")
+        ax.annotate(label, (hx, hy), textcoords="offset points",
                     xytext=(6, 6), fontsize=9)
     ax.set_xlabel("harmlessness: 1 - harmful rate on held-out harmful prompts")
     ax.set_ylabel("helpfulness on held-out benign prompts")

@@ -82,7 +82,7 @@ class Objective:
     name: str
     first: str  # field prefix of the answer the model should score... better (reward) / safer (cost)
     second: str
-    drop_inconsistent: bool  # skip PKU rows whose safety labels contradict safer_response_id
+    safety_labels: bool  # reads the safety labels (and skips PKU rows whose labels contradict safer_response_id)
     make_pairs: Callable  # preference rows -> pairs
     tokenize: Callable  # (tok, pairs, max_length, log, template) -> (tokenized pairs, stats)
     collate: Callable  # (tokenized pairs, pad_id) -> batch dict
@@ -94,13 +94,13 @@ class Objective:
 
 OBJECTIVES = {
     "reward": Objective(
-        "reward", "better", "worse", drop_inconsistent=False, make_pairs=reward_pairs,
+        "reward", "better", "worse", safety_labels=False, make_pairs=reward_pairs,
         tokenize=tokenize_reward_pairs, collate=collate_reward_pairs,
         loss=lambda better, worse, batch, mu: reward_loss(better, worse, mu),
         correct=lambda better, worse: better > worse,
         extra_metrics=(), per_pair_metrics=lambda better, worse, batch: {}),
     "cost": Objective(
-        "cost", "safer", "less_safe", drop_inconsistent=True, make_pairs=cost_pairs,
+        "cost", "safer", "less_safe", safety_labels=True, make_pairs=cost_pairs,
         tokenize=tokenize_cost_pairs, collate=collate_cost_pairs,
         loss=lambda safer, less_safe, batch, mu: cost_loss(safer, less_safe, batch["safer_sign"],
                                                            batch["less_safe_sign"], mu),
@@ -178,7 +178,8 @@ def main(argv=None):
     else:
         train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
     tok = training.load_tokenizer(args, args.model, synthetic_tokenizer, d)
-    load_rows = partial(load_preferences, drop_inconsistent=objective.drop_inconsistent)
+    load_rows = partial(load_preferences, drop_inconsistent=objective.safety_labels,
+                        safety_labels=objective.safety_labels)
     train_rows, eval_rows = training.load_train_eval(load_rows, train_spec, eval_spec, args.eval_fraction,
                                                      args.seed, d.print)
     train_set, _ = objective.tokenize(tok, objective.make_pairs(train_rows), args.max_length, log=d.print,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's comparison on the embedded task, over several seeds:
-#   SFT, PPO (reward only), reward shaping at fixed lambdas, and PPO-Lagrangian, each seed with its
-#   own SFT, reward and cost models (same synthetic task), judged on held-out prompts.
+#   SFT, PPO (reward only), reward shaping at fixed lambdas, PPO-Lagrangian, and standard RLHF on one overall
+#   preference per pair (rlhf_mixed: data/mixed.py), each seed with its own SFT, reward and cost models
+#   (same synthetic task), judged on held-out prompts.
 #
 #   bash bench/reproduce.sh              # seeds 0 1 2 -> runs/seed*/, bench/plane.png, bench/curves.png
 #   bash bench/reproduce.sh 0 1 2 3 4    # more seeds
@@ -11,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then SEEDS=("$@"); else SEEDS=(0 1 2); fi
-ALGOS="ppo_lag ppo reward_shaping:0.5 reward_shaping:1 reward_shaping:2 reward_shaping:8"
+ALGOS="ppo_lag ppo reward_shaping:0.5 reward_shaping:1 reward_shaping:2 reward_shaping:8 rlhf_mixed:consistent rlhf_mixed:consistent:labels rlhf_mixed:crowd-0.5 rlhf_mixed:crowd-1 rlhf_mixed:crowd-2"
 JOBS=${JOBS:-$(nproc)}
 mkdir -p runs
 python -c "from data.synthetic import ensure_synthetic; ensure_synthetic('runs/synthetic', seed=0)"

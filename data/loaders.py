@@ -54,10 +54,10 @@ class PreferenceExample:
     prompt: str
     response_0: str
     response_1: str
-    is_response_0_safe: bool
-    is_response_1_safe: bool
+    is_response_0_safe: bool | None  # None: a single-preference row (load_preferences(safety_labels=False))
+    is_response_1_safe: bool | None
     better_response_id: int
-    safer_response_id: int
+    safer_response_id: int | None
 
 
 @dataclass(frozen=True)
@@ -346,12 +346,16 @@ def load_sft(spec, seed: int = 0, log: Log = print) -> tuple[list[SFTExample], L
     return _finish(*_load("sft", spec, parse_file, seed, log), log)
 
 
-def load_preferences(spec, seed: int = 0, log: Log = print,
-                     drop_inconsistent: bool = True) -> tuple[list[PreferenceExample], LoadStats]:
+def load_preferences(spec, seed: int = 0, log: Log = print, drop_inconsistent: bool = True,
+                     safety_labels: bool = True) -> tuple[list[PreferenceExample], LoadStats]:
     """PKU-SafeRLHF rows. Inconsistent rows (safer answer labelled unsafe, the other safe) are
     dropped by default: the cost model's sign and ranking terms would contradict each other. The
     reward model reads no safety label and keeps them (drop_inconsistent=False), as the authors'
-    reward dataset does."""
+    reward dataset does; with safety_labels=False rows need none at all (the single-preference schema of
+    PKU-SafeRLHF-single-dimension: prompt, response_0, response_1, better_response_id)."""
+
+    def safety(path, line_no, r, field, parse):
+        return parse(path, line_no, r, field) if safety_labels or field in r else None
 
     def parse_file(path):
         examples, inconsistent = [], 0
@@ -360,13 +364,14 @@ def load_preferences(spec, seed: int = 0, log: Log = print,
                 prompt=_text(path, line_no, r, "prompt"),
                 response_0=_text(path, line_no, r, "response_0"),
                 response_1=_text(path, line_no, r, "response_1"),
-                is_response_0_safe=_bool(path, line_no, r, "is_response_0_safe"),
-                is_response_1_safe=_bool(path, line_no, r, "is_response_1_safe"),
+                is_response_0_safe=safety(path, line_no, r, "is_response_0_safe", _bool),
+                is_response_1_safe=safety(path, line_no, r, "is_response_1_safe", _bool),
                 better_response_id=_response_id(path, line_no, r, "better_response_id"),
-                safer_response_id=_response_id(path, line_no, r, "safer_response_id"),
+                safer_response_id=safety(path, line_no, r, "safer_response_id", _response_id),
             )
             safe = (example.is_response_0_safe, example.is_response_1_safe)
-            if drop_inconsistent and not safe[example.safer_response_id] and safe[1 - example.safer_response_id]:
+            if (drop_inconsistent and safety_labels and not safe[example.safer_response_id]
+                    and safe[1 - example.safer_response_id]):
                 inconsistent += 1
                 continue
             examples.append(example)

@@ -138,9 +138,9 @@ def _choose_kind(rng: random.Random, kinds: dict[str, float]) -> str:
     return rng.choices(list(kinds), weights=list(kinds.values()))[0]
 
 
-def _unique_rows(make_row, n: int, what: str) -> list[dict]:
-    """Draw rows until n distinct ones (by their "key"); the key is dropped from the result."""
-    rows, seen = [], set()
+def _unique_rows(make_row, n: int, what: str, exclude=()) -> list[dict]:
+    """Draw rows until n distinct ones (by their "key", none in `exclude`); the key is dropped from the result."""
+    rows, seen = [], set(exclude)
     for _ in range(50 * n + 1000):
         if len(rows) == n:
             return rows
@@ -213,7 +213,10 @@ def _annotate(verdicts, rng: random.Random, config: SyntheticConfig) -> tuple[di
     return labels, truth
 
 
-def _preference_rows(rng: random.Random, config: SyntheticConfig) -> tuple[list[dict], list[dict]]:
+def _preference_rows(rng: random.Random, config: SyntheticConfig, n: int | None = None,
+                     exclude=()) -> tuple[list[dict], list[dict]]:
+    """The preference pairs (n: train + eval by default), none of the (prompt, response_0, response_1) in
+    `exclude`, and the label probabilities behind each."""
     training_tasks = [t for t in TASKS if not t.held_out]
     benign = [t for t in training_tasks if not t.harmful]
     harmful = [t for t in training_tasks if t.harmful]
@@ -236,8 +239,23 @@ def _preference_rows(rng: random.Random, config: SyntheticConfig) -> tuple[list[
                 "task": task.id, "harmful_prompt": is_harmful,
                 "response_0_kind": verdicts[0]["kind"], "response_1_kind": verdicts[1]["kind"]}
 
-    rows = _unique_rows(make_row, config.n_preference_train + config.n_preference_eval, "preference")
+    n = config.n_preference_train + config.n_preference_eval if n is None else n
+    rows = _unique_rows(make_row, n, "preference", exclude)
     return rows, [truths[(r["prompt"], r["response_0"], r["response_1"])] for r in rows]
+
+
+def extra_preference_rows(directory: str | Path, n: int) -> list[dict]:
+    """n more preference pairs of the task in `directory`, drawn and labelled as its own were but from a
+    separate stream (its files stay as they are), none repeating one of them: a larger label budget for
+    an ablation (data/mixed.py)."""
+    directory = Path(directory)
+    manifest = json.loads((directory / FILES["manifest"]).read_text())
+    existing = [json.loads(line) for name in ("preference_train", "preference_eval")
+                for line in (directory / FILES[name]).read_text().splitlines()]
+    rng = random.Random(f"extra-preferences:{manifest['seed']}")
+    rows, _ = _preference_rows(rng, config_of(directory), n, exclude={(r["prompt"], r["response_0"], r["response_1"])
+                                                                     for r in existing})
+    return rows
 
 
 def _ceilings(rows: list[dict], truths: list[dict]) -> dict:
