@@ -1,6 +1,7 @@
 """Training checkpoints: save, resume, refuse a resume with other flags.
 
-    ckpt = Checkpointer(out_dir, d, args=args)
+    ckpt = Checkpointer(out_dir, d, args=args, run="an SFT run (sft.py)")
+    ckpt.check()                                # before anything is loaded: another run's folder, other flags
     start_step, state = ckpt.resume(models)     # (0, {}) for a fresh run
     ckpt.save(step, models, state)              # models: name -> (model, optimizer, scheduler)
 
@@ -14,7 +15,8 @@ tensor). Every rank must see the same <out> directory (a shared filesystem acros
 
 <out>/checkpoints/step_00000123/
     state.json          step, schedules, the script's state (lambda and its rule's state, the cost
-                        window, data position, ...), the flags, each optimiser's non-tensor state
+                        window, data position, ...), the run (which script and objective or algorithm
+                        made it) and its flags, each optimiser's non-tensor state
                         (param groups, AdamW's `step` counts), every file below with its size
     <name>/             the weights: shard-{rank + 1:05d}-model-{i:05d}-of-{n:05d}.safetensors (DCP's
                         names), each holding a rank's shards keyed by parameter name, with their
@@ -38,7 +40,9 @@ pickle in memory; nothing read from disk is unpickled.)
 Atomic: all ranks write into one temporary directory, `.tmp-step_00000123`; once they all have
 (each reports its files to rank 0), rank 0 writes state.json, syncs, renames the directory into
 place, then switches `latest` (a one-line file, replaced atomically), then removes old step
-directories beyond `keep`. A kill at any moment leaves `latest` naming a complete checkpoint. On
+directories beyond `keep`. A kill at any moment leaves `latest` naming a complete checkpoint; a
+save that fails (a full disk, a Ctrl-C) removes its temporary directory and leaves `latest` as it
+was. On
 resume, state.json is read first (the flags are checked before any tensor is read), then every file
 it lists is checked (present, its size, a readable safetensors header): a damaged one is named,
 with the way back (an older step directory). Checkpoints of the previous layout (full tensors,
@@ -57,6 +61,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
 import fileio
 
 FORMAT = "dcp-safetensors-v1"  # state.json's "format": the layout above
@@ -174,12 +179,19 @@ def _save_tensors(directory: Path, tensors: dict, d):
     """Every rank writes its shards of `tensors` into `directory` (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.api import CheckpointException
 
     writer = HuggingFaceStorageWriter(str(directory), fqn_to_index_mapping=_file_index(tensors, d.world),
                                       save_distributed=True)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensors, storage_writer=writer, no_dist=not d.distributed)
+        try:
+            dcp.save(tensors, storage_writer=writer, no_dist=not d.distributed)
+        except CheckpointException as error:  # a BaseException wrapping each rank's own failure
+            failure = next((f[0] if isinstance(f, tuple) else f for f in error.failures.values()), None)
+            if isinstance(failure, OSError):  # a full disk, a read-only mount: the machine's, not a bug
+                raise OSError(failure.errno, failure.strerror, failure.filename or str(directory)) from None
+            raise
 
 
 def _load_tensors(directory: Path, tensors: dict, d):
@@ -243,19 +255,21 @@ class Checkpointer:
                          "activation_checkpointing", "cpu_offload", "offload_frozen", "save_dtype", "recipe",
                          "report_to"}
 
-    def __init__(self, out_dir, d, keep: int = 2, args=None):
+    def __init__(self, out_dir, d, keep: int = 2, args=None, run: str | None = None):
         self.root = Path(out_dir) / "checkpoints"
         self.d, self.keep = d, keep
         # The run's flags, as JSON would give them back, saved with every checkpoint.
         self.args = json.loads(json.dumps(vars(args), default=str)) if args is not None else None
+        self.run = run  # what made it, in words ("a reward-model run (train_score.py --objective reward)")
+        cli.PROGRESS.saved = None
 
-    def latest(self) -> Path | None:
+    def latest(self, quiet: bool = False) -> Path | None:
         pointer = self.root / "latest"
         if not pointer.is_file():
             # `latest` lost (deleted by hand, say) beside complete step directories: use the newest
             # rather than start over and rotate them away.
             complete = sorted(p for p in self.root.glob("step_*") if (p / "state.json").is_file())
-            if complete:
+            if complete and not quiet:
                 self.d.print(f"{pointer} is missing; resuming from the newest complete checkpoint, {complete[-1]}")
             return complete[-1] if complete else None
         name = pointer.read_text().strip()
@@ -273,7 +287,27 @@ class Checkpointer:
             return 0, {}
         state = self.load(latest, models)
         self.d.print(f"resumed from {latest} at step {state['step']}")
+        cli.PROGRESS.saved = state["step"]
         return state["step"], state
+
+    def check(self):
+        """What resume() will refuse, said before any data or model is loaded: a folder of another run
+        (another script, objective or algorithm), other flags, a layout this version does not read."""
+        latest = self.latest(quiet=True)
+        if latest is not None:
+            self.check_state(latest, _read_json(latest / "state.json", latest))
+
+    def check_state(self, path: Path, state: dict):
+        """Refuse to resume the checkpoint at `path` (its state.json: `state`) if another run made it,
+        or the same run with flags other than the ones it was made with, or an older layout."""
+        if state.get("run") and self.run and state["run"] != self.run:
+            raise ValueError(f"{self.root.parent} holds {state['run']}, not {self.run}: pass another --out for "
+                             f"this run (or resume that one with its own command)")
+        self.check_args(path, state)
+        if state.get("format") != FORMAT:
+            raise ValueError(f"{path} is in an older checkpoint layout (full tensors in <name>/ and <name>.optim.pt, "
+                             f"read with torch.load), which this version no longer reads (it never unpickles): "
+                             f"resume it with the version that wrote it, or use a new --out")
 
     def check_args(self, path: Path, state: dict):
         """Refuse to resume the checkpoint at `path` (its state.json: `state`) with flags other than
@@ -292,8 +326,6 @@ class Checkpointer:
     def save(self, step: int, models: dict, state: dict):
         """models: name -> (model, optimizer or None, scheduler or None). Every rank calls this;
         each writes its own shards."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         d = self.d
         name = f"step_{step:08d}"
         tmp = self.root / f".tmp-{name}"
@@ -302,6 +334,34 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         d.barrier()
+        try:
+            files, schedules, optimizers = self._write(tmp, models)
+            if d.is_main:
+                record = {"format": FORMAT, "step": step, "world": d.world, "schedules": schedules, **state,
+                          **({"run": self.run} if self.run else {}), **({"args": self.args} if self.args else {}),
+                          "optimizers": optimizers, "files": dict(sorted(files.items()))}
+                (tmp / "state.json").write_text(json.dumps(record, indent=1))
+                fileio.fsync_tree(tmp)  # on disk before `latest` names them
+        except BaseException:  # a full disk, a Ctrl-C: free what this step wrote; `latest` still names the last one
+            if d.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if d.is_main:
+            final = self.root / name
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            fileio.atomic_write(self.root / "latest", name + "\n")
+            for old in sorted(self.root.glob("step_*"))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
+        cli.PROGRESS.saved = step
+
+    def _write(self, tmp: Path, models: dict) -> tuple[dict, dict, dict]:
+        """Every rank's shards, RNG state, and the file list (on rank 0: every rank's); the schedules'
+        and optimisers' non-tensor state for state.json."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        d = self.d
         fileio.atomic_write(tmp / "rng" / f"rank_{d.rank:05d}.json", json.dumps(_rng_state()))
         schedules, optimizers = {}, {}
         for key, (model, optimizer, scheduler) in models.items():
@@ -321,19 +381,7 @@ class Checkpointer:
             everyone = [None] * d.world if d.is_main else None
             dist.gather_object(files, everyone, dst=0)
             files = {name: size for part in everyone or [] for name, size in part.items()}
-        if d.is_main:
-            files = dict(sorted(files.items()))
-            record = {"format": FORMAT, "step": step, "world": d.world, "schedules": schedules, **state,
-                      **({"args": self.args} if self.args else {}), "optimizers": optimizers, "files": files}
-            (tmp / "state.json").write_text(json.dumps(record, indent=1))
-            fileio.fsync_tree(tmp)  # on disk before `latest` names them
-            final = self.root / name
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            fileio.atomic_write(self.root / "latest", name + "\n")
-            for old in sorted(self.root.glob("step_*"))[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        d.barrier()
+        return files, schedules, optimizers
 
     def load(self, path: Path, models: dict) -> dict:
         """Restore weights, optimisers, schedules and this rank's RNG from `path`; return state.json."""
@@ -341,11 +389,7 @@ class Checkpointer:
 
         d = self.d
         state = _read_json(path / "state.json", path)
-        self.check_args(path, state)  # before any tensor is read
-        if state.get("format") != FORMAT:
-            raise ValueError(f"{path} is in an older checkpoint layout (full tensors in <name>/ and <name>.optim.pt, "
-                             f"read with torch.load), which this version no longer reads (it never unpickles): "
-                             f"resume it with the version that wrote it, or use a new --out")
+        self.check_state(path, state)  # before any tensor is read
         _check_files(path, state["files"])
         for key, (model, optimizer, scheduler) in models.items():
             _load_tensors(path / key, _model_tensors(model), d)  # into the parameters themselves

@@ -1,24 +1,41 @@
 """The command line of every script: the flags the stages share, the two recipes, and how an
 expected user error is reported.
 
-    parser = argparse.ArgumentParser(...); add_common_args(parser, out="out/sft")
+    parser = cli.ArgumentParser(__doc__); add_common_args(parser, out="out/sft")
     show_recipes(parser, TINY, AUTHORS)          --help shows each recipe flag's two values
     args = parser.parse_args(argv); apply_recipe(args, {"tiny": TINY, "authors": AUTHORS}, args.data is not None)
-    if __name__ == "__main__": cli.run(main)     a user error prints one message, no traceback
+    check_out_dir(args.out)                      a file, or a folder we cannot write: said before any loading
+    if __name__ == "__main__": cli.run(main)     a user error prints one message, no traceback; Ctrl-C says
+                                                 where the run stopped and how to resume it
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import linecache
+import math
 import os
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.tokenizer import TEMPLATES
 from trackers import REPORT_TO
 
 RECIPES = ("tiny", "authors")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with a one-line error: its usage block (15 lines for a stage script) buries the
+    one line that names the flag."""
+
+    def __init__(self, description: str | None = None, **kwargs):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
 def positive(kind):
@@ -35,7 +52,24 @@ def fraction(text):
     """argparse type: a number in [0, 1)."""
     value = float(text)
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+        percent = f" ({text}% is {value / 100:g})" if 1 <= value <= 100 else ""  # a percentage given for a share
+        raise argparse.ArgumentTypeError(f"must be a share in [0, 1), got {text}{percent}")
+    return value
+
+
+def probability(text):
+    """argparse type: a number in (0, 1] (a nucleus mass: 0 would keep no token)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def unit_interval(text):
+    """argparse type: a number in [0, 1] (a discount, GAE's lambda)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 
@@ -43,6 +77,21 @@ def non_negative(text):
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def finite(text):
+    """argparse type: any number but nan and inf (a nan threshold or penalty would turn every loss to nan)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
@@ -111,11 +160,93 @@ def apply_recipe(args, recipes: dict[str, dict], data_given: bool):
             setattr(args, key, value)
     if getattr(args, "save_every", 0) is None:
         args.save_every = 100
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % (args.micro_batch_size * world):
+    world = launch_env()[1]
+    per_step = args.micro_batch_size * world
+    if args.batch_size % per_step:
+        fix = f"e.g. --batch-size {-(-args.batch_size // per_step) * per_step}"
+        fix += ", or another number of ranks (torchrun --nproc_per_node)" if world > 1 else ""
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {world} rank(s)")
+                         f"{args.micro_batch_size} x {world} rank(s) = {per_step}: {fix}")
     return args
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in a plain process. A half-set or
+    non-numeric environment (RANK exported by hand in a job script, say) is said here, naming the variable,
+    rather than met as a KeyError inside the process-group setup. WORLD_SIZE alone counts as the world
+    size for the batch check, as it always has."""
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = os.environ.get(name)
+        if text is not None:
+            try:
+                values[name] = int(text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r} is not a number: launch with torchrun, which sets it, or unset "
+                                 f"it") from None
+    if "RANK" in values and "WORLD_SIZE" not in values:
+        raise ValueError(f"RANK={values['RANK']} is set but WORLD_SIZE is not: launch with torchrun (which sets "
+                         f"both), or unset RANK for a single process")
+    rank, world = values.get("RANK", 0), values.get("WORLD_SIZE", 1)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world} do not make a process group (0 <= RANK < WORLD_SIZE): "
+                         "launch with torchrun, or unset both")
+    return rank, world, values.get("LOCAL_RANK", 0)
+
+
+def check_out_dir(path, flag: str = "--out"):
+    """An output directory must be a directory, or be creatable, and writable: said before anything is
+    loaded, not as a traceback after the first training step (every script that writes calls this)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # where the first new folder would be made
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise NotADirectoryError(f"{flag} {path} {what}, not a directory: pass a directory (new or from an "
+                                 f"earlier run of this command)")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{flag} {path}: cannot write in {existing} ({error.strerror}): pass a {flag} you "
+                              f"can write, or change its permissions") from None
+
+
+@dataclass
+class Progress:
+    """Where the training run of this process stands, for the line that a Ctrl-C or a full disk prints:
+    training.Logger sets the run and its steps, checkpoint.Checkpointer the step of its latest checkpoint."""
+    name: str | None = None
+    step: int = 0  # optimiser steps done
+    total: int = 0
+    saved: int | None = None  # the step the latest checkpoint holds; None before the first one
+
+    def where(self) -> str:
+        if self.name is None:
+            return ""
+        if self.step >= self.total:
+            return f" after step {self.step} of {self.total} ({self.name}), while writing its final model"
+        return f" at step {self.step + 1} of {self.total} ({self.name})"
+
+    def resume_line(self) -> str:
+        if self.name is None:
+            return "run the same command again: what was finished is kept (outputs are written whole or not at all)"
+        if self.saved is None:
+            return f"no checkpoint yet: the same command starts {self.name} over from step 1"
+        if self.saved >= self.total:
+            return f"training is complete (checkpoint of step {self.saved}): the same command writes the final model"
+        return (f"run the same command to resume from step {self.saved + 1} (the checkpoint of step {self.saved}; "
+                f"the resumed run computes exactly what an uninterrupted one would)")
+
+
+PROGRESS = Progress()
+
+# Failures of the machine rather than of our code or the user's input: said in one line with the file,
+# whatever raised them (a library writing a checkpoint shard, say).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
+                      errno.EROFS: "the file system is read-only: pick another --out",
+                      errno.EACCES: "check the path's permissions"}
 
 
 def check_report_to(report_to):
@@ -130,18 +261,27 @@ def check_report_to(report_to):
 def run(main):
     """Run a script's main(). An expected user error (a bad flag, file, data line, checkpoint:
     ValueError, KeyError, FileNotFoundError, ... raised by this project's own code, whose message
-    names the culprit and the fix) prints that message once (rank 0) and exits with status 2; an
-    error raised inside a library (a bug, ours or theirs) keeps its traceback, as does every error
-    with SAFE_RLHF_DEBUG=1."""
+    names the culprit and the fix) prints that message once (rank 0) and exits with status 2; so do
+    a Ctrl-C (where the run stopped, and where the same command resumes it) and a full disk or a
+    denied write, whoever raised it (the file, and the same way back). An error raised inside a
+    library (a bug, ours or theirs) keeps its traceback, as does every error with SAFE_RLHF_DEBUG=1."""
+    debug = os.environ.get("SAFE_RLHF_DEBUG", "0") not in ("", "0")
+    PROGRESS.__init__()  # nothing from an earlier run in this process (the tests run many)
     try:
         main()
-    except (ValueError, KeyError, OSError, ImportError, FloatingPointError, RuntimeError) as error:
-        if os.environ.get("SAFE_RLHF_DEBUG", "0") not in ("", "0") or not _raised_here(error):
+    except KeyboardInterrupt:
+        if debug:
             raise
-        if os.environ.get("RANK", "0") == "0":
-            message = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
-            print(f"error: {message}\n(SAFE_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _say(f"interrupted{PROGRESS.where()}; {PROGRESS.resume_line()}")
+    except (ValueError, KeyError, OSError, ImportError, FloatingPointError, RuntimeError) as error:
+        if debug:
+            raise
+        if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+            where = f": {error.filename}" if error.filename else ""
+            _say(f"{error.strerror}{where}; {ENVIRONMENT_ERRNOS[error.errno]}, then {PROGRESS.resume_line()}")
+        if not _raised_here(error):
+            raise
+        _say(error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, gloo's worker threads can still abort the interpreter's shutdown ("terminate
         # called without an active exception", SIGABRT, a failed run) after the barrier and
@@ -150,6 +290,13 @@ def run(main):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _say(message: str):
+    """The one message of a failed run (from rank 0 only: every rank fails alike), and exit status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}\n(SAFE_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _raised_here(error: BaseException) -> bool:

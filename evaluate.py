@@ -24,7 +24,6 @@ models score every answer, and the paper's 2x2 table of safe/unsafe transitions 
 in each cell is printed and written to <out>/arena.json.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -183,7 +182,7 @@ def harm_by_task_line(metrics) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--models", nargs="+", default=["out/sft/model"], help="policy checkpoints (HF-format dirs)")
     parser.add_argument("--arena", nargs=2, metavar=("BASELINE", "CANDIDATE"), default=None,
                         help="instead: the paper's arena of two policies on any prompts, judged by --reward-model and --cost-model")
@@ -199,22 +198,24 @@ def main(argv=None):
                         help="conversation template (default: the one the checkpoints were trained with, as their "
                              "config.json records it; safe_rlhf for folders this project did not write)")
     parser.add_argument("--max-new-tokens", type=cli.positive(int), default=48, help="answer length limit")
-    parser.add_argument("--temperature", type=float, default=1.0, help="1.0 = the policy's own distribution, as PPO samples it (default); 0 = greedy")
+    parser.add_argument("--temperature", type=cli.non_negative, default=1.0, help="1.0 = the policy's own distribution, as PPO samples it (default); 0 = greedy")
     parser.add_argument("--samples-per-prompt", type=cli.positive(int), default=4, help="answers sampled per prompt (rates are over all of them)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--top-p", type=cli.probability, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--batch-size", type=cli.positive(int), default=64, help="prompts per generate() call")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--show", type=int, default=4, help="print this many example answers per model and kind")
+    parser.add_argument("--show", type=cli.non_negative_int, default=4, help="print this many example answers per model and kind")
     parser.add_argument("--out", default="out/eval", help="writes <out>/eval.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights for generation and scoring (auto: bfloat16 on GPUs, float32 on CPU)")
     args = parser.parse_args(argv)
     training.check_device(args.device)
+    cli.check_out_dir(args.out)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
     args.dtype = getattr(torch, args.dtype)
     training.resolve_models(args, None, "models", "arena", "reward_model", "cost_model")  # Hub ids -> the HF cache
+    training.check_models(policies=args.arena or args.models, reward=args.reward_model, cost=args.cost_model)
 
     prompts_path = args.prompts or ensure_synthetic(args.synthetic_dir, seed=args.data_seed).eval_prompts
     if args.arena:
@@ -234,8 +235,7 @@ def main(argv=None):
     tok = Tokenizer(args.tokenizer or args.models[0]).for_template(template)
     scorers = {name: Scorer(path, args.device, args.dtype)
                for name, path in (("reward", args.reward_model), ("cost", args.cost_model)) if path}
-    for name, scorer in scorers.items():
-        training.check_score_model(scorer.model, scorer.path, name)
+    for scorer in scorers.values():
         training.check_vocab(scorer.model, tok, scorer.path)
 
     results = {}
@@ -285,8 +285,6 @@ def run_arena(args, prompts_path):
     template = training.resolve_template(args.template, *args.arena, args.reward_model, args.cost_model)
     tok = Tokenizer(args.tokenizer or baseline).for_template(template)
     scorers = [Scorer(m, args.device, args.dtype) for m in (args.reward_model, args.cost_model)]
-    for scorer, name in zip(scorers, ("reward", "cost")):
-        training.check_score_model(scorer.model, scorer.path, name)
     scores = {}
     for path in (baseline, candidate):
         policy = hf_io.load_pretrained(path, dtype=args.dtype, device=args.device).eval()

@@ -44,6 +44,8 @@ class atomic_directory:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.filename is None:  # a write() on a full disk names no file
+                exc.filename = str(self.path)
             return False
         fsync_tree(self.tmp)
         old = None
@@ -61,10 +63,16 @@ def atomic_write(path, content: str | bytes):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as error:  # a full disk, a Ctrl-C: no half-written sibling left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)
+        raise
     os.replace(tmp, path)
 
 

@@ -109,56 +109,111 @@ def read_config(path) -> tuple[ModelArgs, str, dict]:
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: not a Hugging Face-format checkpoint")
     try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{file} must hold a JSON object")
 
     def need(key):
-        if key not in config:
+        if config.get(key) is None:
             raise KeyError(f"{file} has no {key!r}")
         return config[key]
 
-    architectures = config.get("architectures") or []
-    family = config.get("model_type") or ("llama" if any(a.startswith("Llama") for a in architectures) else None)
+    def positive(key, kind=int, default=None, required=False):
+        """config[key], a positive integer (kind int) or number (float: an int does too), or `default`
+        where absent or null: a string or a 0 here would fail deep in the model, far from this file."""
+        value = need(key) if required else config.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) or not value > 0:
+            raise ValueError(f"{file}: {key!r} must be a positive {'integer' if kind is int else 'number'}, got "
+                             f"{json.dumps(value)}; fix it in config.json")
+        return value
+
+    def typed(key, kinds, what, default=None):
+        value = config.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, kinds):
+            raise ValueError(f"{file}: {key!r} must be {what}, got {json.dumps(value)[:60]}; fix it in config.json")
+        return value
+
+    architectures = typed("architectures", list, "a list of class names", [])
+    if not all(isinstance(a, str) for a in architectures):
+        raise ValueError(f"{file}: 'architectures' must be a list of class names, got {json.dumps(architectures)[:60]}")
+    family = typed("model_type", str, "a string") or ("llama" if any(a.startswith("Llama") for a in architectures)
+                                                      else None)
     if family not in FAMILIES:
         raise ValueError(f"{file}: model_type {family!r} (architectures {architectures}) is not supported; supported: "
                          "LLaMA / Llama-2 / Llama-3 (llama), Mistral (mistral), Qwen2 / Qwen2.5 (qwen2)")
     if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias") or (
             family != "qwen2" and config.get("attention_bias")):
         raise ValueError(f"{file}: only LLaMA's silu MLP without biases (and Qwen2's q/k/v biases) is supported")
-    sliding_window = config.get("sliding_window") if family == "mistral" else None
+    sliding_window = positive("sliding_window") if family == "mistral" else None
     if family == "qwen2" and config.get("use_sliding_window"):
         raise ValueError(f"{file}: Qwen2's sliding-window layers (use_sliding_window: true) are not supported")
 
-    rope = config.get("rope_parameters") or {}
-    rope_theta = config.get("rope_theta") or rope.get("rope_theta", 10000.0)
-    scaling = config.get("rope_scaling")
+    rope = typed("rope_parameters", dict, "an object", {})
+    rope_theta = positive("rope_theta", float) or rope.get("rope_theta", 10000.0)
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 0:
+        raise ValueError(f"{file}: rope_parameters' 'rope_theta' must be a positive number, got {json.dumps(rope_theta)}")
+    scaling = typed("rope_scaling", dict, "an object or null")
     if scaling is None and rope.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    _check_rope_scaling(file, scaling)
+
+    dim, n_heads = positive("hidden_size", required=True), positive("num_attention_heads", required=True)
+    n_kv_heads, head_dim = positive("num_key_value_heads"), positive("head_dim")
+    if head_dim is None and dim % n_heads:
+        raise ValueError(f"{file}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads} (and there "
+                         "is no head_dim)")
+    if n_kv_heads is not None and n_heads % n_kv_heads:
+        raise ValueError(f"{file}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+    if (head_dim or dim // n_heads) % 2:
+        raise ValueError(f"{file}: the head dimension {head_dim or dim // n_heads} is odd; RoPE rotates pairs of "
+                         "channels, so it must be even")
+    fields = dict(
+        dim=dim,
+        n_layers=positive("num_hidden_layers", required=True),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=positive("vocab_size", required=True),
+        hidden_dim=positive("intermediate_size", required=True),
+        head_dim=head_dim,
+        norm_eps=positive("rms_norm_eps", float, 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=scaling,
+        max_seq_len=positive("max_position_embeddings", default=2048),
+        tie_embeddings=typed("tie_word_embeddings", bool, "true or false", False),
+        qkv_bias=family == "qwen2",
+        sliding_window=sliding_window,
+        family=family,
+    )
+    typed("score_stats", dict, "an object (train_score.py's statistics)")
     try:
-        args = ModelArgs(
-            dim=need("hidden_size"),
-            n_layers=need("num_hidden_layers"),
-            n_heads=need("num_attention_heads"),
-            n_kv_heads=config.get("num_key_value_heads"),
-            vocab_size=need("vocab_size"),
-            hidden_dim=need("intermediate_size"),
-            head_dim=config.get("head_dim"),
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=scaling,
-            max_seq_len=config.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2",
-            sliding_window=sliding_window,
-            family=family,
-        )
+        args = ModelArgs(**fields)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{file}: {e}") from None
     head = "score" if any(a.endswith("ForScore") for a in architectures) or config.get("score_dim") else "lm"
     return args, head, config
+
+
+def _check_rope_scaling(file: Path, scaling: dict | None):
+    """A rope_scaling model.rope_inv_freq can apply: none, "default", or Llama-3.1's "llama3" with its four
+    positive numbers (named here rather than as a KeyError or an unsupported type at the first forward)."""
+    if not scaling:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"{file}: rope_scaling type {kind!r} is not supported (supported: llama3, or none)")
+    if kind == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            value = scaling.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{file}: rope_scaling {key!r} must be a positive number, got {json.dumps(value)}")
+        if scaling["high_freq_factor"] == scaling["low_freq_factor"]:
+            raise ValueError(f"{file}: rope_scaling's high_freq_factor and low_freq_factor must differ")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +284,9 @@ def describe(spec, head: str | None = None, vocab_size: int | None = None) -> Mo
         args, saved_head, config = read_config(spec)
         head = head or saved_head
         if saved_head == "score" and head == "lm":
-            raise ValueError(f"{spec} holds a score model; an LM (policy) was expected")
+            raise ValueError(f"{spec} holds a score model (a reward or cost model: architectures "
+                             f"{config.get('architectures')}), not a language model; a policy is sft.py's <out>/model "
+                             "or ppo_lag.py's <out>/actor")
         return ModelSource(spec, args, head, saved_head, config)
     if spec not in PRESETS:
         raise FileNotFoundError(f"{spec}: no such checkpoint directory (the path does not exist), nor a model "

@@ -16,7 +16,6 @@ re-running the same command after a crash or Ctrl-C picks up where it stopped. E
 stage go through --sft-args, --score-args, --ppo-args ("--lr 1e-5 --epochs 2").
 """
 
-import argparse
 import json
 import shlex
 import sys
@@ -34,7 +33,7 @@ from trackers import REPORT_TO
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     a = parser.add_argument
     a("--out", default="out", help="root of every stage's output")
     a("--launcher", default="", help='prefix for the training stages, e.g. "torchrun --nproc_per_node=8"')
@@ -64,6 +63,7 @@ def main(argv=None):
       help="also run the paper's arena (SFT vs each aligned policy, judged by the reward and cost models); "
            "the only evaluation when --eval-prompts has no 'harmful' labels")
     args = parser.parse_args(argv)
+    cli.check_out_dir(args.out)
 
     out = Path(args.out)
     runs = {}  # <out>/<name> -> (--algo, extra ppo_lag.py flags); checked now, not after hours of SFT

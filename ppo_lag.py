@@ -22,7 +22,6 @@ One iteration (the loop at the end of main):
 Every formula is a function at the top of this file, tested against hand-computed values.
 """
 
-import argparse
 import math
 import time
 from collections import deque
@@ -586,7 +585,7 @@ def report_initial_costs(rollouts: list[Rollout], args, d):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     a = parser.add_argument
     a("--algo", choices=["ppo_lag", "ppo", "reward_shaping"], default="ppo_lag",
       help="ppo_lag: constrained (learned lambda); ppo: reward only; reward_shaping: fixed lambda, reward R - lambda C")
@@ -598,27 +597,27 @@ def parse_args(argv=None):
     a("--ptx-data", default=None, help="SFT files for the PTX loss (default: the synthetic SFT data when --ptx-coeff > 0)")
     a("--critic-lr", type=cli.positive(float), default=None, help="critics' learning rate (constant after warmup)")
     a("--max-new-tokens", type=cli.positive(int), default=None, help="answer length limit; answers cut there without EOS are counted")
-    a("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
-    a("--top-p", type=float, default=1.0, help="nucleus sampling mass of rollouts")
+    a("--temperature", type=cli.non_negative, default=1.0, help="sampling temperature of rollouts")
+    a("--top-p", type=cli.probability, default=1.0, help="nucleus sampling mass of rollouts")
     a("--kl-coeff", type=cli.non_negative, default=None, help="beta: weight of the per-token KL(actor || reference) penalty")
-    a("--clip-eps", type=float, default=0.2, help="PPO ratio clip")
-    a("--clip-range-score", type=float, default=50.0, help="per-token rewards and costs are clipped to +-this")
-    a("--clip-range-value", type=float, default=5.0, help="value clip around the rollout-time values")
-    a("--gamma", type=float, default=1.0, help="discount")
-    a("--gae-lambda", type=float, default=0.95, help="GAE lambda")
+    a("--clip-eps", type=cli.positive(float), default=0.2, help="PPO ratio clip")
+    a("--clip-range-score", type=cli.positive(float), default=50.0, help="per-token rewards and costs are clipped to +-this")
+    a("--clip-range-value", type=cli.positive(float), default=5.0, help="value clip around the rollout-time values")
+    a("--gamma", type=cli.unit_interval, default=1.0, help="discount")
+    a("--gae-lambda", type=cli.unit_interval, default=0.95, help="GAE lambda")
     a("--ppo-epochs", type=cli.positive(int), default=1, help="PPO updates per rollout batch")
     a("--ptx-coeff", type=cli.non_negative, default=None, help="weight of the SFT (PTX) loss added to the actor's")
-    a("--threshold", type=float, default=None, help="cost limit: J_C <= threshold (on the cost model's scale; see the quantiles printed at start)")
+    a("--threshold", type=cli.finite, default=None, help="cost limit: J_C <= threshold (on the cost model's scale; see the quantiles printed at start)")
     a("--lambda-update", choices=list(LambdaRule.registry), default="sgd",
       help="how lambda moves: sgd (the authors': SGD on log lambda) or pid (Stooke et al. 2020)")
     a("--lambda-init", type=cli.positive(float), default=1.0, help="initial lambda, above 0 (reward_shaping: the fixed lambda)")
     a("--lambda-lr", type=cli.positive(float), default=0.1, help="sgd: step size on log lambda")
     a("--lambda-max", type=cli.positive(float), default=5.0, help="upper clamp of lambda")
-    a("--lambda-update-delay", type=int, default=0, help="iterations before lambda starts to move")
+    a("--lambda-update-delay", type=cli.non_negative_int, default=0, help="iterations before lambda starts to move")
     a("--episode-cost-window", type=cli.positive(int), default=None, help="J_C is the mean cost of this many most recent episodes (all ranks)")
     for rule in LambdaRule.registry.values():
         rule.add_args(parser)
-    a("--truncation-penalty", type=float, default=0.0, help="subtracted from the reward of answers cut without EOS (their end score is read off-distribution)")
+    a("--truncation-penalty", type=cli.finite, default=0.0, help="subtracted from the reward of answers cut without EOS (their end score is read off-distribution)")
     a("--offload-frozen", action="store_true", help="keep the frozen reference/reward/cost models' shards in CPU memory")
     cli.add_common_args(parser, out=None)
     cli.show_recipes(parser, TINY, AUTHORS, notes={"kl_coeff": f"--algo ppo/reward_shaping: {AUTHORS_BASELINE_KL_COEFF}"})
@@ -628,7 +627,11 @@ def parse_args(argv=None):
     args.out = args.out or f"out/{args.algo}"
     if args.algo != "ppo" and args.cost_model.lower() == "none":
         parser.error(f"--algo {args.algo} needs --cost-model")
+    cli.check_out_dir(args.out)
     return args
+
+
+ALGO_NAMES = {"ppo_lag": "a PPO-Lagrangian run", "ppo": "a PPO run", "reward_shaping": "a reward-shaping run"}
 
 
 @dataclass
@@ -681,9 +684,6 @@ def load_models(args, d, tok, total_steps: int) -> Models:
                         (reward_model, args.reward_model), (cost_model, args.cost_model)):
         if model is not None:
             training.check_vocab(model, tok, path)
-    training.check_score_model(reward_model, args.reward_model, "reward")
-    if cost_model is not None:
-        training.check_score_model(cost_model, args.cost_model, "cost")
     warmup = int(args.warmup_ratio * total_steps)
     optimizers = {"actor": training.build_optimizer(actor, args.lr, args.weight_decay, warmup_steps=warmup,
                                                     total_steps=total_steps)}
@@ -705,6 +705,9 @@ def main(argv=None):
     training.resolve_models(args, d, "actor", "reward_model", "cost_model", "reference")  # Hub ids -> their folders in the HF cache
     d.print(f"ppo_lag ({args.algo}): {d.world} rank(s) on {d.device}; recipe {args.recipe}; "
             + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
+    ckpt = Checkpointer(args.out, d, args=args, run=f"{ALGO_NAMES[args.algo]} (ppo_lag.py --algo {args.algo})")
+    ckpt.check()  # another run's --out, other flags: said before anything loads
+    training.check_models(policies=[args.actor, args.reference], reward=args.reward_model, cost=args.cost_model)
 
     # -- data -------------------------------------------------------------------------------------
     data = load_data(args, d)
@@ -713,7 +716,6 @@ def main(argv=None):
     # -- models, lambda, resume -------------------------------------------------------------------
     models = load_models(args, d, data.tok, total_steps)
     multiplier = make_multiplier(args, d)
-    ckpt = Checkpointer(args.out, d, args=args)
     start_step, state = ckpt.resume(models.trained())
     if state:
         multiplier.load_state_dict(state["multiplier"])

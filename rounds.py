@@ -55,6 +55,7 @@ import sys
 import time
 from pathlib import Path
 
+import cli
 from fileio import read_jsonl
 from iterated import collect, label, report
 from iterated.label import unsafe_share
@@ -304,7 +305,7 @@ class Rounds:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     a = parser.add_argument
     a("--rounds", type=int, default=3, help="rounds in all, round 1 included (the paper: 3, Beaver-v1 to v3)")
     a("--out", default="runs/rounds", help="root of every round's output: <out>/round<r>/...")
@@ -361,6 +362,7 @@ def parse_args(argv=None):
         parser.error("real data (--prompts) needs --eval-prompts: the fixed prompts every round is evaluated on")
     if args.prompts and not (args.preference_data or args.from_dir):
         parser.error("real data (--prompts) needs --preference-data (round 1's preferences, retrained on in every round)")
+    cli.check_out_dir(args.out)
     return args
 
 
@@ -387,6 +389,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli
-
     cli.run(main)  # an expected user error prints one line, as in the stage scripts

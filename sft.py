@@ -11,7 +11,6 @@ logits are never materialised. The product is an HF-format model in <out>/model,
 tokenizer.model beside the weights, which train_score.py and ppo_lag.py start from.
 """
 
-import argparse
 import time
 from functools import partial
 
@@ -48,21 +47,25 @@ AUTHORS = dict(
 
 def main(argv=None):
     # -- arguments ------------------------------------------------------------------------------
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--model", default="tiny", help="HF-format checkpoint dir to fine-tune, or a model.PRESETS name to train from scratch")
     parser.add_argument("--data", default=None, help="SFT files 'path[:fraction|:count],...' (Alpaca or prompt/response JSON[L]); default: the synthetic task")
     parser.add_argument("--eval-data", default=None, help="held-out SFT files (default: the synthetic eval split, or --eval-fraction of --data)")
-    parser.add_argument("--eval-fraction", type=float, default=0.02, help="share of --data held out when --eval-data is not given")
+    parser.add_argument("--eval-fraction", type=cli.fraction, default=0.02, help="share of --data held out when --eval-data is not given")
     cli.add_common_args(parser, out="out/sft")
     cli.show_recipes(parser, TINY, AUTHORS)
     args = parser.parse_args(argv)
     cli.apply_recipe(args, {"tiny": TINY, "authors": AUTHORS}, data_given=args.data is not None)
+    cli.check_out_dir(args.out)
 
     # -- setup ----------------------------------------------------------------------------------
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
     training.resolve_models(args, d, "model")  # Hub ids -> their folders in the HF cache
     d.print(f"sft: {d.world} rank(s) on {d.device}; recipe {args.recipe}; " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
+    ckpt = Checkpointer(args.out, d, args=args, run="an SFT run (sft.py)")
+    ckpt.check()  # another run's --out, other flags: said before anything loads
+    training.check_models(policies=[args.model])
 
     # -- data -----------------------------------------------------------------------------------
     if args.data is None:
@@ -87,7 +90,6 @@ def main(argv=None):
                                                     warmup_steps=int(args.warmup_ratio * total_steps),
                                                     total_steps=total_steps)
     models = {"model": (model, optimizer, scheduler)}
-    ckpt = Checkpointer(args.out, d, args=args)
     start_step, _ = ckpt.resume(models)
     d.print(f"model: {model.num_params() / 1e6:.2f}M parameters; "
             f"{total_steps} steps of {args.batch_size} dialogues")

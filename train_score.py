@@ -13,7 +13,6 @@ through one forward pass. Eval reports accuracy (and the cost model's sign accur
 distribution of end scores: PPO's cost threshold must be picked on that scale.
 """
 
-import argparse
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 import cli
 import fileio
+import hf_io
 import training
 from checkpoint import Checkpointer
 from data.loaders import (collate_cost_pairs, collate_reward_pairs, cost_pairs, load_preferences, reward_pairs,
@@ -150,18 +150,19 @@ def quantiles(values: torch.Tensor) -> dict:
 
 def main(argv=None):
     # -- arguments ------------------------------------------------------------------------------
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--objective", choices=list(OBJECTIVES), default="reward", help="which score model to train")
     parser.add_argument("--model", default="out/sft/model", help="HF-format checkpoint to start from (the SFT model); a new score head is added")
     parser.add_argument("--data", default=None, help="preference files 'path[:fraction|:count],...' (PKU-SafeRLHF schema); default: the synthetic task")
     parser.add_argument("--eval-data", default=None, help="held-out preference files (default: the synthetic eval split, or --eval-fraction of --data)")
-    parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is not given")
-    parser.add_argument("--mu", type=float, default=0.001, help="L2 regularisation of the end scores (keeps them near 0)")
+    parser.add_argument("--eval-fraction", type=cli.fraction, default=0.05, help="share of --data held out when --eval-data is not given")
+    parser.add_argument("--mu", type=cli.non_negative, default=0.001, help="L2 regularisation of the end scores (keeps them near 0)")
     cli.add_common_args(parser, out=None)
     cli.show_recipes(parser, TINY, AUTHORS)
     args = parser.parse_args(argv)
     cli.apply_recipe(args, {"tiny": TINY, "authors": AUTHORS}, data_given=args.data is not None)
     args.out = args.out or f"out/{args.objective}_model"
+    cli.check_out_dir(args.out)
     objective = OBJECTIVES[args.objective]
 
     # -- setup ----------------------------------------------------------------------------------
@@ -170,6 +171,10 @@ def main(argv=None):
     training.resolve_models(args, d, "model")  # Hub ids -> their folders in the HF cache
     d.print(f"train_score ({args.objective}): {d.world} rank(s) on {d.device}; recipe {args.recipe}; "
             + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
+    ckpt = Checkpointer(args.out, d, args=args,
+                        run=f"a {args.objective}-model run (train_score.py --objective {args.objective})")
+    ckpt.check()  # another run's --out, other flags: said before anything loads
+    hf_io.describe(args.model, "score")  # a bad or missing config.json, before the data loads
 
     # -- data -----------------------------------------------------------------------------------
     if args.data is None:
@@ -198,7 +203,6 @@ def main(argv=None):
                                                     warmup_steps=int(args.warmup_ratio * total_steps),
                                                     total_steps=total_steps)
     models = {"model": (model, optimizer, scheduler)}
-    ckpt = Checkpointer(args.out, d, args=args)
     start_step, _ = ckpt.resume(models)
     d.print(f"model: {model.num_params() / 1e6:.2f}M parameters; {total_steps} steps of {args.batch_size} pairs")
     logger = training.Logger(args.out, d, total_steps, args.objective, resume_step=start_step,

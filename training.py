@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
 import fileio
 import hf_io
 from data.loaders import split_train_eval
@@ -209,7 +210,16 @@ def check_device(device: str):
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: expected auto, cpu or cuda")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU")
+        raise RuntimeError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU{_visible_devices()}")
+
+
+def _visible_devices() -> str:
+    """CUDA_VISIBLE_DEVICES, when set, is the usual reason a GPU goes unseen: name it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return ""
+    return (f" (CUDA_VISIBLE_DEVICES={visible!r} lets it see {torch.cuda.device_count()}: list the GPU ids "
+            f"to use, e.g. 0,1, or unset it)")
 
 
 def setup_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
@@ -222,13 +232,16 @@ def setup_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(device)
     mixed = precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
+    rank, world, local_rank = cli.launch_env()
     if "RANK" not in os.environ:
         dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         return Dist(0, 1, 0, dev, None, mixed)
     from torch.distributed.device_mesh import init_device_mesh
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda" and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {local_rank} has no GPU of its own: this node shows "
+                           f"{torch.cuda.device_count()}{_visible_devices()}; start at most that many processes per "
+                           "node (torchrun --nproc_per_node)")
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -309,14 +322,29 @@ def load_model(spec: str, head: str, d: Dist, *, seed: int = 0, activation_check
     return model
 
 
-def check_score_model(model: Transformer, path, objective: str):
+def check_models(policies=(), reward=None, cost=None):
+    """What each model is, from its config.json alone, before any data or weights are read: a policy
+    must be a language model (hf_io.describe refuses a score model), a reward or cost model a score
+    model trained for that objective (check_score_model). A bad config.json is named here too
+    (hf_io.read_config checks its fields), not after the data has loaded."""
+    for spec in policies:
+        if spec:
+            hf_io.describe(spec, "lm")
+    for objective, spec in (("reward", reward), ("cost", cost)):
+        if spec and str(spec).lower() != "none":
+            check_score_model(spec, objective)
+
+
+def check_score_model(spec, objective: str):
     """A reward model passed as the cost model (or the other way round) trains or evaluates against
     the wrong signal without any error; its saved statistics say what it was trained for."""
-    trained_for = (model.score_stats or {}).get("objective")
-    if model.head != "score":
-        raise ValueError(f"{path} is a language model, not a trained {objective} model")
+    src = hf_io.describe(spec, "score")
+    if src.saved_head != "score":
+        raise ValueError(f"{spec} is a language model, not a trained {objective} model: pass train_score.py "
+                         f"--objective {objective}'s product (<out>/model)")
+    trained_for = (src.score_stats or {}).get("objective")
     if trained_for not in (None, objective):
-        raise ValueError(f"{path} was trained as a {trained_for} model, but is given as the {objective} model")
+        raise ValueError(f"{spec} was trained as a {trained_for} model, but is given as the {objective} model")
 
 
 def shard(model: Transformer, d: Dist, *, cpu_offload: bool, frozen: bool = False):
@@ -494,6 +522,7 @@ class Logger:
         from trackers import Trackers, open_trackers
 
         self.d, self.total, self.name = d, total_steps, name
+        cli.PROGRESS.name, cli.PROGRESS.total, cli.PROGRESS.step = name, total_steps, resume_step
         self.path = Path(out_dir) / "log.jsonl"
         self.start_time, self.start_step = time.time(), resume_step
         self.tty = sys.stderr.isatty()
@@ -504,8 +533,7 @@ class Logger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
                 fileio.atomic_write(self.path, "".join(line + "\n" for line in kept))
             # TensorBoard / wandb (--report-to) mirror each line; the kept ones for a tracker that lacks them.
             config = json.loads(json.dumps(config or {}, default=str))  # the run's flags, as plain values
@@ -514,6 +542,7 @@ class Logger:
             self.trackers = Trackers([])
 
     def log(self, step: int, metrics: dict, summary: str = ""):
+        cli.PROGRESS.step = step
         if not self.d.is_main:
             return
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -536,6 +565,17 @@ class Logger:
         self.trackers.close()
         if self.d.is_main and self.tty:
             print(file=sys.stderr)
+
+
+def _step_of(line: str) -> float:
+    """The step of a log line; a line that does not parse (cut short by a kill or a full disk: only the
+    last can be) counts as past every checkpoint, so it is dropped with the other steps being redone."""
+    if not line.strip():
+        return math.inf
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf
 
 
 def _jsonable(v):

@@ -108,9 +108,13 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     (Hugging Face datasets' format; read with pyarrow, an optional dependency; "line" is the row
     number, from 1)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: name the data files in it (a,b,... or a Hub dataset id)")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    if path.suffix == ".parquet":
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if path.suffix == ".parquet" or magic == b"PAR1":
         try:
             import pyarrow.parquet
         except ImportError:
@@ -121,7 +125,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         except Exception as error:  # pyarrow's message does not name the file
             raise DataError(f"{path}: not a readable Parquet file ({error})") from None
         return [(row_no, _check_object(path, row_no, row)) for row_no, row in enumerate(rows, start=1)]
-    text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+    text = _decode(path, _decompress(path, path.read_bytes()))
     if text.lstrip().startswith("["):
         return _read_json_array(path, text)
     records = []
@@ -134,6 +138,42 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
             raise DataError(f"{path}, line {line_no}: malformed JSON: {error.msg} (column {error.colno})") from None
         records.append((line_no, _check_object(path, line_no, record)))
     return records
+
+
+# Compressed files, recognised by their first bytes whatever their name (a .jsonl that is really gzip):
+# the standard library's decompressors are read; the others are refused by name, with the command that
+# unpacks them.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+_REFUSED = {b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d"), b"PK\x03\x04": ("zip", "unzip")}
+
+
+def _decompress(path: Path, raw: bytes) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    for magic, kind in _COMPRESSED.items():
+        if raw.startswith(magic):
+            try:
+                return {"gzip": gzip, "bz2": bz2, "xz": lzma}[kind].decompress(raw)
+            except (OSError, EOFError, ValueError, lzma.LZMAError) as error:  # truncated or damaged
+                raise DataError(f"{path}: a damaged {kind} file ({error}); download or compress it again") from None
+    for magic, (kind, command) in _REFUSED.items():
+        if raw.startswith(magic):
+            raise DataError(f"{path} is {kind}-compressed, which is not read here: unpack it ({command} "
+                            f"{path.name}) and pass the JSONL, JSON or Parquet file")
+    return raw
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """UTF-8 text (a byte-order mark tolerated); any other encoding is named with the line of its first
+    byte that is not UTF-8, and the way to convert it."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); save the file as "
+                        f"UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}") from None
 
 
 def _read_json_array(path: Path, text: str) -> list[tuple[int, dict]]:
@@ -187,6 +227,11 @@ def _text(path, line_no, record, field, allow_empty=False) -> str:
     value = record[field]
     if not isinstance(value, str):
         _fail(path, line_no, field, f"expected a string, got {json.dumps(value)[:40]}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate escape ("\ud83d" without its pair): no tokenizer takes it
+        _fail(path, line_no, field, f"the escape \\u{ord(value[error.start]):04x} at character {error.start} is half "
+                                    "of a UTF-16 surrogate pair, not text: write the whole character (or both halves)")
     if not allow_empty and not value.strip():
         _fail(path, line_no, field, "empty")
     return value

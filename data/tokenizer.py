@@ -256,7 +256,11 @@ class Tokenizer:
         """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or a list of
         {"name", "template"} from which the "default" one is taken), as transformers picks it."""
         if (directory / "chat_template.jinja").is_file():
-            return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+            try:
+                return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{directory / 'chat_template.jinja'}: not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); save it as UTF-8") from None
         template = config.get("chat_template")
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -395,16 +399,21 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 # chat templates (jinja2, as transformers renders them)
 
+def _jinja2():
+    try:
+        import jinja2
+    except ImportError:
+        raise ImportError("the chat template (--template chat) needs jinja2: pip install 'jinja2>=3.1'") from None
+    return jinja2
+
+
 @functools.lru_cache(maxsize=8)
 def _compile_chat_template(template: str):
     """The template compiled in transformers' environment: a sandbox, trim_blocks and lstrip_blocks, loop controls,
     its tojson filter, raise_exception and strftime_now, and {% generation %} blocks rendered as plain text."""
-    try:
-        import jinja2
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise ImportError("the chat template (--template chat) needs jinja2: pip install 'jinja2>=3.1'") from None
+    jinja2 = _jinja2()
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationBlocks(Extension):
         """transformers marks assistant text with {% generation %}...{% endgeneration %}; it renders as is."""
@@ -440,10 +449,16 @@ def render_chat(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt:
     if tok.chat_template is None:
         raise ValueError(f"{tok.path}: no chat template (neither chat_template.jinja nor a chat_template in "
                          "tokenizer_config.json); use --template safe_rlhf")
-    compiled = _compile_chat_template(tok.chat_template)
+    jinja2 = _jinja2()
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     context = {"tools": None, "documents": None, **tok.special_tokens, **variables}
-    return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+    try:
+        compiled = _compile_chat_template(tok.chat_template)
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+    except jinja2.TemplateError as error:  # a syntax error, or the template's own raise_exception
+        line = f", line {error.lineno}" if getattr(error, "lineno", None) else ""
+        raise ValueError(f"the chat template of {tok.path.parent}{line} fails: {error.message or error}; fix it "
+                         "(chat_template.jinja or tokenizer_config.json), or use --template safe_rlhf") from None
 
 
 def chat_turn_end(tok: Tokenizer) -> int:

@@ -1,14 +1,18 @@
 """checkpoint.py's sharded, pickle-free checkpoints and hf_io.save_pretrained's streaming writer.
 
 In one process (fast): a save/resume round trip with pickle and torch.load made to raise, damaged
-and missing files named, a kill between the rename and the `latest` switch, old checkpoints rotated,
-an older layout refused, sharded HF output loadable by transformers.
+and missing files named, a kill between the rename and the `latest` switch, a disk that fills up
+halfway through a save, old checkpoints rotated, an older layout refused, sharded HF output loadable
+by transformers.
 
 Whole scripts (slow): sft.py written by 2 ranks (killed by SIGKILL while saving its last checkpoint)
 resumes on 1 and on 4 ranks, written by 4 resumes on 2; ppo_lag.py (three optimisers, lambda's
 state) written by 2 resumes in one process; each with the losses and weights of an uninterrupted run.
 """
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import pickle
@@ -18,6 +22,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -193,6 +198,68 @@ def test_kill_before_latest_switch_and_rotation(tmp_path, monkeypatch):
     assert not list(root.glob(".tmp-*"))
 
 
+class _FillingStream:
+    """A file whose disk fills up: writes go through until `room` bytes (shared by every file of the
+    save) are used, then the one that does not fit is written in part and raises ENOSPC."""
+
+    def __init__(self, stream, room: list):
+        self.stream, self.room = stream, room
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if len(data) > self.room[0]:
+            self.stream.write(data[:self.room[0]])
+            self.room[0] = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room[0] -= len(data)
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def full_disk(budget: int):
+    """Checkpoint shards (written through DCP's FileSystem streams) fail with ENOSPC once `budget`
+    bytes are written: a disk that fills up halfway through a save."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    create_stream, room = FileSystem.create_stream, [budget]
+
+    @contextlib.contextmanager
+    def filling(self, path, mode):
+        with create_stream(self, path, mode) as stream:
+            yield _FillingStream(stream, room) if "w" in mode else stream
+
+    with mock.patch.object(FileSystem, "create_stream", filling):
+        yield
+
+
+def tree_hashes(root: Path) -> dict:
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(root.rglob("*"))
+            if f.is_file()}
+
+
+def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path):
+    models = tiny_run()
+    ckpt = Checkpointer(tmp_path, PLAIN)
+    train(models, 1)
+    ckpt.save(1, models, {"at": 1})
+    root = tmp_path / "checkpoints"
+    before = tree_hashes(root)
+    size = sum((root / "step_00000001" / f).stat().st_size for f in json.loads(
+        (root / "step_00000001" / "state.json").read_text())["files"])
+    train(models, 1)
+    with full_disk(budget=size // 2), pytest.raises(OSError) as error:
+        ckpt.save(2, models, {"at": 2})
+    assert error.value.errno == errno.ENOSPC and ".tmp-step_00000002" in error.value.filename
+    assert tree_hashes(root) == before  # `latest` still names step 1, byte for byte; nothing of step 2 is left
+    step, state = Checkpointer(tmp_path, PLAIN).resume(tiny_run(seed=3))
+    assert step == 1 and state["at"] == 1
+    ckpt.save(2, models, {"at": 2})  # space freed: the next save goes through
+    assert (root / "latest").read_text() == "step_00000002\n"
+
+
 def test_older_layout_is_refused(tmp_path):
     step_dir = tmp_path / "checkpoints" / "step_00000002"
     step_dir.mkdir(parents=True)
@@ -293,13 +360,13 @@ def test_sft_resumes_on_other_world_sizes(tmp_path, synthetic_data):
     assert len(shapes) == 4  # one file per rank, each with its quarter of every tensor
     assert {s["tok_embeddings.weight"] for s in shapes.values()} == {(1024 // 4, 128)}
 
-    # 2 ranks, rank 1 SIGKILLed while writing the step-3 checkpoint: `latest` still names step 2,
-    # the half-written directory is left under its temporary name.
+    # 2 ranks, rank 1 SIGKILLed while writing the step-3 checkpoint: `latest` still names step 2; the
+    # half-written step never appears under its own name (what is left of it stays under its temporary
+    # name, unless rank 0 removed it when its collective failed).
     killed = tmp_path / "w2"
     run_killed_in_save("sft.py", [*args, "--out", str(killed)], 2, 3, tmp_path)
     ckpts = killed / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000002\n"
-    assert list((ckpts / ".tmp-step_00000003" / "model").glob("*.safetensors"))
     assert not (ckpts / "step_00000003").exists() and not (killed / "model").exists()
     shutil.copytree(killed, tmp_path / "w2to4")
     shutil.copytree(straight, tmp_path / "w4to2")

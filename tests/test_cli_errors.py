@@ -63,7 +63,8 @@ def test_resume_refuses_changed_flags_but_allows_longer_runs(task, tmp_path):
 
 def test_reused_out_of_another_objective_is_refused(task, trained, tmp_path):
     shutil.copytree(trained / "reward", tmp_path / "copy")
-    with pytest.raises(ValueError, match=r"--objective: 'reward' in the checkpoint, 'cost' now"):
+    with pytest.raises(ValueError, match=r"copy holds a reward-model run \(train_score\.py --objective reward\), not "
+                                         r"a cost-model run \(train_score\.py --objective cost\)"):
         train_score.main(["--objective", "cost", "--model", str(trained / "sft" / "model"),
                           "--data", f"{task.preference_train}:64", "--eval-data", f"{task.preference_eval}:16",
                           "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--out", str(tmp_path / "copy")])
@@ -89,7 +90,7 @@ def ppo(trained, task, out, *extra):
 
 
 @pytest.mark.parametrize("swap, message", [
-    ("lm_as_reward", "is a language model, not a trained score model"),
+    ("lm_as_reward", "is a language model, not a trained reward model"),
     ("swapped", "was trained as a cost model, but is given as the reward model"),
 ])
 def test_wrong_score_models_are_refused(task, trained, tmp_path, swap, message):

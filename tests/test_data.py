@@ -193,6 +193,32 @@ def test_malformed_json_and_missing_file(tmp_path):
         load_sft(tmp_path / "missing.jsonl", log=None)
 
 
+def test_compressed_files_are_read_whatever_their_name(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    rows = [{"prompt": "Hi", "response": "Hello, caf\u00e9."}, {"instruction": "Add", "input": "2+2", "output": "4"}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    expected = [SFTExample("Hi", "Hello, caf\u00e9."), SFTExample("Add 2+2", "4")]
+    for name, packed in (("a.jsonl.gz", gzip.compress(text)), ("b.jsonl", gzip.compress(text)),
+                         ("c.jsonl.bz2", bz2.compress(text)), ("d.jsonl.xz", lzma.compress(text)),
+                         ("e.json.gz", gzip.compress(json.dumps(rows).encode())),
+                         ("f.jsonl", b"\xef\xbb\xbf" + text)):  # a byte-order mark
+        (tmp_path / name).write_bytes(packed)
+        assert load_sft(tmp_path / name, log=None)[0] == expected, name
+
+
+def test_text_that_is_not_utf8_or_not_text_is_named(tmp_path):
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "x", "response": "\x93quoted\x94"}\n')
+    with pytest.raises(DataError, match=r"win\.jsonl, line 2: not UTF-8 text \(byte 0x93\)"):
+        load_sft(path, log=None)
+    path = write_jsonl(tmp_path / "pku.jsonl", [pku_row(response_1="\udc80 half")])
+    with pytest.raises(DataError, match=r"pku\.jsonl, line 1, field 'response_1': the escape \\udc80"):
+        load_preferences(path, log=None)
+
+
 # ---------------------------------------------------------------------------------------------
 # several files with a share each; train/eval splits
 
