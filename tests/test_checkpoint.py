@@ -29,7 +29,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import checkpoint
 import fileio
 import hf_io
 import training
