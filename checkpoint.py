@@ -253,7 +253,7 @@ class Checkpointer:
     # --recipe only fills the flags left unset, and those values are compared one by one.
     RESUMABLE_CHANGES = {"out", "eval_every", "save_every", "max_steps", "epochs", "device", "precision",
                          "activation_checkpointing", "cpu_offload", "offload_frozen", "save_dtype", "recipe",
-                         "report_to"}
+                         "report_to", "decode"}
 
     def __init__(self, out_dir, d, keep: int = 2, args=None, run: str | None = None):
         self.root = Path(out_dir) / "checkpoints"

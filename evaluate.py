@@ -38,13 +38,13 @@ from data.loaders import collate_prompts, load_eval_prompts, load_prompts, token
 from data.synthetic import ensure_synthetic
 from data.tokenizer import TEMPLATES, Tokenizer
 from data.world import TASKS_BY_ID
-from model import generation_mask, is_eos
+from model import DECODE_MODES, generation_mask, is_eos
 from scoring import Scorer, judge_rates, judge_tallies
 
 
 @torch.no_grad()
 def sample_answers(policy, tok, prompts, *, batch_size, max_new_tokens, temperature, top_p, seed, device,
-                   template="safe_rlhf"):
+                   template="safe_rlhf", decode="auto"):
     """Greedy (temperature 0) or sampled answers: (texts, sequences and masks per batch, lengths, truncated flags)."""
     ids, _ = tokenize_prompts(tok, prompts, max_length=10_000, log=None, template=template)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -55,7 +55,7 @@ def sample_answers(policy, tok, prompts, *, batch_size, max_new_tokens, temperat
         batch = collate_prompts(ids[i:i + batch_size], pad_id=tok.pad_id)
         prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         out = policy.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, eos_id=tok.eos_ids, pad_id=tok.pad_id, generator=g)
+                              top_p=top_p, eos_id=tok.eos_ids, pad_id=tok.pad_id, generator=g, decode=decode)
         mask = generation_mask(out, prompt_mask, tok.eos_ids)
         T = prompt_ids.shape[1]
         for row in range(out.shape[0]):
@@ -201,6 +201,8 @@ def main(argv=None):
     parser.add_argument("--temperature", type=cli.non_negative, default=1.0, help="1.0 = the policy's own distribution, as PPO samples it (default); 0 = greedy")
     parser.add_argument("--samples-per-prompt", type=cli.positive(int), default=4, help="answers sampled per prompt (rates are over all of them)")
     parser.add_argument("--top-p", type=cli.probability, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                        help="decoding step of model.generate (auto: a captured CUDA graph on GPUs, eager on CPUs)")
     parser.add_argument("--batch-size", type=cli.positive(int), default=64, help="prompts per generate() call")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--show", type=cli.non_negative_int, default=4, help="print this many example answers per model and kind")
@@ -245,7 +247,8 @@ def main(argv=None):
         training.check_vocab(policy, tok, path)
         texts, batches, lengths, truncated = sample_answers(
             policy, tok, [r["prompt"] for r in rows], batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device, template=template)
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device, template=template,
+            decode=args.decode)
         metrics = synthetic_metrics(rows, texts, lengths, truncated)
         for name, scorer in scorers.items():
             metrics[f"mean_{name}"] = float(scorer.batches(batches).mean())
@@ -290,7 +293,8 @@ def run_arena(args, prompts_path):
         policy = hf_io.load_pretrained(path, dtype=args.dtype, device=args.device).eval()
         _, batches, _, _ = sample_answers(policy, tok, prompts, batch_size=args.batch_size,
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, seed=args.seed, device=args.device, template=template)
+                                          top_p=args.top_p, seed=args.seed, device=args.device, template=template,
+                                          decode=args.decode)
         del policy
         scores[path] = [scorer.batches(batches) for scorer in scorers]
     result = arena(*scores[baseline], *scores[candidate])

@@ -23,7 +23,9 @@ only: those choose between the Triton kernels and a PyTorch path.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from kernels import AttentionMask, flash_attention, fused_linear_logprobs
+from kernels import AttentionMask, flash_attention, fused_linear_logprobs, static_cache_attention
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,11 +163,16 @@ class KVCache:
         self.batch, self.max_len = batch, max_len
         self.k = self.v = None
 
-    def update(self, start: int, k, v):
+    def update(self, start, k, v):
+        """Write k, v [B, T, Hkv, D] at `start` and return the keys and values to attend over: those
+        up to the last one written, or, when `start` is a tensor (one index, the static decoding
+        step), the whole cache, so that the shapes never change."""
         if self.k is None:
             shape = (self.batch, self.max_len, k.shape[2], k.shape[3])
             self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        if isinstance(start, torch.Tensor):
+            return self.k.index_copy_(1, start, k), self.v.index_copy_(1, start, v)
         end = start + k.shape[1]
         self.k.narrow(1, start, k.shape[1]).copy_(k)  # narrow: cheaper per token than slice indexing
         self.v.narrow(1, start, v.shape[1]).copy_(v)
@@ -182,7 +189,8 @@ class Attention(nn.Module):
         self.sliding_window = args.sliding_window
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None, cache_pos: int = 0):
+    def forward(self, x, cos, sin, mask: AttentionMask | torch.Tensor, cache: KVCache | None = None,
+                cache_pos: int | torch.Tensor = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -194,7 +202,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(cache_pos, k, v)
         # K/V keep n_kv_heads heads: the kernel reads each group's shared head, no repeat in memory.
-        out = flash_attention(q, k, v, causal=True, mask=mask, window=self.sliding_window)
+        if isinstance(mask, torch.Tensor):  # StaticDecodeStep: the whole cache, an additive bias says which keys
+            out = static_cache_attention(q, k, v, mask)
+        else:
+            out = flash_attention(q, k, v, causal=True, mask=mask, window=self.sliding_window)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -338,7 +349,7 @@ class Transformer(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_p: float = 1.0, eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
                  generator: torch.Generator | None = None, check_every: int = 8,
-                 noise_rows: tuple[int, int] | None = None):
+                 noise_rows: tuple[int, int] | None = None, decode: str = "auto"):
         """Sample continuations of left-padded prompts [B, T]; returns [B, T + max_new_tokens].
 
         One prefill over the prompts, then one token per step through a preallocated KV cache.
@@ -350,9 +361,21 @@ class Transformer(nn.Module):
         noise_rows=(offset, total): these B prompts are rows offset..offset+B of a larger batch of
         `total` split over ranks or chunks; the sampling noise is drawn for all `total` rows and
         sliced, so a row's sample does not depend on how the batch was split (pass a generator
-        seeded identically for every part)."""
+        seeded identically for every part).
+
+        decode: how each token after the first is computed (the same tokens in fp32; in bf16 the
+        attention over the whole cache may round differently from the eager step's):
+          "eager"   attention reads the cache up to the current token (the fewest FLOPs);
+          "static"  StaticDecodeStep: the same shapes at every step (the whole cache, a mask);
+          "graph"   that step captured once as a CUDA graph and replayed (CUDA; a step's dozens of
+                    small kernels cost one launch; the static step's tokens, bit for bit);
+          "auto"    "graph" on CUDA when the parameters are whole (a plain module, or FSDP inside
+                    training.gathered), else "eager": on a CPU there is no launch latency to save,
+                    and the static step reads the whole cache."""
         if self.head != "lm":
             raise ValueError("generate() needs the LM head")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         B, T = input_ids.shape
         total = T + max_new_tokens
         if attention_mask is None:
@@ -373,19 +396,120 @@ class Transformer(nn.Module):
         # math, so the same values as computing them step by step, without ~7 small ops per token.
         steps = torch.arange(max(max_new_tokens - 1, 0), device=input_ids.device)
         cos, sin = rope_cos_sin(inv_freq, next_pos + steps, torch.float32)
+        if eos_id is not None and not isinstance(eos_id, int):  # several: one device tensor, not one per step
+            eos_ids = torch.tensor(list(eos_id), dtype=input_ids.dtype, device=input_ids.device)
+        else:
+            eos_ids = eos_id
+        chosen = decode
+        if decode == "auto":
+            decode = "graph" if input_ids.is_cuda and not _sharded(self) else "eager"
+        if decode != "eager" and max_new_tokens > 1:
+            try:
+                static_step = StaticDecodeStep(self, caches, mask.kv_start, T, cos, sin, graph=decode == "graph")
+            except RuntimeError as e:  # a capture CUDA refused: "auto" falls back to the eager step
+                if chosen != "auto":
+                    raise
+                warnings.warn(f"generate(): CUDA graph capture failed ({e}); decoding with the eager step")
+                decode = "eager"
         for step in range(max_new_tokens):
             token = sample_token(logits.float(), temperature, top_p, generator, noise_rows)
             if eos_id is not None:  # (without one, no row ever finishes)
                 token.masked_fill_(finished, pad_id)
-                finished |= is_eos(token, eos_id)
+                finished |= is_eos(token, eos_ids)
             out.select(1, T + step).copy_(token)
             if eos_id is not None and (step + 1) % check_every == 0 and bool(finished.all()):
                 break
             if step + 1 == max_new_tokens:
                 break
-            logits = self._forward_cached(token[:, None], (cos[:, step:step + 1], sin[:, step:step + 1]),
-                                          mask, caches, T + step)
+            if decode == "eager":
+                logits = self._forward_cached(token[:, None], (cos[:, step:step + 1], sin[:, step:step + 1]),
+                                              mask, caches, T + step)
+            else:
+                logits = static_step(token, step)
         return out
+
+
+DECODE_MODES = ("auto", "eager", "static", "graph")
+
+
+def _sharded(model) -> bool:
+    """True while some parameter is an FSDP shard (a DTensor), i.e. outside training.gathered()."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+class StaticDecodeStep:
+    """generate()'s decoding step with the same shapes at every step, gpt-fast style, so that it
+    can be captured once as a CUDA graph and replayed: on a GPU, a small model's step is dozens of
+    short kernels whose launch latency, not their work, sets the pace.
+
+    Everything that changes from one token to the next lives in preallocated buffers: the token,
+    and the step index as a tensor (the cache slot written, the RoPE row read). Each layer writes its
+    key and value into that slot and attends over the whole cache through an additive bias that
+    hides the slots not yet written, the left padding and, for Mistral, keys outside the window.
+    The math is the eager step's; only masked keys are added (each contributes exactly 0).
+
+    Blocks are called through .forward: with the parameters whole (a plain module, or FSDP inside
+    training.gathered), FSDP's hooks have nothing to do, and they must not run inside a capture."""
+
+    def __init__(self, model: "Transformer", caches: list, kv_start, first_pos: int, cos, sin, *, graph: bool):
+        if _sharded(model):
+            raise ValueError("a static decoding step needs whole parameters: under FSDP, generate inside "
+                             "training.gathered(model), or pass decode='eager'")
+        if graph and not cos.is_cuda:
+            raise ValueError("decode='graph' captures a CUDA graph: it needs a CUDA device")
+        device = cos.device
+        self.model, self.caches, self.cos, self.sin = model, caches, cos, sin
+        capacity = caches[0].k.shape[1]
+        self.token = torch.zeros(caches[0].k.shape[0], 1, dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.first_pos = first_pos  # cache slot of step 0's token
+        self.slots = torch.arange(capacity, device=device)
+        self.kv_start = (kv_start if kv_start is not None else torch.zeros(1, dtype=torch.long, device=device))[:, None]
+        self.window = model.args.sliding_window
+        self.graph = self.logits = None
+        if graph:
+            self._capture()
+
+    def _forward(self):
+        """Logits [B, V] of the token in self.token at step self.step: the traced function."""
+        model = self.model
+        slot = self.step + self.first_pos
+        visible = (self.slots <= slot) & (self.slots >= self.kv_start)  # [B or 1, capacity]
+        if self.window is not None:
+            visible &= self.slots > slot - self.window
+        x = model.tok_embeddings(self.token)
+        bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
+        bias = bias.expand(self.token.shape[0], -1)[:, None, None, :]
+        cos, sin = self.cos.index_select(1, self.step).to(x.dtype), self.sin.index_select(1, self.step).to(x.dtype)
+        for layer, cache in zip(model.layers, self.caches):
+            x = layer.forward(x, cos, sin, bias, cache, slot)
+        return model.output(model.norm(x[:, -1]))
+
+    def _capture(self):
+        # Warm up on a side stream (allocator pools, kernel choices), then capture. Both write step
+        # 0's slot, which step 0 itself rewrites before anything reads it. Autocast's weight cache
+        # must be off while capturing (its casts would be recorded once and freed).
+        device = self.cos.device
+        autocast = torch.is_autocast_enabled("cuda")
+        context = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                   if autocast else contextlib.nullcontext())
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), context:
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), context:
+            self.logits = self._forward()
+
+    def __call__(self, token, step: int):
+        self.token.copy_(token[:, None])
+        self.step.fill_(step)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,10 +567,12 @@ def sample_token(logits, temperature: float, top_p: float, generator=None, noise
     return torch.sub(logits, gumbel_neg, out=gumbel_neg).argmax(-1)
 
 
-def is_eos(tokens, eos_id: int | Sequence[int]):
+def is_eos(tokens, eos_id: int | Sequence[int] | torch.Tensor):
     """Boolean mask of the tokens that are an EOS id (one id, or any of several)."""
     if isinstance(eos_id, int):
         return tokens == eos_id
+    if isinstance(eos_id, torch.Tensor):
+        return torch.isin(tokens, eos_id)
     if len(eos_id) == 1:
         return tokens == eos_id[0]
     return torch.isin(tokens, torch.tensor(list(eos_id), dtype=tokens.dtype, device=tokens.device))

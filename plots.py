@@ -20,6 +20,7 @@ error bars.
 
 import argparse
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -52,16 +53,20 @@ def mean_std(values):
 
 
 def markdown_table(eval_files, columns=("harmful_rate", "helpfulness", "over_refusal", "response_tokens",
-                                        "harmful_rate_phrasing", "harmful_rate_task")):
+                                        "harmful_rate_phrasing", "harmful_rate_task"), spread="std"):
+    """spread: "std" (the seeds' sample standard deviation) or "se" (its standard error, std / sqrt(n))."""
     table = gather(eval_files)
     n = max(len(v["harmful_rate"]) for v in table.values())
-    lines = [f"| policy (mean ± std over {n} seed{'s' if n > 1 else ''}) | " + " | ".join(columns) + " |",
+    lines = [f"| policy (mean ± {'s.e.' if spread == 'se' else 'std'} over {n} seed{'s' if n > 1 else ''}) | "
+             + " | ".join(columns) + " |",
              "| --- |" + " --- |" * len(columns)]
     for name, metrics in table.items():
         cells = []
         for c in columns:
             if c in metrics:
                 m, s = mean_std(metrics[c])
+                if spread == "se":
+                    s /= math.sqrt(len(metrics[c]))
                 cells.append(f"{m:.3f} ± {s:.3f}")
             else:
                 cells.append("")
@@ -202,9 +207,11 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", help="log.jsonl (curves), eval.json files (plane, table) or rounds.py's "
                                                   "rounds.json files, one per seed (rounds, rounds-table)")
     parser.add_argument("--out", default=None, help="PNG path (default: beside the first input)")
+    parser.add_argument("--spread", choices=["std", "se"], default="std",
+                        help="table: ± the seeds' standard deviation, or its standard error (std / sqrt(seeds))")
     args = parser.parse_args(argv)
     if args.kind == "table":
-        print(markdown_table(args.inputs))
+        print(markdown_table(args.inputs, spread=args.spread))
         return
     if args.kind == "rounds-table":
         print(rounds_table(args.inputs))

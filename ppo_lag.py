@@ -36,7 +36,7 @@ import training
 from checkpoint import Checkpointer
 from data.loaders import collate_prompts, collate_sft, load_prompts, load_sft, tokenize_prompts, tokenize_sft
 from data.tokenizer import Tokenizer
-from model import Transformer, generation_mask, is_eos
+from model import DECODE_MODES, Transformer, generation_mask, is_eos
 from scoring import TALLIES, batch_end_scores, judge_rates, judge_tallies
 
 TINY = dict(
@@ -416,7 +416,8 @@ def rollout(step: int, models: Models, prompt_set: list, args, d, tok) -> tuple[
                 seq = actor.generate(prompt_ids, prompt_mask, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_p=args.top_p, eos_id=tok.eos_ids,
                                      pad_id=tok.pad_id, generator=g,
-                                     noise_rows=((d.rank + k * d.world) * args.micro_batch_size, args.batch_size))
+                                     noise_rows=((d.rank + k * d.world) * args.micro_batch_size, args.batch_size),
+                                     decode=args.decode)
             mask = generation_mask(seq, prompt_mask, tok.eos_ids)
             width = int(mask.sum(0).nonzero().max()) + 1  # drop columns that are padding in every row
             seq, mask = seq[:, :width], mask[:, :width]
@@ -599,6 +600,8 @@ def parse_args(argv=None):
     a("--max-new-tokens", type=cli.positive(int), default=None, help="answer length limit; answers cut there without EOS are counted")
     a("--temperature", type=cli.non_negative, default=1.0, help="sampling temperature of rollouts")
     a("--top-p", type=cli.probability, default=1.0, help="nucleus sampling mass of rollouts")
+    a("--decode", choices=DECODE_MODES, default="auto", help="rollout decoding step (model.generate): auto = a "
+      "captured CUDA graph on GPUs, the eager step on CPUs; every mode samples the same tokens")
     a("--kl-coeff", type=cli.non_negative, default=None, help="beta: weight of the per-token KL(actor || reference) penalty")
     a("--clip-eps", type=cli.positive(float), default=0.2, help="PPO ratio clip")
     a("--clip-range-score", type=cli.positive(float), default=50.0, help="per-token rewards and costs are clipped to +-this")

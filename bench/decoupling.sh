@@ -22,5 +22,5 @@ for seed in "${SEEDS[@]}"; do
 done
 wait
 EVALS=$(for seed in "${SEEDS[@]}"; do echo "runs/seed$seed/eval/eval.json"; done)
-python plots.py table $EVALS | tee runs/decoupling.md
+python plots.py table $EVALS --spread se | tee runs/decoupling.md
 python plots.py plane $EVALS --out bench/decoupling_plane.png

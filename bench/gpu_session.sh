@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in two calls of at most 10 minutes each (the lent device's limit):
 #
 #   bash bench/gpu_session.sh tests   # kernel + model-through-kernels tests on CUDA, bf16 included
-#   bash bench/gpu_session.sh bench   # attention, log-prob, training-step and PPO benchmarks
+#   bash bench/gpu_session.sh bench   # attention, log-prob, training-step, PPO and generation benchmarks
 #
 # Logs go to $OUT (the device tool brings that folder back) or bench/gpu_logs; the end of each
 # log is printed last. Copy the numbers into bench/RESULTS.md with the device and date.
@@ -34,8 +34,11 @@ case "${1:-}" in
       tests/test_logprob.py tests/test_model_kernels.py
     step pytest_autotuned "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_logprob.py \
       tests/test_model_kernels.py -k "cuda or autocast or generate"
+    # The captured decoding step (CUDA graph) against the static and eager steps, fp32 and bf16.
+    step pytest_cuda_graph "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py -k "cuda_graph or static or greedy"
     tail -n 25 "$LOGS/pytest_kernels.log"
     tail -n 10 "$LOGS/pytest_autotuned.log"
+    tail -n 10 "$LOGS/pytest_cuda_graph.log"
     ;;
   bench)
     step bench_attention "$PY" bench/bench_attention.py
@@ -47,7 +50,16 @@ case "${1:-}" in
     step bench_ppo "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 bench/bench_ppo.py \
       --preset llama-3.2-1b --batch-size 64 --max-new-tokens 256
     step bench_ppo_small "$PY" bench/bench_ppo.py --preset small --batch-size 64 --max-new-tokens 256
-    for f in bench_attention bench_attention_gqa bench_logprob bench_train bench_ppo bench_ppo_small; do
+    # Sampling at 1B against transformers and the floors measured in the same run (the decode
+    # steps' GEMMs, GEMMs + attention, weight bytes / copy rate), eager and CUDA-graph decoding;
+    # then the CPU sweep's shapes (fp32, batch 16, 64 new tokens) on the GPU, eager only (one mode:
+    # cheap). Every number also goes to the JSON next to the log.
+    step bench_generate_1b "$PY" bench/bench_generate.py --sizes llama-3.2-1b --device cuda --dtype bfloat16 \
+      --batch 64 --new-tokens 256 --decode eager,graph --json "$LOGS/bench_generate_1b.json"
+    step bench_generate_sweep "$PY" bench/bench_generate.py --device cuda --decode eager \
+      --json "$LOGS/bench_generate_sweep.json"
+    for f in bench_attention bench_attention_gqa bench_logprob bench_train bench_ppo bench_ppo_small \
+        bench_generate_1b bench_generate_sweep; do
       echo "---- $f"; tail -n 20 "$LOGS/$f.log"
     done
     ;;

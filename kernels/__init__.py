@@ -4,6 +4,7 @@ Entry points (the rest of the project calls only these):
 
     flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, window=None, mask=None)
     AttentionMask(kv_start, capacity=None)     # built once per forward, passed as `mask` to every layer
+    static_cache_attention(q, k, v, bias)      # one query over a whole static KV cache (static decoding)
     logprobs_from_logits(logits, targets, temperature=1.0)
     fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False)
 
@@ -32,7 +33,8 @@ import os
 
 import torch
 
-from .attention import TRITON_AVAILABLE, AttentionMask, flash_attention_torch, sliding_window_attention_torch
+from .attention import (TRITON_AVAILABLE, AttentionMask, flash_attention_torch, sliding_window_attention_torch,
+                        static_cache_attention_torch)
 from .logprob import fused_linear_logprobs_torch, logprobs_from_logits_torch
 
 if TRITON_AVAILABLE:
@@ -92,6 +94,13 @@ def flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, 
     return flash_attention_torch(q, k, v, causal=causal, softmax_scale=softmax_scale, mask=mask)
 
 
+def static_cache_attention(q, k, v, bias, *, softmax_scale=None):
+    """One query per row over a whole preallocated KV cache, through an additive bias (the static
+    decoding step's attention; PyTorch's SDPA on every device). See kernels/attention.py."""
+    q, k, v = _autocast_inputs(q, k, v)
+    return static_cache_attention_torch(q, k, v, bias.to(q.dtype), softmax_scale=softmax_scale)
+
+
 def logprobs_from_logits(logits, targets, temperature=1.0):
     """fp32 log p(targets) under softmax(logits / temperature). See kernels/logprob.py."""
     impl = logprobs_from_logits_triton if use_triton(logits) else logprobs_from_logits_torch
@@ -113,6 +122,7 @@ __all__ = [
     "flash_attention",
     "flash_attention_torch",
     "flash_attention_triton",
+    "static_cache_attention",
     "logprobs_from_logits",
     "logprobs_from_logits_torch",
     "logprobs_from_logits_triton",

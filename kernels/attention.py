@@ -209,6 +209,18 @@ def flash_attention_torch(q, k, v, *, causal=True, kv_start=None, softmax_scale=
     return out.transpose(1, 2)
 
 
+def static_cache_attention_torch(q, k, v, bias, *, softmax_scale=None):
+    """One query per row over a whole preallocated KV cache: q [B, 1, Hq, D], k/v [B, L, Hkv, D]
+    (every slot of the cache, written or not), bias [B, 1, 1, L] additive in q's dtype: 0 where the
+    row may see the key, -inf elsewhere (slots not written yet, left padding, outside a sliding
+    window). The attention of Transformer's static decoding step, whose shapes never change from
+    one token to the next (so that a CUDA graph can replay it); SDPA on every device, as the Triton
+    kernel takes no arbitrary mask. Each row must see at least one key (its own, just written)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
+                                         scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
 def sliding_window_attention_torch(q, k, v, *, window, kv_start=None, softmax_scale=None, mask=None):
     """Causal attention in which query i sees keys i - window < j <= i (Mistral's sliding window,
     the rule of Hugging Face's mask), bottom-right aligned like flash_attention. A query row that

@@ -312,12 +312,14 @@ def test_model_builds_masks_once_per_forward_and_generate_syncs_once(monkeypatch
     assert len(builds) == 1
 
     m.eval()
-    syncs = []
-    for new in (2, 12):
-        with HostSyncs() as counter:
-            m.generate(ids, mask, max_new_tokens=new, generator=torch.Generator(device=DEVICE).manual_seed(0))
-        syncs.append(counter.count)
-    assert syncs[0] == syncs[1]
+    for decode in ("eager", "static"):
+        syncs = []
+        for new in (2, 12):
+            with HostSyncs() as counter:
+                m.generate(ids, mask, max_new_tokens=new, generator=torch.Generator(device=DEVICE).manual_seed(0),
+                           decode=decode)
+            syncs.append(counter.count)
+        assert syncs[0] == syncs[1], decode
 
 
 @needs_cuda

@@ -100,3 +100,6 @@ def test_plots_and_table(tmp_path):
     table = markdown_table(evals, columns=("harmful_rate", "helpfulness"))
     # ppo_lag's harmful rate over the two files: mean 0.2, sample std 0.141
     assert "| ppo_lag | 0.200 ± 0.141 | 0.700 ± 0.000 |" in table and "| sft | 0.500 ± 0.000 |" in table
+    # standard error: 0.141 / sqrt(2) = 0.100
+    table = markdown_table(evals, columns=("harmful_rate",), spread="se")
+    assert "mean ± s.e. over 2 seeds" in table and "| ppo_lag | 0.200 ± 0.100 |" in table

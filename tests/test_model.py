@@ -148,15 +148,16 @@ def test_logprob_and_entropy_targets_match_logits():
     torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
 @pytest.mark.parametrize("name", ["mha", "gqa_theta"])
-def test_greedy_generate_matches_transformers(tmp_path, name):
+def test_greedy_generate_matches_transformers(tmp_path, name, decode):
     args = ModelArgs(**CONFIGS[name])
     hf = hf_model_from_args(args, seed=7)
     hf.save_pretrained(tmp_path)
     ours = hf_io.load_pretrained(tmp_path).eval()
     ids, mask = left_padded_batch(args.vocab_size, [5, 9, 2, 9], seed=3)
     eos, pad, new = 2, 0, 24
-    ours_out = ours.generate(ids, mask, max_new_tokens=new, temperature=0, eos_id=eos, pad_id=pad)
+    ours_out = ours.generate(ids, mask, max_new_tokens=new, temperature=0, eos_id=eos, pad_id=pad, decode=decode)
     hf_out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                          eos_token_id=eos, pad_token_id=pad)
     assert ours_out.shape == (4, ids.shape[1] + new)
@@ -393,6 +394,70 @@ def test_noise_rows_make_samples_independent_of_the_split():
     assert torch.equal(whole, halves)
     plain = m.generate(ids[2:4], mask[2:4], max_new_tokens=8, generator=torch.Generator().manual_seed(123))
     assert not torch.equal(plain, whole[2:4])  # without noise_rows the halves would draw other noise
+
+
+@pytest.mark.parametrize("config", [CONFIGS["gqa_theta"], CONFIGS["tied"],
+                                    dict(CONFIGS["mha"], qkv_bias=True, family="qwen2"),
+                                    dict(CONFIGS["llama3_scaling"], sliding_window=6, family="mistral")],
+                         ids=["gqa", "tied", "qkv_bias", "sliding_window"])
+def test_static_decoding_step_samples_the_eager_tokens(config):
+    """The static step (whole cache + mask, the step index a tensor: what a CUDA graph replays)
+    draws the very tokens of the eager step from the same generator, bit for bit: sampled at
+    temperature 1 and with top-p, with an EOS ending some rows, left padding (one row with a
+    single real token) and noise_rows. A window of 6 is passed within the 20 new tokens."""
+    args = ModelArgs(**config)
+    m = Transformer(args).eval()
+    m.init_weights(std=0.3, seed=0)  # large weights: peaked, varied distributions
+    with torch.no_grad():  # nonzero q/k/v biases where the family has them
+        for layer in m.layers:
+            for proj in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    ids, mask = left_padded_batch(args.vocab_size, [5, 9, 1, 7], seed=4)
+    for temperature, top_p in ((1.0, 1.0), (0.8, 0.9)):
+        def sample(decode):
+            g = torch.Generator().manual_seed(5)
+            return m.generate(ids, mask, max_new_tokens=20, temperature=temperature, top_p=top_p, eos_id=[2, 3],
+                              pad_id=0, generator=g, noise_rows=(1, 6), decode=decode)
+        eager, static = sample("eager"), sample("static")
+        assert torch.equal(static, eager)
+        assert len(set(eager[:, ids.shape[1]:].flatten().tolist())) > 5  # a sample, not one repeated token
+
+
+def test_decode_modes_are_checked():
+    m = Transformer(ModelArgs(**CONFIGS["mha"])).eval()
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="decode must be one of auto, eager, static, graph"):
+        m.generate(ids, max_new_tokens=2, decode="fast")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        m.generate(ids, max_new_tokens=2, decode="graph")
+    g = torch.Generator().manual_seed(0)
+    auto = m.generate(ids, max_new_tokens=4, generator=g)  # "auto" is the eager step on a CPU
+    assert torch.equal(auto, m.generate(ids, max_new_tokens=4, generator=g.manual_seed(0), decode="eager"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_samples_the_eager_tokens(dtype):
+    """On a GPU, the captured step (decode='graph', "auto"'s choice there) replays the static
+    step's kernels: the same tokens from the same generator, bit for bit, in fp32 and in bf16 under
+    autocast (as ppo_lag.py samples without FSDP). In fp32 the static step also samples the eager
+    step's tokens (bf16 attention over the whole cache rounds differently from the Triton kernel
+    over its filled part)."""
+    args = ModelArgs(**CONFIGS["gqa_theta"])
+    m = Transformer(args).cuda().eval()
+    m.init_weights(std=0.3, seed=0)
+    ids, mask = (t.cuda() for t in left_padded_batch(args.vocab_size, [5, 9, 1, 7], seed=4))
+
+    def sample(decode):
+        g = torch.Generator(device="cuda").manual_seed(5)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return m.generate(ids, mask, max_new_tokens=24, eos_id=2, generator=g, decode=decode)
+    static = sample("static")
+    assert torch.equal(sample("graph"), static)
+    assert torch.equal(sample("auto"), static)
+    if dtype == torch.float32:
+        assert torch.equal(static, sample("eager"))
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -268,6 +268,21 @@ def test_load_model_under_fsdp_mixed_precision(tmp_path):
 
 
 @pytest.mark.slow
+def test_static_decoding_under_fsdp(tmp_path):
+    """ppo_lag.py's actor (FSDP2, 2 ranks) samples the same tokens with the static decoding step as
+    with the eager one inside training.gathered (tests/dist_static_decode.py; bf16 mixed precision
+    runs the same path, compared only in fp32)."""
+    from model import ModelArgs, Transformer
+
+    lm = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=96))
+    lm.init_weights(std=0.3, seed=0)
+    hf_io.save_pretrained(lm, tmp_path / "lm")
+    for precision in ("fp32", "bf16"):
+        result = run("tests/dist_static_decode.py", [str(tmp_path / "lm"), precision], nproc=2, timeout=180)
+        assert result.stdout.count(": ok") == 2
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, synthetic_dir):
     args = ["--max-steps", "8", "--batch-size", "16", "--micro-batch-size", "8", "--eval-every", "4",
             "--save-every", "2", "--max-length", "96", "--synthetic-dir", str(synthetic_dir)]
