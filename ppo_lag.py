@@ -601,7 +601,7 @@ def parse_args(argv=None):
     a("--temperature", type=cli.non_negative, default=1.0, help="sampling temperature of rollouts")
     a("--top-p", type=cli.probability, default=1.0, help="nucleus sampling mass of rollouts")
     a("--decode", choices=DECODE_MODES, default="auto", help="rollout decoding step (model.generate): auto = a "
-      "captured CUDA graph on GPUs, the eager step on CPUs; every mode samples the same tokens")
+      "captured CUDA graph on GPUs, the eager step on CPUs; the same tokens in fp32, bf16 may round differently")
     a("--kl-coeff", type=cli.non_negative, default=None, help="beta: weight of the per-token KL(actor || reference) penalty")
     a("--clip-eps", type=cli.positive(float), default=0.2, help="PPO ratio clip")
     a("--clip-range-score", type=cli.positive(float), default=50.0, help="per-token rewards and costs are clipped to +-this")

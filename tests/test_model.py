@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import hf_io  # noqa: E402
+import model  # noqa: E402
 from model import ModelArgs, Transformer, end_scores, positions_from_mask, sample_token  # noqa: E402
 
 CONFIGS = {
@@ -424,7 +425,7 @@ def test_static_decoding_step_samples_the_eager_tokens(config):
         assert len(set(eager[:, ids.shape[1]:].flatten().tolist())) > 5  # a sample, not one repeated token
 
 
-def test_decode_modes_are_checked():
+def test_decode_modes_are_checked(monkeypatch):
     m = Transformer(ModelArgs(**CONFIGS["mha"])).eval()
     ids = torch.ones(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="decode must be one of auto, eager, static, graph"):
@@ -432,8 +433,15 @@ def test_decode_modes_are_checked():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         m.generate(ids, max_new_tokens=2, decode="graph")
     g = torch.Generator().manual_seed(0)
-    auto = m.generate(ids, max_new_tokens=4, generator=g)  # "auto" is the eager step on a CPU
-    assert torch.equal(auto, m.generate(ids, max_new_tokens=4, generator=g.manual_seed(0), decode="eager"))
+    eager = m.generate(ids, max_new_tokens=4, generator=g, decode="eager")
+
+    def no_static_step(*args, **kwargs):
+        raise AssertionError("auto built a static decoding step on a CPU")
+    monkeypatch.setattr(model, "StaticDecodeStep", no_static_step)
+    auto = m.generate(ids, max_new_tokens=4, generator=g.manual_seed(0))  # "auto" is the eager step on a CPU
+    assert torch.equal(auto, eager)
+    with pytest.raises(AssertionError, match="static decoding step"):  # and "static" does build one
+        m.generate(ids, max_new_tokens=4, decode="static")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
