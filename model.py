@@ -382,51 +382,57 @@ class Transformer(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if attention_mask[:, -1].min() == 0:
             raise ValueError("generate() expects left-padded prompts: the last column of attention_mask has a 0")
-        positions, kv_start = positions_from_mask(input_ids, attention_mask)
-        mask = AttentionMask(kv_start, capacity=total)
         out = torch.full((B, total), pad_id, dtype=input_ids.dtype, device=input_ids.device)
         out[:, :T] = input_ids
-        caches = [KVCache(B, total) for _ in self.layers]
-        next_pos = positions[:, -1:] + 1  # position of the first new token of each row
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        # The loop runs in inference mode: no version counters or view tracking on its ~40 small ops
+        # per block and token (about a tenth of a CPU decoding step), the same values. Its tensors
+        # cannot enter autograd, so the one it returns is allocated out here and filled in place.
+        # Not while FSDP shards the parameters: the blocks would all-gather them in here, into
+        # buffers that the next training step reuses. (Not inference_mode(False): that turns grad on.)
+        with contextlib.nullcontext() if _sharded(self) else torch.inference_mode():
+            positions, kv_start = positions_from_mask(input_ids, attention_mask)
+            mask = AttentionMask(kv_start, capacity=total)
+            caches = [KVCache(B, total) for _ in self.layers]
+            next_pos = positions[:, -1:] + 1  # position of the first new token of each row
+            finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
 
-        inv_freq = rope_inv_freq(self.args, input_ids.device)
-        logits = self._forward_cached(input_ids, rope_cos_sin(inv_freq, positions, torch.float32), mask, caches, 0)
-        # RoPE of every decoding step at once, [B, steps, 1, head_dim], sliced per step: elementwise
-        # math, so the same values as computing them step by step, without ~7 small ops per token.
-        steps = torch.arange(max(max_new_tokens - 1, 0), device=input_ids.device)
-        cos, sin = rope_cos_sin(inv_freq, next_pos + steps, torch.float32)
-        if eos_id is not None and not isinstance(eos_id, int):  # several: one device tensor, not one per step
-            eos_ids = torch.tensor(list(eos_id), dtype=input_ids.dtype, device=input_ids.device)
-        else:
-            eos_ids = eos_id
-        chosen = decode
-        if decode == "auto":
-            decode = "graph" if input_ids.is_cuda and not _sharded(self) else "eager"
-        if decode != "eager" and max_new_tokens > 1:
-            try:
-                static_step = StaticDecodeStep(self, caches, mask.kv_start, T, cos, sin, graph=decode == "graph")
-            except RuntimeError as e:  # a capture CUDA refused: "auto" falls back to the eager step
-                if chosen != "auto":
-                    raise
-                warnings.warn(f"generate(): CUDA graph capture failed ({e}); decoding with the eager step")
-                decode = "eager"
-        for step in range(max_new_tokens):
-            token = sample_token(logits.float(), temperature, top_p, generator, noise_rows)
-            if eos_id is not None:  # (without one, no row ever finishes)
-                token.masked_fill_(finished, pad_id)
-                finished |= is_eos(token, eos_ids)
-            out.select(1, T + step).copy_(token)
-            if eos_id is not None and (step + 1) % check_every == 0 and bool(finished.all()):
-                break
-            if step + 1 == max_new_tokens:
-                break
-            if decode == "eager":
-                logits = self._forward_cached(token[:, None], (cos[:, step:step + 1], sin[:, step:step + 1]),
-                                              mask, caches, T + step)
+            inv_freq = rope_inv_freq(self.args, input_ids.device)
+            logits = self._forward_cached(input_ids, rope_cos_sin(inv_freq, positions, torch.float32), mask, caches, 0)
+            # RoPE of every decoding step at once, [B, steps, 1, head_dim], sliced per step: elementwise
+            # math, so the same values as computing them step by step, without ~7 small ops per token.
+            steps = torch.arange(max(max_new_tokens - 1, 0), device=input_ids.device)
+            cos, sin = rope_cos_sin(inv_freq, next_pos + steps, torch.float32)
+            if eos_id is not None and not isinstance(eos_id, int):  # several: one device tensor, not one per step
+                eos_ids = torch.tensor(list(eos_id), dtype=input_ids.dtype, device=input_ids.device)
             else:
-                logits = static_step(token, step)
-        return out
+                eos_ids = eos_id
+            chosen = decode
+            if decode == "auto":
+                decode = "graph" if input_ids.is_cuda and not _sharded(self) else "eager"
+            if decode != "eager" and max_new_tokens > 1:
+                try:
+                    static_step = StaticDecodeStep(self, caches, mask.kv_start, T, cos, sin, graph=decode == "graph")
+                except RuntimeError as e:  # a capture CUDA refused: "auto" falls back to the eager step
+                    if chosen != "auto":
+                        raise
+                    warnings.warn(f"generate(): CUDA graph capture failed ({e}); decoding with the eager step")
+                    decode = "eager"
+            for step in range(max_new_tokens):
+                token = sample_token(logits.float(), temperature, top_p, generator, noise_rows)
+                if eos_id is not None:  # (without one, no row ever finishes)
+                    token.masked_fill_(finished, pad_id)
+                    finished |= is_eos(token, eos_ids)
+                out.select(1, T + step).copy_(token)
+                if eos_id is not None and (step + 1) % check_every == 0 and bool(finished.all()):
+                    break
+                if step + 1 == max_new_tokens:
+                    break
+                if decode == "eager":
+                    logits = self._forward_cached(token[:, None], (cos[:, step:step + 1], sin[:, step:step + 1]),
+                                                  mask, caches, T + step)
+                else:
+                    logits = static_step(token, step)
+            return out
 
 
 DECODE_MODES = ("auto", "eager", "static", "graph")

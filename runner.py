@@ -28,7 +28,7 @@ def command(script: str, flags, launcher=None) -> list[str]:
 
 def run_script(script: str, flags, launcher=None):
     cmd = command(script, flags, launcher)
-    code = subprocess.run(cmd, cwd=ROOT).returncode
+    code = subprocess.run(cmd).returncode  # in the caller's directory: relative paths mean what they say
     if code != 0:
         sys.exit(f"{script} failed (exit {code}); fix it and re-run the same command to resume:\n  {shlex.join(cmd)}")
 
@@ -69,7 +69,7 @@ class Steps:
             return
         print("== " + " and ".join(name for name, _ in todo) + " (in parallel)", flush=True)
         t0 = time.time()
-        codes = [p.wait() for p in [subprocess.Popen(cmd, cwd=ROOT) for _, cmd in todo]]
+        codes = [p.wait() for p in [subprocess.Popen(cmd) for _, cmd in todo]]
         if any(codes):
             sys.exit(" and ".join(name for name, _ in todo) + f" failed (exit codes {codes}); fix it and re-run "
                      "the same command to resume:\n" + "\n".join(f"  {shlex.join(cmd)}" for _, cmd in todo))

@@ -22,12 +22,15 @@ ones: --no-transformers=llama-3.2-1b).
 Rows of the table, per size:
   transformers          transformers' LlamaForCausalLM.generate (same weights, same dtype, same prompts)
   ours[MODE]            model.generate (the whole call: prefill, new_tokens samples)
+  prefill               model.generate with max_new_tokens=1: the prompts' forward and one sample,
+                        the part of a call that is not a decode step (the floors leave it out)
   GEMM floor            the decode steps' matrix multiplies alone (below)
   GEMM+attn floor       the same plus attention over the KV cache (below)
   bandwidth floor       weight bytes read per decode step / the device's copy rate (below)
 Columns:
   ms                    median time of the run (a floor: of all its new_tokens - 1 decode steps)
-  tok/s                 generates: batch * new_tokens / ms; floors: batch / time of one decode step
+  tok/s                 generates: batch * new_tokens / ms; prefill: batch * prompt_len / ms (prompt
+                        tokens, padding included); floors: batch / time of one decode step
   /GEMM /GEMM+attn /bw  this row's time over that floor's time (ours / GEMM floor = how many times
                         the fewest matrix multiplies' time our whole generate takes)
   theirs/this           transformers' time over this row's time (> 1: this row is faster)
@@ -60,6 +63,10 @@ bandwidth floor also leaves out the KV cache reads (in the JSON: kv_bytes_read_p
 assumes every weight streams at the copy rate. The tok/s of a floor is a decode rate (batch /
 per-step time), so for a generate row tok/s ratios and time ratios differ by
 new_tokens / (new_tokens - 1).
+
+Under each size, per ours row: its decode steps alone, ours - prefill, over the GEMM and GEMM+attn
+floors (what the floors measure, like for like), and the prefill over the GEMM floor: with the
+GEMM+attn floor's own ratio, how far ours / GEMM floor can fall at this shape on this device.
 
 --json PATH writes every number (per size: medians and samples in seconds, tok/s, ratios, shapes,
 bytes, the copy rate) with the device, dtype, threads, versions, commit and date; it is rewritten
@@ -353,6 +360,8 @@ def bench(size: str, results: dict):
         # graph decoding (auto and generate's default are it on CUDA) records its graph in each call
         warm = max(args.warmup, 2) if mode in (None, "graph", "auto") and device.type == "cuda" else args.warmup
         runs["ours" if mode is None else f"ours[{mode}]"] = (run_ours(mode), check_shape, warm)
+    runs["prefill"] = (lambda: ours.generate(ids, mask, max_new_tokens=1, temperature=args.temperature),
+                       lambda out: None, args.warmup)
     for fn, check, warm in runs.values():
         for _ in range(warm):
             check(fn())
@@ -396,37 +405,49 @@ def bench(size: str, results: dict):
     kv_mean = 2 * a.n_layers * args.batch * a.n_kv_heads * a.head_dim * (torch.finfo(dtype).bits // 8) * mean_keys
 
     tokens = args.batch * args.new_tokens
-    generates = [n for n in med if n == "transformers" or n.startswith("ours")]
+    generates = [n for n in med if n == "transformers" or n.startswith("ours") or n == "prefill"]
     floors = ["gemm_floor", "gemm_attn_floor", "bandwidth_floor"]
     tok_s = {n: tokens / med[n] for n in generates}
+    tok_s["prefill"] = args.batch * args.prompt_len / med["prefill"]  # prompt tokens (padding included) per second
     tok_s.update({n: args.batch * steps / med[n] for n in floors})
     ratios = {}
     for n in generates:
         for f in floors:
-            ratios[f"{n}/{f}"] = med[n] / med[f]
+            if n != "prefill" or f == "gemm_floor":
+                ratios[f"{n}/{f}"] = med[n] / med[f]
     if "transformers" in med:
         for n in generates:
-            if n != "transformers":
+            if n not in ("transformers", "prefill"):
                 ratios[f"transformers/{n}"] = med["transformers"] / med[n]
+    decode_only = {n: med[n] - med["prefill"] for n in generates if n.startswith("ours")}
+    for n, t in decode_only.items():
+        ratios[f"{n}_decode_steps/gemm_floor"] = t / med["gemm_floor"]
+        ratios[f"{n}_decode_steps/gemm_attn_floor"] = t / med["gemm_attn_floor"]
     ratios["gemm_attn_floor/gemm_floor"] = med["gemm_attn_floor"] / med["gemm_floor"]
     ratios["gemm_floor/bandwidth_floor"] = med["gemm_floor"] / med["bandwidth_floor"]
 
     # -- the table
-    labels = {"transformers": "transformers", "gemm_floor": "GEMM floor", "gemm_attn_floor": "GEMM+attn floor",
+    labels = {"transformers": "transformers", "prefill": "prefill (ours)", "gemm_floor": "GEMM floor", "gemm_attn_floor": "GEMM+attn floor",
               "bandwidth_floor": "bandwidth floor"}
     params = ours.num_params()
     head = f"{size:>12} {params / 1e6:8.2f}M"
     for i, n in enumerate([*generates, *floors]):
         cells = []
         for f in floors:
-            cells.append(fmt_ratio(None if n == f else med[n] / med[f]))
-        theirs_ratio = med["transformers"] / med[n] if "transformers" in med and n in generates else None
+            blank = n == f or (n == "prefill" and f != "gemm_floor")  # the prefill is set against the GEMMs only
+            cells.append(fmt_ratio(None if blank else med[n] / med[f]))
+        theirs_ratio = (med["transformers"] / med[n] if "transformers" in med and n in generates and n != "prefill"
+                        else None)
         print(f"{head if i == 0 else ' ' * len(head)} | {labels.get(n, n):<17} {med[n] * 1e3:10.3f} "
               f"{tok_s[n]:10.0f} |{''.join(cells)} |{fmt_ratio(theirs_ratio)}")
     print(f"{'':>22}   layers {a.n_layers}, dim {a.dim}, heads {a.n_heads}/{a.n_kv_heads} x {a.head_dim}, "
           f"hidden {a.hidden_dim}, vocab {a.vocab_size}{', tied' if a.tie_embeddings else ''}; "
           f"{w_bytes / 2**20:.1f} MiB of weights per step, copy {copy_rate / 1e9:.1f} GB/s, "
           f"GEMMs as {variant}, {steps} decode steps", flush=True)
+    for n, t in decode_only.items():
+        print(f"{'':>22}   {n} decode steps (ours - prefill) {t * 1e3:.3f} ms = {t / med['gemm_floor']:.2f}x GEMM, "
+              f"{t / med['gemm_attn_floor']:.2f}x GEMM+attn floor; prefill = {ratios['prefill/gemm_floor']:.2f}x "
+              f"GEMM floor", flush=True)
 
     results["sizes"][size] = {
         "shapes": {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
@@ -444,6 +465,7 @@ def bench(size: str, results: dict):
         "bandwidth_floor_step_s": bw_step,
         "median_s": med,
         "samples_s": {n: ts for n, ts in times.items() if n != "copy"},
+        "decode_steps_s": decode_only,
         "tokens_per_s": tok_s,
         "ratios": ratios,
         "transformers": theirs is not None,

@@ -1,7 +1,8 @@
 """Run under torchrun by tests/test_stages.py: generate()'s static decoding step on an FSDP2 actor
 loaded as ppo_lag.py loads it. Inside training.gathered the parameters are whole and the static step
 samples the eager step's tokens (fp32: bit for bit); outside it, the static step is refused and
-"auto" falls back to the eager step. Arguments: an LM checkpoint directory, the precision."""
+"auto" falls back to the eager step, and a sharded generate() leaves the model trainable.
+Arguments: an LM checkpoint directory, the precision."""
 
 import sys
 from pathlib import Path
@@ -34,5 +35,12 @@ with training.gathered(actor):
 assert torch.equal(sample("auto"), eager)  # sharded: "auto" is the eager step
 with pytest.raises(ValueError, match="inside training.gathered"):
     sample("static")
+# A fresh FSDP actor whose first all-gather happens in a sharded generate(), then a training step:
+# generate() must not decode in inference mode here (FSDP keeps the all-gather buffers it allocates
+# then, and the training forward's parameters would be inference tensors autograd cannot save).
+fresh = training.load_model(sys.argv[1], "lm", d, trainable=True).eval()
+fresh.generate(ids, mask, max_new_tokens=3, decode="eager")
+logprobs = fresh.train()(ids, mask, targets=ids)
+logprobs.sum().backward()
 print(f"rank {d.rank}: ok")
 training.teardown_distributed(d)

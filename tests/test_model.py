@@ -183,6 +183,25 @@ def test_generate_pads_after_eos_and_stops():
         assert (out[row, stop:] == 0).all()
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_generated_tokens_feed_a_training_step(decode):
+    """generate() decodes in inference mode; what it returns must still be an ordinary tensor, as
+    PPO edits it in place (masks, slicing) and trains on it: an inference tensor would raise here
+    ("Inference tensors cannot be saved for backward", "Inplace update to inference tensor")."""
+    args = ModelArgs(**CONFIGS["gqa_theta"])
+    m = Transformer(args)
+    m.init_weights(seed=0)
+    ids, mask = left_padded_batch(args.vocab_size, [3, 5], seed=1)
+    out = m.eval().generate(ids, mask, max_new_tokens=4, eos_id=[1, 2], decode=decode,
+                            generator=torch.Generator().manual_seed(0))
+    assert not out.is_inference()
+    out[:, -1] = 3
+    full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
+    logprobs = m.train()(out[:, :-1], full_mask[:, :-1], targets=out[:, 1:])
+    logprobs.sum().backward()
+    assert m.tok_embeddings.weight.grad is not None and m.tok_embeddings.weight.grad.abs().sum() > 0
+
+
 def test_pad_equal_to_eos_in_generation_masks_and_end_scores(tmp_path):
     # Qwen's releases pad with an EOS id. Generation pads after each row's EOS with that same id: the tokens
     # must equal transformers' generate with pad_token_id = eos_token_id, the generation mask must end at the

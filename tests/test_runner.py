@@ -1,0 +1,49 @@
+"""runner.py runs stage scripts in the caller's directory: pipeline.py and rounds.py resolve their
+relative paths (the default --out is "out") there, so a stage run anywhere else would write its
+product where they do not look (pipeline.py run outside the repository stopped after SFT with
+"No such file or directory: out/sft/pipeline_flags.json")."""
+
+import json
+
+import pytest
+
+import runner
+
+STAGE = """import sys
+from pathlib import Path
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "product").write_text("made")
+"""
+
+
+@pytest.fixture
+def scripts_and_cwd(tmp_path, monkeypatch):
+    scripts, cwd = tmp_path / "repo", tmp_path / "elsewhere"
+    scripts.mkdir()
+    cwd.mkdir()
+    (scripts / "stage.py").write_text(STAGE)
+    monkeypatch.setattr(runner, "ROOT", scripts)
+    monkeypatch.chdir(cwd)
+    return scripts, cwd
+
+
+def test_run_script_resolves_relative_paths_in_the_callers_directory(scripts_and_cwd):
+    scripts, cwd = scripts_and_cwd
+    runner.run_script("stage.py", ["out/sft"])
+    assert (cwd / "out" / "sft" / "product").read_text() == "made"
+    assert not (scripts / "out").exists()
+
+
+def test_steps_resolve_relative_products_in_the_callers_directory(scripts_and_cwd):
+    scripts, cwd = scripts_and_cwd
+    steps = runner.Steps("timings.json")
+    steps.run("one", "out/a/product", lambda: runner.run_script("stage.py", ["out/a"]),
+              made_with=("out/a/flags.json", ["stage.py", "out/a"]))
+    steps.run_together([("two", "out/b/product", "stage.py", ["out/b"]),
+                        ("three", "out/c/product", "stage.py", ["out/c"])])
+    for name in "abc":
+        assert (cwd / "out" / name / "product").read_text() == "made"
+    assert json.loads((cwd / "out" / "a" / "flags.json").read_text()) == ["stage.py", "out/a"]
+    assert set(json.loads((cwd / "timings.json").read_text())) == {"one", "two", "three"}
+    assert not (scripts / "out").exists()
