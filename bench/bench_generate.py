@@ -427,8 +427,8 @@ def bench(size: str, results: dict):
     ratios["gemm_floor/bandwidth_floor"] = med["gemm_floor"] / med["bandwidth_floor"]
 
     # -- the table
-    labels = {"transformers": "transformers", "prefill": "prefill (ours)", "gemm_floor": "GEMM floor", "gemm_attn_floor": "GEMM+attn floor",
-              "bandwidth_floor": "bandwidth floor"}
+    labels = {"transformers": "transformers", "prefill": "prefill (ours)", "gemm_floor": "GEMM floor",
+              "gemm_attn_floor": "GEMM+attn floor", "bandwidth_floor": "bandwidth floor"}
     params = ours.num_params()
     head = f"{size:>12} {params / 1e6:8.2f}M"
     for i, n in enumerate([*generates, *floors]):

@@ -36,8 +36,9 @@ assert torch.equal(sample("auto"), eager)  # sharded: "auto" is the eager step
 with pytest.raises(ValueError, match="inside training.gathered"):
     sample("static")
 # A fresh FSDP actor whose first all-gather happens in a sharded generate(), then a training step:
-# generate() must not decode in inference mode here (FSDP keeps the all-gather buffers it allocates
-# then, and the training forward's parameters would be inference tensors autograd cannot save).
+# generate() must not decode in inference mode here: FSDP keeps the all-gather buffers it allocates
+# then, and the training forward's all-gather into them would fail ("Inplace update to inference
+# tensor outside InferenceMode").
 fresh = training.load_model(sys.argv[1], "lm", d, trainable=True).eval()
 fresh.generate(ids, mask, max_new_tokens=3, decode="eager")
 logprobs = fresh.train()(ids, mask, targets=ids)
