@@ -389,7 +389,8 @@ class Transformer(nn.Module):
         # cannot enter autograd, so the one it returns is allocated out here and filled in place.
         # Not while FSDP shards the parameters: the blocks would all-gather them in here, into
         # buffers that the next training step reuses. (Not inference_mode(False): that turns grad on.)
-        with contextlib.nullcontext() if _sharded(self) else torch.inference_mode():
+        sharded = _sharded(self)
+        with contextlib.nullcontext() if sharded else torch.inference_mode():
             positions, kv_start = positions_from_mask(input_ids, attention_mask)
             mask = AttentionMask(kv_start, capacity=total)
             caches = [KVCache(B, total) for _ in self.layers]
@@ -408,7 +409,7 @@ class Transformer(nn.Module):
                 eos_ids = eos_id
             chosen = decode
             if decode == "auto":
-                decode = "graph" if input_ids.is_cuda and not _sharded(self) else "eager"
+                decode = "graph" if input_ids.is_cuda and not sharded else "eager"
             if decode != "eager" and max_new_tokens > 1:
                 try:
                     static_step = StaticDecodeStep(self, caches, mask.kv_start, T, cos, sin, graph=decode == "graph")

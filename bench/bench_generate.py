@@ -405,7 +405,7 @@ def bench(size: str, results: dict):
     kv_mean = 2 * a.n_layers * args.batch * a.n_kv_heads * a.head_dim * (torch.finfo(dtype).bits // 8) * mean_keys
 
     tokens = args.batch * args.new_tokens
-    generates = [n for n in med if n == "transformers" or n.startswith("ours") or n == "prefill"]
+    generates = [n for n in med if n == "transformers" or n.startswith("ours")]
     floors = ["gemm_floor", "gemm_attn_floor", "bandwidth_floor"]
     tok_s = {n: tokens / med[n] for n in generates}
     tok_s["prefill"] = args.batch * args.prompt_len / med["prefill"]  # prompt tokens (padding included) per second
@@ -413,11 +413,11 @@ def bench(size: str, results: dict):
     ratios = {}
     for n in generates:
         for f in floors:
-            if n != "prefill" or f == "gemm_floor":
-                ratios[f"{n}/{f}"] = med[n] / med[f]
+            ratios[f"{n}/{f}"] = med[n] / med[f]
+    ratios["prefill/gemm_floor"] = med["prefill"] / med["gemm_floor"]
     if "transformers" in med:
         for n in generates:
-            if n not in ("transformers", "prefill"):
+            if n != "transformers":
                 ratios[f"transformers/{n}"] = med["transformers"] / med[n]
     decode_only = {n: med[n] - med["prefill"] for n in generates if n.startswith("ours")}
     for n, t in decode_only.items():
@@ -431,13 +431,12 @@ def bench(size: str, results: dict):
               "gemm_attn_floor": "GEMM+attn floor", "bandwidth_floor": "bandwidth floor"}
     params = ours.num_params()
     head = f"{size:>12} {params / 1e6:8.2f}M"
-    for i, n in enumerate([*generates, *floors]):
+    for i, n in enumerate([*generates, "prefill", *floors]):
         cells = []
         for f in floors:
             blank = n == f or (n == "prefill" and f != "gemm_floor")  # the prefill is set against the GEMMs only
             cells.append(fmt_ratio(None if blank else med[n] / med[f]))
-        theirs_ratio = (med["transformers"] / med[n] if "transformers" in med and n in generates and n != "prefill"
-                        else None)
+        theirs_ratio = med["transformers"] / med[n] if "transformers" in med and n in generates else None
         print(f"{head if i == 0 else ' ' * len(head)} | {labels.get(n, n):<17} {med[n] * 1e3:10.3f} "
               f"{tok_s[n]:10.0f} |{''.join(cells)} |{fmt_ratio(theirs_ratio)}")
     print(f"{'':>22}   layers {a.n_layers}, dim {a.dim}, heads {a.n_heads}/{a.n_kv_heads} x {a.head_dim}, "

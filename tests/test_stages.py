@@ -271,7 +271,7 @@ def test_load_model_under_fsdp_mixed_precision(tmp_path):
 def test_static_decoding_under_fsdp(tmp_path):
     """ppo_lag.py's actor (FSDP2, 2 ranks) samples the same tokens with the static decoding step as
     with the eager one inside training.gathered (tests/dist_static_decode.py; bf16 mixed precision
-    runs the same path, compared only in fp32)."""
+    runs the same path, compared only in fp32), and a sharded generate() leaves a fresh actor trainable."""
     from model import ModelArgs, Transformer
 
     lm = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=96))
