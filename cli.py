@@ -282,11 +282,15 @@ def run(main):
         if not _raised_here(error):
             raise
         _say(error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error))
+    leave_torchrun_rank()
+
+
+def leave_torchrun_rank():
+    """End a rank of a finished torchrun job (its outputs written, its process group destroyed) at
+    once. gloo's worker threads can still abort the interpreter's shutdown ("terminate called
+    without an active exception", SIGABRT: a failed run) after the barrier and destroy_process_group,
+    so a rank leaves without that shutdown. Outside torchrun, nothing happens."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under torchrun, gloo's worker threads can still abort the interpreter's shutdown ("terminate
-        # called without an active exception", SIGABRT, a failed run) after the barrier and
-        # destroy_process_group. By now every output is written (atomically) and the process group
-        # is gone, so the rank leaves without that shutdown.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -256,10 +256,14 @@ def setup_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
     return Dist(rank, world, local_rank, dev, mesh, mixed)
 
 
-def teardown_distributed(d: Dist):
+def teardown_distributed(d: Dist, exit_process: bool = False):
+    """Leave the process group; with exit_process (a script's last line, outside cli.main, which
+    does it itself), end the rank too: see cli.leave_torchrun_rank."""
     if d.distributed:
         dist.barrier()  # without it gloo intermittently aborts at exit
         dist.destroy_process_group()
+    if exit_process:
+        cli.leave_torchrun_rank()
 
 
 def seed_everything(seed: int):

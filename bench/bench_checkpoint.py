@@ -114,7 +114,7 @@ def worker(args):
     dist.all_gather_object(everyone, mine)
     if d.is_main:
         Path(args.result).write_text(json.dumps(everyone))
-    training.teardown_distributed(d)
+    training.teardown_distributed(d, exit_process=True)
 
 
 # ----------------------------------------------------------------------------------------------

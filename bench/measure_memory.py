@@ -266,7 +266,7 @@ def main(argv=None):
             t = max(r["tensors"][name]["peak"] for r in every) / 2**20
             print(f"{name:<12} peak over ranks: allocator {a:9.1f} MiB   live tensors {t:9.1f} MiB")
         print(f"({d.world} ranks, {seconds:.0f} s)")
-    training.teardown_distributed(d)
+    training.teardown_distributed(d, exit_process=True)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,7 @@ def measure(world, precision, ac, out: Path, rerun: bool, shape=SHAPE, run=RUN, 
         quiet = not os.environ.get("VERBOSE")
         done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE if quiet else None,
                               stderr=subprocess.STDOUT if quiet else None, text=True)
-        if done.returncode and path.is_file():
-            # Rank 0 writes the file after every rank's figures are in and every rank has passed
-            # teardown's barrier: gloo sometimes aborts a process at exit after that.
-            print(f"(bench/measure_memory.py exited with status {done.returncode} after writing {path})",
-                  file=sys.stderr)
-        elif done.returncode:
+        if done.returncode:
             raise RuntimeError(f"bench/measure_memory.py failed:\n{(done.stdout or '')[-4000:]}")
     return json.loads(path.read_text())
 

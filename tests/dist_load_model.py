@@ -25,4 +25,4 @@ assert torch.equal(frozen_scores, trained_scores), (frozen_scores - trained_scor
 assert isinstance(frozen.tok_embeddings.weight, DTensor)
 assert not isinstance(trained.tok_embeddings.weight, DTensor)
 print(f"rank {d.rank}: ok")
-training.teardown_distributed(d)
+training.teardown_distributed(d, exit_process=True)
