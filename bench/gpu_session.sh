@@ -28,14 +28,15 @@ step() {  # step NAME COMMAND...: run, log, keep going on failure
 
 case "${1:-}" in
   tests)
+    # One process (-n 0): the autotuning and graph tests time kernels and must have the GPU alone.
     # Every shape with each kernel's first config (compiling every autotune candidate for every
     # dtype and head dim would take many minutes), then the bf16 and model tests autotuned.
-    KERNELS_AUTOTUNE=0 step pytest_kernels "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py \
+    KERNELS_AUTOTUNE=0 step pytest_kernels "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/test_attention.py \
       tests/test_logprob.py tests/test_model_kernels.py
-    step pytest_autotuned "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_logprob.py \
+    step pytest_autotuned "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/test_attention.py tests/test_logprob.py \
       tests/test_model_kernels.py -k "cuda or autocast or generate"
     # The captured decoding step (CUDA graph) against the static and eager steps, fp32 and bf16.
-    step pytest_cuda_graph "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py -k "cuda_graph or static or greedy"
+    step pytest_cuda_graph "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/test_model.py -k "cuda_graph or static or greedy"
     tail -n 25 "$LOGS/pytest_kernels.log"
     tail -n 10 "$LOGS/pytest_autotuned.log"
     tail -n 10 "$LOGS/pytest_cuda_graph.log"
