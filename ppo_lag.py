@@ -654,6 +654,7 @@ def load_data(args, d) -> PPOData:
         from data.judge import judge
     else:
         prompt_spec, synthetic_tokenizer, ptx_spec = args.prompts, None, args.ptx_data
+    training.fetch_datasets(d, prompt_spec, ptx_spec if args.ptx_coeff > 0 else None)  # Hub data sets -> the HF cache
     tok = training.load_tokenizer(args, args.actor, synthetic_tokenizer, d, args.reward_model, args.cost_model,
                                   args.reference)
     prompts, _ = load_prompts(prompt_spec, seed=args.seed, log=d.print)

@@ -73,6 +73,7 @@ def main(argv=None):
         train_spec, eval_spec, synthetic_tokenizer = task.sft_train, task.sft_eval, task.tokenizer
     else:
         train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
+        training.fetch_datasets(d, train_spec, eval_spec)  # Hub data sets -> the HF cache, once per node
     tok = training.load_tokenizer(args, args.model, synthetic_tokenizer, d)
     train_examples, eval_examples = training.load_train_eval(load_sft, train_spec, eval_spec, args.eval_fraction,
                                                              args.seed, d.print)

@@ -182,6 +182,7 @@ def main(argv=None):
         train_spec, eval_spec, synthetic_tokenizer = task.preference_train, task.preference_eval, task.tokenizer
     else:
         train_spec, eval_spec, synthetic_tokenizer = args.data, args.eval_data, None
+        training.fetch_datasets(d, train_spec, eval_spec)  # Hub data sets -> the HF cache, once per node
     tok = training.load_tokenizer(args, args.model, synthetic_tokenizer, d)
     load_rows = partial(load_preferences, drop_inconsistent=objective.safety_labels,
                         safety_labels=objective.safety_labels)

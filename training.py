@@ -82,17 +82,37 @@ def resolve_models(args, d: "Dist | None", *flags):
 
     if not any(v and is_hub_id(str(v)) for flag in flags for v in values(flag)):
         return
-    local_rank = d.local_rank if d else 0
-    for turn in ("local rank 0", "the others"):
-        if (local_rank == 0) == (turn == "local rank 0"):
-            resolved = {flag: [hf_io.resolve_model(v) if v else v for v in values(flag)] for flag in flags}
-        if d:
-            d.barrier()
+    resolved = node_leader_first(d, lambda: {flag: [hf_io.resolve_model(v) if v else v for v in values(flag)]
+                                             for flag in flags})
     for flag, paths in resolved.items():
         for given, path in zip(values(flag), paths):
             if given != path and (d is None or d.is_main):
                 print(f"--{flag.replace('_', '-')} {given}: {path}", flush=True)
         setattr(args, flag, paths if isinstance(getattr(args, flag), list) else paths[0])
+
+
+def fetch_datasets(d: "Dist", *specs):
+    """Download the Hub data sets named in specs (data arguments, see data/loaders.parse_sources; None
+    skipped) into the Hugging Face cache: local rank 0 of each node first, the others waiting, so that
+    the loads after this find them there on every rank: one download per node, as for models."""
+    from data.loaders import parse_sources
+
+    node_leader_first(d, lambda: [parse_sources(spec) for spec in specs if spec is not None], others=False)
+
+
+def node_leader_first(d: "Dist | None", fn, others: bool = True):
+    """fn() on local rank 0 of each node, then (others=True) on the other ranks once it has returned;
+    returns its result on ranks that ran it. For work that fills a per-node cache: the others then hit it.
+    d None: one process."""
+    if d is None:
+        return fn()
+    result = fn() if d.local_rank == 0 else None
+    d.barrier()
+    if d.local_rank != 0 and others:
+        result = fn()
+    if others:
+        d.barrier()
+    return result
 
 
 def recorded_template(path) -> str | None:

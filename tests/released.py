@@ -614,7 +614,10 @@ def _build_llama2_chat(src: Path, out: Path):
                                              {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
         None, _bos_template("<s>", 1), _SPM_DECODER, _spm_bpe_model(pieces, scores))
     _write_json(out / "tokenizer.json", tokenizer)
-    token = lambda t: {"__type": "AddedToken", **_token_map_entry(t)}  # transformers 4.31's format
+
+    def token(t):  # transformers 4.31's format
+        return {"__type": "AddedToken", **_token_map_entry(t)}
+
     _write_json(out / "tokenizer_config.json", {
         "add_bos_token": True, "add_eos_token": False, "bos_token": token("<s>"),
         "chat_template": LLAMA2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "eos_token": token("</s>"),

@@ -210,11 +210,44 @@ def test_ids_through_every_stage_offline(hub, tmp_path, synthetic_data):
     assert json.loads((tmp_path / "arena" / "arena.json").read_text())["n"] == 4
 
 
+class RecordingDist:
+    """One rank of a node, as node_leader_first sees it: what it runs, and where it waits."""
+
+    def __init__(self, local_rank):
+        self.local_rank, self.events = local_rank, []
+
+    def barrier(self):
+        self.events.append("barrier")
+
+
+@pytest.mark.parametrize("others", [True, False])
+def test_the_node_leader_fills_the_cache_before_the_others_read_it(others):
+    from training import node_leader_first
+
+    leader, other = RecordingDist(0), RecordingDist(1)
+    for d in (leader, other):
+        assert node_leader_first(d, lambda d=d: d.events.append("fn") or d.local_rank, others=others) == (
+            d.local_rank if d is leader or others else None)
+    assert leader.events == ["fn", "barrier"] + ["barrier"] * others
+    assert other.events == ["barrier"] + ["fn", "barrier"] * others  # waits for the leader's fn first
+
+
+def test_data_sets_are_fetched_by_the_node_leader_only(offline, tmp_path):
+    from training import fetch_datasets
+
+    local = tmp_path / "rows.jsonl"
+    local.write_text("")
+    fetch_datasets(RecordingDist(0), f"{PKU}:alpaca-7b:train:8", None, str(local))  # in the cache: found
+    with pytest.raises(DataError, match="safe-rlhf-test/absent-data"):  # the leader looks it up, and says so
+        fetch_datasets(RecordingDist(0), str(local), "safe-rlhf-test/absent-data")
+    fetch_datasets(RecordingDist(1), "safe-rlhf-test/absent-data")  # the others only wait; their load says it
+
+
 @pytest.mark.slow
-def test_two_ranks_resolve_an_id_once_per_node(hub, tmp_path, synthetic_data):
+def test_two_ranks_resolve_an_id_once_per_node(hub, tmp_path):
     cache, _, main = hub
-    out = run("sft.py", ["--model", MODEL, "--max-steps", "1", "--batch-size", "4", "--micro-batch-size", "2",
-                         "--max-length", "96", "--synthetic-dir", str(synthetic_data.dir), "--out", str(tmp_path / "sft")],
+    out = run("sft.py", ["--model", MODEL, "--data", f"{ALPACA}:16", "--max-steps", "1", "--batch-size", "4",
+                         "--micro-batch-size", "2", "--max-length", "96", "--out", str(tmp_path / "sft")],
               nproc=2, env_extra=env_of(cache))
     snapshot = cache / f"models--{MODEL.replace('/', '--')}" / "snapshots" / main
     assert out.stdout.count(f"--model {MODEL}: {snapshot}") == 1
