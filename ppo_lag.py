@@ -598,8 +598,12 @@ def parse_args(argv=None):
     a("--ptx-data", default=None, help="SFT files for the PTX loss (default: the synthetic SFT data when --ptx-coeff > 0)")
     a("--critic-lr", type=cli.positive(float), default=None, help="critics' learning rate (constant after warmup)")
     a("--max-new-tokens", type=cli.positive(int), default=None, help="answer length limit; answers cut there without EOS are counted")
-    a("--temperature", type=cli.non_negative, default=1.0, help="sampling temperature of rollouts")
-    a("--top-p", type=cli.probability, default=1.0, help="nucleus sampling mass of rollouts")
+    # The KL and the PPO ratio score the policy at temperature 1 over the whole vocabulary, as the authors'
+    # code does: other values sample from another distribution than the one PPO corrects for.
+    a("--temperature", type=cli.non_negative, default=1.0, help="sampling temperature of rollouts (the log-probs "
+      "of the KL and PPO ratio stay at temperature 1: other values make the rollouts off-policy)")
+    a("--top-p", type=cli.probability, default=1.0, help="nucleus sampling mass of rollouts (off-policy below 1, "
+      "as --temperature)")
     a("--decode", choices=DECODE_MODES, default="auto", help="rollout decoding step (model.generate): auto = a "
       "captured CUDA graph on GPUs, the eager step on CPUs; the same tokens in fp32, bf16 may round differently")
     a("--kl-coeff", type=cli.non_negative, default=None, help="beta: weight of the per-token KL(actor || reference) penalty")
