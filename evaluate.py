@@ -189,7 +189,9 @@ def main(argv=None):
     parser.add_argument("--reward-model", default=None, help="score the answers with this reward model too")
     parser.add_argument("--cost-model", default=None, help="score the answers with this cost model too")
     parser.add_argument("--prompts", default=None, help="prompts: JSONL/JSON with 'prompt' (or Alpaca/PKU fields) and, except for --arena, 'harmful'; "
-                             "FILE:N or FILE:0.1 takes a seeded sample (default: the synthetic held-out prompts)")
+                             "FILE:N or FILE:0.1 takes a sample seeded by --prompt-seed (default: the synthetic held-out prompts)")
+    parser.add_argument("--prompt-seed", type=int, default=0,
+                        help="seed of a FILE:N prompt sample: the same prompts whatever --seed, which draws the answers")
     parser.add_argument("--synthetic-dir", default="out/synthetic", help="where the synthetic task lives (generated if missing)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic task")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model or a directory "
@@ -222,7 +224,7 @@ def main(argv=None):
     prompts_path = args.prompts or ensure_synthetic(args.synthetic_dir, seed=args.data_seed).eval_prompts
     if args.arena:
         return run_arena(args, prompts_path)
-    rows, _ = load_eval_prompts(str(prompts_path), seed=args.seed, log=print)
+    rows, _ = load_eval_prompts(str(prompts_path), seed=args.prompt_seed, log=print)
     training.require_examples(rows, f"evaluation prompts in {prompts_path}")
     if any(r["harmful"] is None for r in rows):
         raise ValueError(f"{prompts_path}: the judge's metrics need a 'harmful' field on every prompt; "
@@ -281,7 +283,7 @@ def main(argv=None):
 def run_arena(args, prompts_path):
     if not (args.reward_model and args.cost_model):
         raise ValueError("--arena needs --reward-model and --cost-model")
-    prompts, _ = load_prompts(str(prompts_path), log=print)
+    prompts, _ = load_prompts(str(prompts_path), seed=args.prompt_seed, log=print)
     training.require_examples(prompts, f"prompts in {prompts_path}")
     prompts = [p for p in prompts for _ in range(args.samples_per_prompt if args.temperature > 0 else 1)]
     baseline, candidate = args.arena

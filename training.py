@@ -502,7 +502,10 @@ def batches_for_step(step: int, n_examples: int, global_batch: int, micro_batch:
     The example stream is a fresh permutation of the data per epoch (seeded by seed and epoch);
     step k takes the k-th `global_batch` slice of the stream, split into micro-batches round-robin
     over ranks. Same (seed, step) => same examples, whatever the number of ranks, so a resumed run
-    sees exactly what an uninterrupted one would."""
+    sees exactly what an uninterrupted one would. Epochs are counted in examples (--epochs E is
+    ceil(E n / global_batch) steps), not aligned to steps: a step that crosses an epoch's end takes
+    the rest of it and the start of the next permutation (so it may hold an example twice), and the
+    last step may take up to global_batch - 1 examples of epoch E + 1."""
     if global_batch % (micro_batch * d.world):
         raise ValueError(f"--batch-size {global_batch} must be a multiple of --micro-batch-size "
                          f"{micro_batch} x {d.world} ranks")

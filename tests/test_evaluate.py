@@ -103,3 +103,21 @@ def test_plots_and_table(tmp_path):
     # standard error: 0.141 / sqrt(2) = 0.100
     table = markdown_table(evals, columns=("harmful_rate",), spread="se")
     assert "mean ± s.e. over 2 seeds" in table and "| ppo_lag | 0.200 ± 0.100 |" in table
+
+
+def test_a_prompt_sample_follows_the_prompt_seed_not_the_sampling_seed(synthetic_data, tmp_path, capsys):
+    # FILE:N draws N prompts; --seed draws the answers. A new --seed must judge the same prompts, or two
+    # seeds' rates would differ by the prompts as well as by the samples.
+    import evaluate
+
+    def shown_prompts(*flags):
+        evaluate.main(["--models", "tiny", "--tokenizer", str(synthetic_data.tokenizer), "--prompts",
+                       f"{synthetic_data.eval_prompts}:6", "--samples-per-prompt", "1", "--max-new-tokens", "2",
+                       "--show", "6", "--out", str(tmp_path / "-".join(flags)), *flags])
+        lines = capsys.readouterr().out.splitlines()
+        return sorted(line for line in lines if line.lstrip().startswith(("[harmful]", "[benign ]")))
+
+    chosen = shown_prompts("--seed", "0")
+    assert len(chosen) == 6
+    assert shown_prompts("--seed", "1") == chosen
+    assert shown_prompts("--prompt-seed", "1") != chosen
