@@ -122,7 +122,9 @@ def clustered_se(pairs) -> float:
     The answers to one prompt are not independent (4 samples of one policy on one prompt agree far
     more often than chance), so the binomial error over answers understates the noise; this is the
     standard error of the mean of the per-prompt rates, which is the rate itself when every prompt
-    has the same number of answers. 0.0 for fewer than two prompts."""
+    has the same number of answers. A prompt listed twice in the file is one unit (its answers
+    are as correlated as one listing's), so its share of the answers is then larger than its share
+    of the units: with repeats, this is an approximation. 0.0 for fewer than two prompts."""
     per_prompt = {}
     for prompt, outcome in pairs:
         per_prompt.setdefault(prompt, []).append(float(outcome))
