@@ -51,7 +51,7 @@ def main(argv=None):
     parser.add_argument("--model", default="tiny", help="HF-format checkpoint dir to fine-tune, or a model.PRESETS name to train from scratch")
     parser.add_argument("--data", default=None, help="SFT files 'path[:fraction|:count],...' (Alpaca or prompt/response JSON[L]); default: the synthetic task")
     parser.add_argument("--eval-data", default=None, help="held-out SFT files (default: the synthetic eval split, or --eval-fraction of --data)")
-    parser.add_argument("--eval-fraction", type=cli.fraction, default=0.02, help="share of --data held out when --eval-data is not given")
+    parser.add_argument("--eval-fraction", type=cli.fraction, default=0.02, help="share of --data held out when --eval-data is not given (0: train on all of it, as the authors' scripts do; no eval loss)")
     cli.add_common_args(parser, out="out/sft")
     cli.show_recipes(parser, TINY, AUTHORS)
     args = parser.parse_args(argv)
