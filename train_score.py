@@ -155,7 +155,7 @@ def main(argv=None):
     parser.add_argument("--model", default="out/sft/model", help="HF-format checkpoint to start from (the SFT model); a new score head is added")
     parser.add_argument("--data", default=None, help="preference files 'path[:fraction|:count],...' (PKU-SafeRLHF schema); default: the synthetic task")
     parser.add_argument("--eval-data", default=None, help="held-out preference files (default: the synthetic eval split, or --eval-fraction of --data)")
-    parser.add_argument("--eval-fraction", type=cli.fraction, default=0.05, help="share of --data held out when --eval-data is not given (0: train on all of it, as the authors' scripts do; no eval loss)")
+    parser.add_argument("--eval-fraction", type=cli.fraction, default=0.05, help="share of --data held out when --eval-data is not given (not 0: the score statistics PPO's threshold is read from come from it)")
     parser.add_argument("--mu", type=cli.non_negative, default=0.001, help="L2 regularisation of the end scores (keeps them near 0)")
     cli.add_common_args(parser, out=None)
     cli.show_recipes(parser, TINY, AUTHORS)
