@@ -17,8 +17,9 @@ A data argument names one or more files or Hub datasets, each with an optional s
 
 Bad input raises DataError naming the file, the line and the field. Preference rows whose safer
 answer is labelled unsafe while the other is labelled safe (the public PKU-SafeRLHF data has some)
-are skipped and counted for the cost model (the reward model reads only better_response_id and keeps them). Every loader and tokeniser returns (items, stats) and logs the stats:
-nothing is dropped or truncated silently.
+are skipped and counted for the cost model (the reward model reads only better_response_id and
+keeps them). Every loader and tokeniser returns (items, stats) and logs the stats: nothing is
+dropped or truncated silently.
 """
 
 from __future__ import annotations
