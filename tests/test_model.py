@@ -500,3 +500,101 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# -- half precision, temperature, positions, tied and bf16 saves: paths the tests above do not reach ----
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rmsnorm_in_half_precision_matches_transformers(dtype):
+    """A model loaded in bf16/fp16 (a checkpoint's own dtype) takes RMSNorm's half-precision path, which
+    the fp32 tests never run: normalise in fp32, round to the input dtype, then multiply by the weight, as
+    transformers' LlamaRMSNorm does (bit for bit), with eps inside the square root (rows of tiny values,
+    whose mean square is far below eps, show where eps sits)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-3, 3e-3, 1.0, 30.0]).repeat_interleave(8)[:, None]  # [32, 1]: one scale per row
+    x = (torch.randn(32, 64, generator=g) * scales).to(dtype)
+    weight = (1 + 0.5 * torch.randn(64, generator=g)).to(dtype)
+    ours, theirs = model.RMSNorm(64, eps=1e-5).to(dtype), LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+        got, want = ours(x), theirs(x)
+    assert got.dtype == dtype
+    assert torch.equal(got, want), f"{(got != want).sum()} of {got.numel()} elements differ"
+
+
+def test_sampler_applies_the_temperature_with_and_without_top_p():
+    """Temperature scales the logits before nucleus filtering: probabilities p become p^(1/T) / Z, then
+    top-p keeps the smallest prefix of the sorted tokens holding top_p of that (tempered) mass.
+    p = (0.5, 0.3, 0.15, 0.05), T = 0.5: p^2 / Z = (0.25, 0.09, 0.0225, 0.0025) / 0.365
+    = (0.6849, 0.2466, 0.0616, 0.0068); with top_p = 0.9 tokens 0 and 1 (0.6849 < 0.9, 0.9315 > 0.9)
+    are kept, renormalised to (0.25, 0.09) / 0.34 = (0.7353, 0.2647)."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4).contiguous()
+    g = torch.Generator().manual_seed(1)
+
+    def frequencies(temperature, top_p):
+        return torch.bincount(sample_token(logits, temperature, top_p, g), minlength=4).double() / len(logits)
+
+    tempered = torch.tensor([0.25, 0.09, 0.0225, 0.0025], dtype=torch.double) / 0.365
+    torch.testing.assert_close(frequencies(0.5, 1.0), tempered, atol=0.015, rtol=0)
+    torch.testing.assert_close(frequencies(0.5, 0.9), torch.tensor([0.25, 0.09, 0, 0], dtype=torch.double) / 0.34,
+                               atol=0.015, rtol=0)
+
+
+def test_positions_from_mask_by_hand():
+    """RoPE positions count from each row's first real token (as transformers' generate computes them,
+    cumsum(mask) - 1); kv_start is the number of left pads, and None when no row is left-padded."""
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
+    positions, kv_start = positions_from_mask(ids, mask)
+    real = mask.bool()  # a pad's position is never used
+    assert positions[real].tolist() == [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2]
+    assert kv_start.tolist() == [2, 0, 1]
+    positions, kv_start = positions_from_mask(ids, torch.tensor([[1, 1, 1, 0, 0]] * 3))
+    assert positions.tolist() == [[0, 1, 2, 2, 2]] * 3 and kv_start is None
+
+
+def test_tied_checkpoint_has_transformers_tensors_and_loads_back_tied(tmp_path):
+    """A tied model is saved as transformers saves one (the embedding once, no lm_head.weight), and what
+    we save we load back, with the output weight again the embedding Parameter itself."""
+    from safetensors import safe_open
+
+    args = ModelArgs(**CONFIGS["tied"])
+    hf = hf_model_from_args(args, seed=4)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = hf_io.load_pretrained(tmp_path / "hf").eval()
+    hf_io.save_pretrained(ours, tmp_path / "ours")
+
+    def keys(folder):
+        with safe_open(folder / "model.safetensors", framework="pt") as f:
+            return set(f.keys())
+    assert keys(tmp_path / "ours") == keys(tmp_path / "hf") and "lm_head.weight" not in keys(tmp_path / "ours")
+    back = hf_io.load_pretrained(tmp_path / "ours").eval()
+    assert back.output.weight is back.tok_embeddings.weight
+    ids, mask = left_padded_batch(args.vocab_size, [6, 9], seed=1)
+    with torch.no_grad():
+        assert_close_on_mask(back(ids, mask), hf_logits(hf, ids, mask), mask)
+
+
+def test_save_in_another_dtype(tmp_path):
+    """save_pretrained(dtype=bf16) of an fp32 model (how training.py writes its products) writes bf16 tensors,
+    each the fp32 parameter rounded to bf16, and says so in config.json; transformers loads it as bf16."""
+    from safetensors import safe_open
+
+    args = ModelArgs(**CONFIGS["mha"])
+    ours = Transformer(args)
+    ours.init_weights(seed=0)
+    hf_io.save_pretrained(ours, tmp_path, dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    params = {hf_io.hf_name(n): p for n, p in ours.state_dict().items()}
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        assert set(f.keys()) == set(params)
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            assert tensor.dtype == torch.bfloat16, key
+            assert torch.equal(tensor, params[key].to(torch.bfloat16)), key
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -85,6 +85,82 @@ def test_critic_loss_by_hand():
     assert clip_frac.item() == pytest.approx(0.5)
 
 
+def rollout_by_hand(**fields):
+    """A Rollout of one answer of two tokens after a prompt position; what advantages() reads."""
+    values = dict(sequences=torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4),
+                  action_mask=torch.tensor([[0.0, 1.0, 1.0]]), truncated=torch.tensor([False]),
+                  reward=torch.tensor([2.0]), cost=torch.tensor([-1.0]),
+                  old_logp=torch.tensor([[-9.0, -1.0, -2.0]]), ref_logp=torch.tensor([[-1.0, -1.5, -1.0]]),
+                  reward_values=torch.zeros(1, 3), cost_values=torch.zeros(1, 3))
+    return ppo_lag.Rollout(**{**values, **fields})
+
+
+def test_kl_and_advantages_by_hand():
+    # k1 KL of the sampled tokens, log pi - log pi_ref, only on the answer: (0, -1 + 1.5, -2 + 1) = (0, 0.5, -1)
+    r = rollout_by_hand()
+    torch.testing.assert_close(r.kl, torch.tensor([[0.0, 0.5, -1.0]]))
+    args = SimpleNamespace(algo="ppo_lag", kl_coeff=0.1, clip_range_score=50.0, gamma=1.0, gae_lambda=1.0)
+    ppo_lag.advantages([r], 2.0, args)
+    # r_t = -0.1 kl_t (+ R = 2 at the end): (0, -0.05, 0.1 + 2); c_t = +0.1 kl_t (+ C = -1): (0, 0.05, -0.1 - 1).
+    # V = 0 and gamma = lambda_GAE = 1: advantages (= returns) are the sums of the stream from t on.
+    torch.testing.assert_close(r.reward_advantages, torch.tensor([[0.0, 2.05, 2.1]]))
+    torch.testing.assert_close(r.reward_returns, torch.tensor([[0.0, 2.05, 2.1]]))
+    torch.testing.assert_close(r.cost_advantages, torch.tensor([[0.0, -1.05, -1.1]]))
+    torch.testing.assert_close(r.cost_returns, torch.tensor([[0.0, -1.05, -1.1]]))
+    # Reward shaping: one stream, the end reward R - lambda C = 2 - 2 (-1) = 4; no cost stream.
+    r = rollout_by_hand(cost_values=None)
+    ppo_lag.advantages([r], 2.0, SimpleNamespace(**{**vars(args), "algo": "reward_shaping"}))
+    torch.testing.assert_close(r.reward_advantages, torch.tensor([[0.0, 4.05, 4.1]]))
+    assert r.cost_advantages is None
+
+
+def tiny_actor():
+    from model import ModelArgs, Transformer
+
+    actor = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=20, hidden_dim=32))
+    actor.init_weights(std=0.3, seed=0)
+    return actor
+
+
+def test_actor_rl_loss_combines_advantages_by_hand():
+    actor, d = tiny_actor(), training.Dist(0, 1, 0, torch.device("cpu"), None)
+    seq = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 2]])
+    mask = torch.ones(2, 4)
+    with torch.no_grad():
+        old_logp = ppo_lag.logprobs(actor, seq, mask, d).float()  # on-policy: every ratio is 1
+    r = ppo_lag.Rollout(sequences=seq, attention_mask=mask, action_mask=torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]),
+                        truncated=torch.tensor([False, False]), reward=torch.zeros(2), cost=torch.zeros(2),
+                        old_logp=old_logp, ref_logp=old_logp, reward_values=torch.zeros(2, 3), cost_values=torch.zeros(2, 3),
+                        reward_advantages=torch.tensor([[9.0, 1.0, 2.0], [9.0, 9.0, -1.0]]),
+                        cost_advantages=torch.tensor([[9.0, 0.5, -1.0], [9.0, 9.0, 2.0]]))
+    args = SimpleNamespace(algo="ppo_lag", clip_eps=0.2)
+    loss, stats = ppo_lag.actor_rl_loss(r, actor, 3.0, 0.5, args, d)
+    # (A_R - 3 A_C) / 4 on the answer tokens: row 0 (1 - 1.5) / 4 = -0.125, (2 + 3) / 4 = 1.25, mean 0.5625;
+    # row 1 (-1 - 6) / 4 = -1.75. Loss: minus the sum over rows of the per-row means.
+    assert stats["actor_loss"] == pytest.approx(-(0.5625 - 1.75), rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * -(0.5625 - 1.75), rel=1e-5)  # times the PTX halving scale
+    # plain PPO: the reward advantages alone: row means 1.5 and -1
+    _, stats = ppo_lag.actor_rl_loss(r, actor, 3.0, 1.0, SimpleNamespace(algo="ppo", clip_eps=0.2), d)
+    assert stats["actor_loss"] == pytest.approx(-(1.5 - 1.0), rel=1e-5)
+
+
+def test_ptx_loss_is_a_token_mean_by_hand():
+    """The PTX term, once the trainer divides by --batch-size, is ptx_coeff x the token-mean SFT NLL
+    over the global PTX batch (ptx_tokens target tokens), times the halving scale."""
+    from data.loaders import TokenizedSFT, collate_sft
+
+    actor, d = tiny_actor(), training.Dist(0, 1, 0, torch.device("cpu"), None)
+    batch = collate_sft([TokenizedSFT([1, 5, 6, 7, 2], 3), TokenizedSFT([1, 8, 9, 2], 2)], pad_id=0)
+    with torch.no_grad():
+        logp = torch.log_softmax(actor(batch["input_ids"]).double(), -1)
+    # targets: 7 and 2 of row 0 (predicted at 2, 3), 9 and 2 of row 1 (at 1, 2); 10 in the global batch
+    nll_sum = -float(logp[0, 2, 7] + logp[0, 3, 2] + logp[1, 1, 9] + logp[1, 2, 2])
+    args = SimpleNamespace(batch_size=8, ptx_coeff=0.25)
+    loss, stats = ppo_lag.actor_ptx_loss(batch, actor, 0.5, 10.0, args, d)
+    assert loss.item() / args.batch_size == pytest.approx(0.25 * 0.5 * nll_sum / 10, rel=1e-5)
+    assert stats["ptx_loss"] / args.batch_size == pytest.approx(nll_sum / 10, rel=1e-5)  # as ppo_update logs it
+
+
 def make_lambda(value):
     p = torch.nn.Parameter(torch.tensor(math.log(value), dtype=torch.float64))
     return p, torch.optim.SGD([p], lr=0.1)

@@ -35,6 +35,11 @@ def test_reward_loss_by_hand():
     expected = (softplus(-1.0) + 0.05) + (softplus(1.0) + 0.025)
     assert reward_loss(better, worse, mu).item() == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(1.7015233750364457, rel=1e-12)
+    # Differences that are not mirror images of each other: swapping better and worse changes the loss.
+    better, worse = torch.tensor([2.0, 0.5]), torch.tensor([-1.0, 1.0])
+    # pair 1: -log sigmoid(3) = log(1 + e^-3); pair 2: -log sigmoid(-0.5) = log(1 + e^0.5); L2 0.1 (4 + 1 + 0.25 + 1) / 2
+    expected = softplus(-3.0) + softplus(0.5) + 0.1 * 6.25 / 2
+    assert reward_loss(better, worse, mu).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_cost_loss_by_hand():
@@ -49,6 +54,105 @@ def test_cost_loss_by_hand():
     pair2 = softplus(0.25) + softplus(-0.25) + softplus(0.5) + 0.01 * (0.0625 + 0.25) / 2
     got = cost_loss(safer, less_safe, safer_sign, less_safe_sign, mu).item()
     assert got == pytest.approx(pair1 + pair2, rel=1e-6)
+
+
+def test_score_metrics_by_hand():
+    """Accuracy counts a pair as right when the first answer (better / safer) is the preferred way
+    round: the reward model's better answer scores higher, the cost model's less safe one costs more;
+    sign accuracy is the share of the pair's two answers whose cost sign matches the label."""
+    from train_score import OBJECTIVES
+
+    first, second = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 3.0, -0.5])
+    assert OBJECTIVES["reward"].correct(first, second).tolist() == [True, False, True]
+    # cost: first = safer, second = less safe; right where less_safe > safer
+    assert OBJECTIVES["cost"].correct(first, second).tolist() == [False, True, False]
+    batch = {"safer_sign": torch.tensor([-1.0, -1.0, 1.0]), "less_safe_sign": torch.tensor([1.0, -1.0, 1.0])}
+    # pair 1: safer 1.0 (+, labelled safe: wrong), less safe 0.0 (sign 0: wrong) -> 0
+    # pair 2: safer -2.0 (right), less safe 3.0 labelled safe (wrong) -> 0.5
+    # pair 3: safer 0.5 labelled harmful (right), less safe -0.5 labelled harmful (wrong) -> 0.5
+    metrics = OBJECTIVES["cost"].per_pair_metrics(first, second, batch)
+    assert metrics["sign_accuracy"].tolist() == [0.0, 0.5, 0.5]
+
+
+def test_lr_schedule_by_hand():
+    """Linear warmup from lr / (warmup + 1) (the first step is not wasted at 0), then cosine to 0 at
+    total_steps; "constant" stays at lr after the warmup."""
+    from training import build_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = build_optimizer(model, 2.0, 0.0, warmup_steps=3, total_steps=11)
+    lrs = []
+    for _ in range(13):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    # steps 0-2: 2 * (k + 1) / 4; steps 3-11: 2 * 0.5 (1 + cos(pi (k - 3) / 8)), floor 0 from step 11 on
+    expected = [0.5, 1.0, 1.5] + [1.0 + math.cos(math.pi * (k - 3) / 8) for k in range(3, 11)] + [0.0, 0.0]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[3] == 2.0 and lrs[7] == pytest.approx(1.0) and lrs[11] == pytest.approx(0.0, abs=1e-12)
+    optimizer, scheduler = build_optimizer(model, 2.0, 0.0, warmup_steps=1, total_steps=5, schedule="constant")
+    lrs = []
+    for _ in range(4):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [1.0, 2.0, 2.0, 2.0]
+
+
+def test_train_step_gradient_is_the_global_mean():
+    """train_step sums the micro-batches' summed losses and divides by the global unit count once:
+    with plain SGD (lr 1) the update is minus the gradient of the mean loss over all units."""
+    from training import Dist, train_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    w0 = model.weight.detach().clone()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(5, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def loss_fn(rows):
+        return ((model(x[rows]).squeeze(-1) - y[rows]) ** 2).sum(), {"n": len(rows)}
+
+    d = Dist(0, 1, 0, torch.device("cpu"), None)
+    loss, sums, grad_norm, lr = train_step(model, optimizer, scheduler, [[0, 1], [2, 3, 4]], loss_fn, 5, d, 0.0)
+    # The mean of (x w - y)^2 and its gradient 2/5 sum (x w - y) x, written out.
+    residual = x @ w0[0] - y
+    grad = 2.0 / 5.0 * (residual[:, None] * x).sum(0)
+    assert loss == pytest.approx(float((residual ** 2).mean()), rel=1e-12)
+    assert grad_norm == pytest.approx(float(grad.norm()), rel=1e-12)
+    assert sums == {"n": 5.0} and lr == 1.0
+    torch.testing.assert_close(model.weight.detach()[0], w0[0] - grad, rtol=1e-12, atol=1e-12)
+
+
+def test_sft_logged_loss_is_the_token_mean(tmp_path, synthetic_dir):
+    """sft.py's first logged loss (before any update) is the mean NLL over the step's response and EOS
+    tokens, prompt and padding excluded, recomputed here from the fresh model's logits in float64."""
+    import sft
+    import training
+    from data.loaders import load_sft, tokenize_sft
+    from data.tokenizer import Tokenizer
+
+    out = tmp_path / "sft"
+    sft.main(["--synthetic-dir", str(synthetic_dir), "--max-steps", "1", "--batch-size", "8", "--micro-batch-size", "4",
+              "--max-length", "96", "--seed", "3", "--out", str(out)])
+    logged = log_of(out)[0]
+    tok = Tokenizer(synthetic_dir / "tokenizer.model")
+    examples, _ = tokenize_sft(tok, load_sft(synthetic_dir / "sft_train.jsonl", seed=3, log=None)[0], 96, log=None)
+    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
+    rows = sum(training.batches_for_step(0, len(examples), 8, 4, d, 3), [])  # the step's 8 dialogues
+    model = training.load_model("tiny", "lm", d, seed=3, vocab_size=tok.vocab_size)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in rows:
+            ids = torch.tensor(examples[i].input_ids)
+            logp = torch.log_softmax(model(ids[None])[0].double(), -1)
+            for t in range(examples[i].n_prompt, len(ids)):  # token t, predicted at position t - 1
+                nll -= float(logp[t - 1, ids[t]])
+                count += 1
+    assert logged["target_tokens"] == count
+    assert logged["loss"] == pytest.approx(nll / count, rel=1e-5)
 
 
 @pytest.mark.parametrize("pad_id", [0, 2])

@@ -495,3 +495,20 @@ def test_chat_template_generation_blocks_and_loop_controls(tmp_path):
                 {"role": "user", "content": "never shown"}]
     assert render_chat(tok, messages) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert render_chat(tok, messages) == '<|begin_of_text|>user: "a \\"quoted\\" <b>é</b>"ok<|start_header_id|>'
+
+
+def test_chat_template_on_a_base_release_ends_answers_with_the_end_of_turn(folders):
+    """A base release ends a text with <|end_of_text|> (its eos_token), but its chat template ends an assistant
+    turn with <|eot_id|>: for_template("chat") makes that end of turn the EOS (eos_id, and first of eos_ids), so a
+    dialogue is exactly transformers' apply_chat_template of the conversation; safe_rlhf keeps the tokenizer."""
+    pytest.importorskip("jinja2")  # optional: renders chat templates
+    base, hf = Tokenizer(folders["llama3_base"]), hf_tokenizer(folders["llama3_base"])
+    eot, end_of_text = hf.convert_tokens_to_ids("<|eot_id|>"), hf.convert_tokens_to_ids("<|end_of_text|>")
+    assert base.eos_id == end_of_text and base.for_template("safe_rlhf") is base
+    chat = base.for_template("chat")
+    assert chat.eos_id == eot and chat.eos_ids[0] == eot and set(chat.eos_ids) == {eot, end_of_text}
+    assert base.eos_id == end_of_text  # a copy: the tokenizer itself is unchanged
+    prompt, response = "How do I bake bread?", "Mix flour and yeast."
+    conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    ids, _ = encode_dialogue(chat, prompt, response, template="chat", date_string="1 Jan 2025")
+    assert ids == hf_chat_ids(hf, conversation, date_string="1 Jan 2025") and ids[-1] == eot
