@@ -13,7 +13,8 @@ hf_io.resolve_model resolves model ids with `snapshot`; data/loaders.py dataset 
 A dataset id names the files of one split of one subset ("config" in the `datasets` library): the dataset
 card's `configs:` (README.md's YAML front matter: `config_name`, `data_files` with `split` and `path`
 globs), as `datasets.load_dataset(repo, name=subset, split=split)` reads them; without `configs:`, the
-repo's data files with the split's name in their path (`train.jsonl`, `data/train-00000-of-00001.parquet`).
+repo's data files by the `datasets` library's rules (`data/train-00000-of-00001.parquet`, `train.jsonl`,
+`my_train_file.json`, `dev/part-0.jsonl` for validation, or a lone `data.jsonl` for train).
 The files are then read by our own loaders (JSONL, JSON, Parquet), with the same row-level errors as local
 files. Without the `datasets` library: it would bring its own cache (Arrow files) beside the one users
 have, and a dozen dependencies, to read a few JSONL or Parquet files that our loaders already read.
@@ -28,7 +29,6 @@ from pathlib import Path
 # "org/name" with the characters the Hub allows, optionally "@revision" (a branch, tag or commit).
 _ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-SPLIT_NAMES = ("train", "validation", "valid", "dev", "test", "eval")
 
 
 class HubError(ValueError):
@@ -146,16 +146,44 @@ def _card_configs(readme: Path) -> tuple[dict[str, dict[str, list[str]]], str | 
     return found, default
 
 
+# A repo without `configs:` is split as the `datasets` library splits it (its data_files.py; the Hub's
+# "File names and splits" page). The first of these rules that finds a data file decides, and files that
+# rule does not place are not read:
+#   1. data/{split}-00000-of-00003*.* (push_to_hub's shards): any split name
+#   2. a directory named after a split: train/, data/dev/, my-test-set/, ...
+#   3. a file named after a split: train.jsonl, my_train_file.json, test1.parquet, ...
+#   4. neither: every data file is the train split (data.jsonl)
+# "Named after": one of the split's keywords, preceded by the start of the name or a separator
+# (- . _ space digit), and followed by one (a directory's name may also end with it).
+SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                  "test": ("test", "testing", "eval", "evaluation")}
+_SEP = "[-._ 0-9]"
+_SHARDED = re.compile(r"data/(?P<split>\w+(?:\.\w+)*)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]*")
+
+
 def _splits_from_files(folder: Path) -> dict[str, list[str]]:
-    """Without `configs:`: each data file goes to the split its path names (train.jsonl,
-    data/test-00000-of-00001.parquet, train/part-0.json), as the `datasets` library assigns them."""
-    splits = {}
-    for f in sorted(folder.rglob("*")):
-        if f.suffix not in DATA_SUFFIXES or not f.is_file():
-            continue
-        relative = f.relative_to(folder).as_posix()
-        for name in SPLIT_NAMES:
-            if any(re.match(rf"{name}([-_.]|$)", part) for part in relative.split("/")):
-                splits.setdefault(name, []).append(relative)
-                break
-    return splits
+    """Without `configs:`: split -> the data files (paths relative to the repo) of that split, by the
+    rules above; train, validation and test first, in that order."""
+    paths = [f.relative_to(folder).as_posix() for f in sorted(folder.rglob("*"))
+             if f.suffix in DATA_SUFFIXES and f.is_file()]
+    # hidden files and folders, and __pycache__-like ones, are not data (as in `datasets`)
+    paths = [p for p in paths if not any(part.startswith((".", "__")) for part in p.split("/"))]
+    sharded = {}
+    for path in paths:
+        if match := _SHARDED.fullmatch(path):
+            sharded.setdefault(match["split"], []).append(path)
+    if sharded:
+        usual = list(SPLIT_KEYWORDS)
+        return {split: sharded[split] for split in sorted(sharded, key=lambda split: (
+            usual.index(split) if split in usual else len(usual), split))}
+    for in_directory in (True, False):
+        splits = {}
+        for split, keywords in SPLIT_KEYWORDS.items():
+            named = re.compile(rf"(^|{_SEP})({'|'.join(keywords)})({_SEP}{'|$' if in_directory else ''})")
+            for path in paths:
+                *directories, name = path.split("/")
+                if any(named.search(part) for part in (directories if in_directory else [name])):
+                    splits.setdefault(split, []).append(path)
+        if splits:
+            return splits
+    return {"train": paths} if paths else {}

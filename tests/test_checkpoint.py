@@ -197,6 +197,52 @@ def test_kill_before_latest_switch_and_rotation(tmp_path, monkeypatch):
     assert not list(root.glob(".tmp-*"))
 
 
+def test_lost_latest_skips_an_incomplete_newest_step(tmp_path, capsys):
+    """Without `latest`, the newest step directory that has its state.json is resumed: a step directory
+    without one (a save replacing it, or a rotation, killed halfway through its removal) is passed over."""
+    models = tiny_run()
+    ckpt = Checkpointer(tmp_path, PLAIN)
+    for step in (1, 2):
+        train(models, 1)
+        ckpt.save(step, models, {"at": step})
+    root = tmp_path / "checkpoints"
+    (root / "latest").unlink()
+    (root / "step_00000003" / "model").mkdir(parents=True)  # no state.json
+    assert Checkpointer(tmp_path, PLAIN).latest() == root / "step_00000002"
+    step, state = Checkpointer(tmp_path, PLAIN).resume(tiny_run(seed=3))
+    assert step == 2 and state["at"] == 2
+    assert "resuming from the newest complete checkpoint" in capsys.readouterr().out
+    shutil.rmtree(root / "step_00000001")
+    shutil.rmtree(root / "step_00000002")
+    assert Checkpointer(tmp_path, PLAIN).latest() is None  # only an incomplete one: a fresh run
+
+
+# Flags that make another run: a resume with any of them changed is refused (hand-written, not read
+# from checkpoint.py). And flags that only say how long, where or how the same run goes on.
+REFUSED_CHANGES = {"data": ("a.jsonl", "b.jsonl"), "eval_data": (None, "e.jsonl"), "seed": (0, 1), "lr": (1e-3, 2e-3),
+                   "batch_size": (8, 16), "max_length": (96, 128), "template": ("safe_rlhf", "chat"),
+                   "model": ("tiny", "other"), "eval_fraction": (0.05, 0.1), "data_seed": (0, 1)}
+ALLOWED_CHANGES = {"max_steps": (2, 4), "epochs": (1, 2), "out": ("a", "b"), "eval_every": (1, 5),
+                   "save_every": (1, 2), "report_to": (None, ["tensorboard"])}
+
+
+def run_flags(**changed):
+    import argparse
+
+    flags = {k: v[0] for k, v in {**REFUSED_CHANGES, **ALLOWED_CHANGES}.items()}
+    return argparse.Namespace(**{**flags, **changed})
+
+
+def test_resume_refuses_each_flag_that_makes_another_run(tmp_path):
+    models = tiny_run()
+    Checkpointer(tmp_path, PLAIN, args=run_flags()).save(1, models, {})
+    for flag, (_, other) in REFUSED_CHANGES.items():
+        with pytest.raises(ValueError, match=rf"--{flag.replace('_', '-')}: .* in the checkpoint, .* now"):
+            Checkpointer(tmp_path, PLAIN, args=run_flags(**{flag: other})).check()
+    Checkpointer(tmp_path, PLAIN, args=run_flags(**{k: v[1] for k, v in ALLOWED_CHANGES.items()})).check()
+    Checkpointer(tmp_path, PLAIN, args=run_flags()).check()
+
+
 class _FillingStream:
     """A file whose disk fills up: writes go through until `room` bytes (shared by every file of the
     save) are used, then the one that does not fit is written in part and raises ENOSPC."""

@@ -212,3 +212,19 @@ def test_warnings_for_tiny_data_and_an_off_scale_threshold(trained, task, tmp_pa
     ppo_lag.main(ppo(trained, task, tmp_path / "ppo", "--threshold", "-100"))
     assert "warning: the threshold -100.0 lies outside the 5-95% range of these costs: lambda will only grow" in \
         capsys.readouterr().out
+
+
+def test_recipe_fills_only_the_flags_left_unset(monkeypatch):
+    """--recipe fills the flags left at None; a flag given as 0 (--warmup-ratio 0, --weight-decay 0) is kept."""
+    import argparse
+
+    import cli
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = {"warmup_ratio": 0.03, "weight_decay": 0.1, "lr": 1e-3, "batch_size": 64, "micro_batch_size": 4}
+    args = argparse.Namespace(recipe=None, report_to=None, warmup_ratio=0.0, weight_decay=0, lr=None, batch_size=8,
+                              micro_batch_size=None, save_every=None)
+    cli.apply_recipe(args, {"tiny": recipe, "authors": {}}, data_given=False)
+    assert vars(args) == {"recipe": "tiny", "report_to": None, "warmup_ratio": 0.0, "weight_decay": 0, "lr": 1e-3,
+                          "batch_size": 8, "micro_batch_size": 4, "save_every": 100}

@@ -246,6 +246,57 @@ def test_shares_per_file(synthetic_data):
         load_sft(f"{synthetic_data.sft_eval}:401", log=None)
 
 
+def test_batches_for_step_epochs_and_rank_shards():
+    """The example stream is a fresh permutation of range(n) per epoch, cut into global batches across the
+    epochs' ends; ranks take the step's micro-batches round-robin, each example once."""
+    import training
+
+    n, global_batch, micro, seed = 10, 4, 2, 7
+    one = training.Dist(0, 1, 0, torch.device("cpu"), None)
+    steps = [training.batches_for_step(k, n, global_batch, micro, one, seed) for k in range(10)]  # 40 = 4 epochs
+    assert all([len(m) for m in step] == [micro, micro] for step in steps)
+    stream = [i for step in steps for m in step for i in m]
+    epochs = [stream[e * n:(e + 1) * n] for e in range(4)]
+    assert all(sorted(epoch) == list(range(n)) for epoch in epochs)  # each epoch: every example exactly once
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # a fresh order each epoch, not the same one again
+    assert steps == [training.batches_for_step(k, n, global_batch, micro, one, seed) for k in range(10)]
+    assert steps != [training.batches_for_step(k, n, global_batch, micro, one, seed + 1) for k in range(10)]
+    for k, step in enumerate(steps):  # two ranks: micro-batches 0, 2 to rank 0 and 1, 3 to rank 1 (of 8 per step)
+        wide = [training.batches_for_step(k, n, 8, micro, training.Dist(r, 2, r, torch.device("cpu"), None), seed)
+                for r in (0, 1)]
+        step8 = stream[8 * k:8 * k + 8] if 8 * k + 8 <= len(stream) else None
+        if step8 is not None:
+            chunks = [step8[i:i + micro] for i in range(0, 8, micro)]
+            assert wide == [chunks[0::2], chunks[1::2]]
+
+
+@pytest.mark.parametrize("n, world, micro", [(5, 2, 1), (7, 2, 2), (9, 4, 2), (3, 4, 1), (8, 2, 4)])
+def test_eval_micro_batches_cover_the_set_once_with_equal_counts(n, world, micro):
+    """Every example is evaluated on exactly one rank, once; every rank runs as many micro-batches (a short
+    one gets stand-ins marked not real)."""
+    import training
+
+    examples = list(range(n))
+    per_rank = [list(training.eval_micro_batches(examples, micro, training.Dist(r, world, r, torch.device("cpu"), None)))
+                for r in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    assert len(per_rank[0]) == -(-(-(-n // world)) // micro)  # ceil(ceil(n / world) / micro)
+    real = [x for batches in per_rank for chunk, is_real in batches if is_real for x in chunk]
+    assert sorted(real) == examples
+    assert all(len(chunk) <= micro for batches in per_rank for chunk, _ in batches)
+
+
+def test_steps_for_epochs_by_hand():
+    import training
+
+    # ceil(epochs x n / global batch), at least 1: the last step may run into the next epoch
+    assert training.steps_for_epochs(10, 4, 1) == 3
+    assert training.steps_for_epochs(10, 4, 2) == 5
+    assert training.steps_for_epochs(10, 4, 0.5) == 2
+    assert training.steps_for_epochs(8, 4, 1) == 2
+    assert training.steps_for_epochs(3, 8, 1) == 1
+
+
 def test_split_train_eval():
     items = list(range(100))
     train, evals = split_train_eval(items, 0.1, seed=0)
@@ -269,6 +320,9 @@ def test_sft_truncation_is_counted(tok):
     assert (stats.total, stats.kept, stats.truncated, stats.dropped_prompt_too_long) == (3, 2, 1, 0 + 1)
     assert out[0].input_ids == encode_dialogue(tok, short.prompt, short.response)[0]
     assert len(out[1].input_ids) == 48 and out[1].input_ids[-1] != tok.eos_id
+    # the cut keeps the start (the whole prompt and the first 48 - n_prompt response tokens), not the end
+    full, n_prompt = encode_dialogue(tok, long_answer.prompt, long_answer.response)
+    assert out[1].input_ids == full[:48] and out[1].n_prompt == n_prompt < 48
     assert stats.longest > 48
 
 
@@ -288,6 +342,9 @@ def test_prompts_too_long_are_dropped(tok):
     out, stats = tokenize_prompts(tok, ["How do I bake bread?", "bake " * 60], max_length=32, log=None)
     assert out == [encode_prompt(tok, "How do I bake bread?")]
     assert stats.dropped_prompt_too_long == 1
+    exact = len(out[0])  # a prompt of exactly max_length fits; one token less room drops it
+    assert tokenize_prompts(tok, ["How do I bake bread?"], max_length=exact, log=None)[0] == out
+    assert tokenize_prompts(tok, ["How do I bake bread?"], max_length=exact - 1, log=None)[0] == []
 
 
 def test_collate_sft_right_padding_and_loss_mask(tok):

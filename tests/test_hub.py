@@ -274,3 +274,84 @@ def test_hub_errors_are_one_line_naming_the_id(hub, tmp_path):
     message = run_error("train_score.py", ["--objective", "reward", "--model", MODEL, "--data", f"{PKU}:alpaca-9b:train",
                                            "--out", str(tmp_path / "b")], env_extra=env)
     assert "no subset 'alpaca-9b'" in message and "alpaca-7b" in message
+
+
+def test_dataset_revisions_and_the_cards_default_subset(tmp_path, monkeypatch):
+    """A data set id's @revision reads that commit's files, not main's; a card's config marked `default: true`
+    is the subset an id without one reads (as `datasets` does), whatever its name."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    rows = lambda *prompts: "".join(json.dumps({"prompt": p, "response": "ok"}) + "\n" for p in prompts)  # noqa: E731
+    repo = "safe-rlhf-test/revised"
+    first = add_repo(cache, repo, {"README.md": "---\nlicense: mit\n---\n", "train.jsonl": rows("a", "b")},
+                     kind="dataset", refs=("v1",))
+    add_repo(cache, repo, {"README.md": "---\nlicense: mit\n---\n", "train.jsonl": rows("a", "b", "c")},
+             kind="dataset", refs=("main",))
+    assert [e.prompt for e in load_sft(f"{repo}@v1", log=None)[0]] == ["a", "b"]
+    assert [e.prompt for e in load_sft(f"{repo}@{first}:train", log=None)[0]] == ["a", "b"]
+    assert [e.prompt for e in load_sft(repo, log=None)[0]] == ["a", "b", "c"]
+    # without configs, a split's name must stand apart in a file's path (testimonials.jsonl is no test split)
+    add_repo(cache, "safe-rlhf-test/named", {"train.jsonl": rows("t"), "data/test-00000.jsonl": rows("x"),
+                                             "testimonials.jsonl": rows("no"), "devices.jsonl": rows("no")},
+             kind="dataset")
+    assert [f.name for f in resolve_dataset("safe-rlhf-test/named:test").files] == ["test-00000.jsonl"]
+    with pytest.raises(HubError, match=r"no split 'validation'.*its splits: train, test$"):
+        resolve_dataset("safe-rlhf-test/named:validation")
+
+    card = """---
+configs:
+- config_name: small
+  data_files:
+    - split: train
+      path: small/train.jsonl
+- config_name: large
+  default: true
+  data_files:
+    - split: train
+      path: large/train.jsonl
+---
+"""
+    add_repo(cache, "safe-rlhf-test/two-subsets", {"README.md": card, "small/train.jsonl": rows("s"),
+                                                   "large/train.jsonl": rows("l1", "l2")}, kind="dataset")
+    assert [f.parent.name for f in resolve_dataset("safe-rlhf-test/two-subsets").files] == ["large"]
+    assert [f.parent.name for f in resolve_dataset("safe-rlhf-test/two-subsets:small").files] == ["small"]
+
+
+# Repos without `configs:`, split as the `datasets` library splits them: its rules written out by hand
+# here, from the Hub's "File names and splits" page (the first rule that finds a file decides).
+LAYOUTS = [
+    # a file named after a split, the name standing apart: start, end, or - . _ space digit around it
+    ({"my_train_file.jsonl": "a", "train1.jsonl": "b", "dev.jsonl": "c", "my test.jsonl": "d", "eval.json": "e",
+      "interval.jsonl": "-", "retrain.jsonl": "-"},
+     {"train": ["my_train_file.jsonl", "train1.jsonl"], "validation": ["dev.jsonl"],
+      "test": ["eval.json", "my test.jsonl"]}),
+    # no split named anywhere: every data file is train
+    ({"data.jsonl": "a", "more/rows.parquet": "b"}, {"train": ["data.jsonl", "more/rows.parquet"]}),
+    # a directory named after a split wins over file names, and files outside such a directory are not read
+    ({"training/part-0.jsonl": "a", "data/valid-set/x.jsonl": "b", "test.jsonl": "-"},
+     {"train": ["training/part-0.jsonl"], "validation": ["data/valid-set/x.jsonl"]}),
+    # push_to_hub's shards name any split, and the usual three come first; nothing else is read
+    ({"data/harmless-00000-of-00002.jsonl": "a", "data/harmless-00001-of-00002.jsonl": "b",
+      "data/test-00000-of-00001.jsonl": "c", "train.jsonl": "-"},
+     {"test": ["data/test-00000-of-00001.jsonl"],
+      "harmless": ["data/harmless-00000-of-00002.jsonl", "data/harmless-00001-of-00002.jsonl"]}),
+    # hidden folders are not data
+    ({".cache/train.jsonl": "-", "x/test.jsonl": "a"}, {"test": ["x/test.jsonl"]}),
+]
+
+
+@pytest.mark.parametrize("files, splits", LAYOUTS, ids=["file_names", "no_split_names", "directories", "shards",
+                                                        "hidden"])
+def test_dataset_splits_follow_the_datasets_library(files, splits, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = "safe-rlhf-test/layout"
+    add_repo(cache, repo, {name: json.dumps({"prompt": tag, "response": "ok"}) + "\n" for name, tag in files.items()},
+             kind="dataset")
+    for split, names in splits.items():
+        files_read = resolve_dataset(f"{repo}:{split}").files  # .../snapshots/<commit>/<path in the repo>
+        assert sorted("/".join(f.parts[f.parts.index("snapshots") + 2:]) for f in files_read) == names
+    with pytest.raises(HubError, match=f"no split 'nope' in {repo}; its splits: {', '.join(splits)}$"):
+        resolve_dataset(f"{repo}:nope")

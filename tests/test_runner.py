@@ -47,3 +47,13 @@ def test_steps_resolve_relative_products_in_the_callers_directory(scripts_and_cw
     assert json.loads((cwd / "out" / "a" / "flags.json").read_text()) == ["stage.py", "out/a"]
     assert set(json.loads((cwd / "timings.json").read_text())) == {"one", "two", "three"}
     assert not (scripts / "out").exists()
+
+
+def test_run_together_fails_when_any_job_fails(scripts_and_cwd):
+    scripts, cwd = scripts_and_cwd
+    (scripts / "broken.py").write_text("import sys\nsys.exit(3)\n")
+    steps = runner.Steps("timings.json")
+    with pytest.raises(SystemExit, match=r"two and three failed \(exit codes \[0, 3\]\)"):
+        steps.run_together([("two", "out/b/product", "stage.py", ["out/b"]), ("three", "out/c/product", "broken.py", [])])
+    assert (cwd / "out" / "b" / "product").read_text() == "made"
+    assert "two" not in steps.timings and "three" not in steps.timings  # nothing recorded as done

@@ -113,3 +113,23 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_any_work(monkeypatch
                   "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
     cli.check_report_to(["none"])  # nothing asked, nothing needed
+
+
+def test_logger_on_resume_drops_the_steps_being_redone(tmp_path):
+    """A resume at step 2 keeps log.jsonl's lines of steps 1 and 2 only: the killed run's steps 3 and 4 and
+    its last line, cut short by the kill, go, so each step is in the log once, in order."""
+    import torch
+
+    import training
+
+    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    logger = training.Logger(tmp_path, d, total_steps=6, name="t", resume_step=2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    logger.log(3, {"loss": 0.5})
+    logger.close()
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 0.5}]
+    training.Logger(tmp_path, d, total_steps=6, name="t", resume_step=0).close()  # a fresh start: nothing kept
+    assert log.read_text() == ""
