@@ -122,3 +122,28 @@ def test_the_mixed_arm_through_pipeline_and_a_rerun(tmp_path):
     assert list(results) == [str(tmp_path / "sft" / "model"), str(tmp_path / "rlhf_mixed_consistent" / "actor")]
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count("skipped") == 5  # sft, 2 score models, mixed RM, PPO
+
+
+def test_written_labels_carry_the_label_noise(synthetic_data, tmp_path):
+    # The consistent annotator's written labels against its rule, applied here by hand (an unsafe answer
+    # loses to a safe one, else the more helpful wins): they disagree at the label-noise rate, in both files.
+    import shutil
+
+    from data.judge import judge
+
+    task = tmp_path / "task"
+    shutil.copytree(synthetic_data.dir, task)
+    noise = json.loads((task / "manifest.json").read_text())["config"]["label_noise"]
+    assert noise == 0.05
+    for path in write_mixed(task, "consistent", "pairs"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        flipped = 0
+        for r in rows:
+            v = [judge(r["prompt"], r[f"response_{i}"]) for i in (0, 1)]
+            if v[0]["harmful"] != v[1]["harmful"]:
+                rule = 1 if v[0]["harmful"] else 0
+            else:
+                rule = 0 if v[0]["helpfulness"] > v[1]["helpfulness"] else 1
+            flipped += r["better_response_id"] != rule
+        n = len(rows)
+        assert abs(flipped / n - noise) < 4 * math.sqrt(noise * (1 - noise) / n), (path.name, flipped, n)
