@@ -161,3 +161,51 @@ def test_generation_stops_at_any_of_several_eos_ids(tmp_path):
     response = generation_mask(ours_out, mask, eos)[:, ids.shape[1]:]
     stopped = [row for row in range(len(ids)) if set(ours_out[row, ids.shape[1]:].tolist()) & set(eos)]
     assert len(stopped) >= 2 and all(response[row].sum() < 10 for row in stopped)
+
+
+def test_config_fields_as_other_writers_leave_them(tmp_path):
+    # Configs not written by transformers 5: an explicit head_dim other than hidden_size / heads (Qwen3,
+    # Mistral-Nemo style), an old LLaMA config with no rope_theta, rope_parameters nor tie_word_embeddings
+    # (transformers' defaults: theta 10000, untied), and transformers 5's "dtype" key in place of
+    # "torch_dtype". Each is loaded by transformers from the same folder, and the logits must agree.
+    ids, mask = left_padded_batch(97, [11, 7, 3, 11], seed=1)
+
+    wide = transformers.LlamaConfig(**COMMON, vocab_size=97, head_dim=32)  # 4 heads x 32 != hidden 64
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(wide).float().eval()
+    hf.save_pretrained(tmp_path / "wide")
+    assert json.loads((tmp_path / "wide" / "config.json").read_text())["head_dim"] == 32
+    ours = hf_io.load_pretrained(tmp_path / "wide").eval()
+    assert ours.layers[0].attention.wq.weight.shape == (4 * 32, 64)
+    with torch.no_grad():
+        assert_close_on_mask(ours(ids, mask), hf_logits(hf, ids, mask), mask)
+
+    old = tmp_path / "old"
+    hf_family_model("llama", vocab_size=97).save_pretrained(old)
+    config = json.loads((old / "config.json").read_text())
+    for key in ("rope_theta", "rope_parameters", "rope_scaling", "tie_word_embeddings"):
+        config.pop(key, None)
+    (old / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(old, attn_implementation="eager").float().eval()
+    assert hf.config.tie_word_embeddings is False
+    ours = hf_io.load_pretrained(old).eval()
+    assert ours.output.weight is not ours.tok_embeddings.weight
+    with torch.no_grad():
+        assert_close_on_mask(ours(ids, mask), hf_logits(hf, ids, mask), mask)
+
+    bf16 = tmp_path / "bf16"
+    hf_family_model("llama", vocab_size=97).to(torch.bfloat16).save_pretrained(bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    assert config.get("dtype") == "bfloat16" and "torch_dtype" not in config  # transformers 5's spelling
+    assert hf_io.load_pretrained(bf16).tok_embeddings.weight.dtype == torch.bfloat16
+
+
+def test_qwen2_sliding_window_layers_are_refused(tmp_path):
+    # Qwen2 with use_sliding_window: true windows the layers from max_window_layers on; the model has
+    # no per-layer window, so such a config is refused by name rather than run with full attention.
+    config = transformers.Qwen2Config(**COMMON, vocab_size=97, use_sliding_window=True, sliding_window=4,
+                                      max_window_layers=1)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["use_sliding_window"] is True
+    with pytest.raises(ValueError, match="use_sliding_window: true"):
+        hf_io.load_pretrained(tmp_path)

@@ -203,3 +203,21 @@ def test_plan_agrees_with_the_measurement(tmp_path):
         assert abs(r["diff"]) <= 0.15, r
         assert abs(r["plan"] - r["tensors"]) <= 0.02 * r["tensors"], r
     assert planned["rollout_width"] == 32  # every answer ran to --max-new-tokens: the worst case
+
+
+def test_state_table_counts_the_whole_model_and_one_shard():
+    # The table's parameter count is the whole model's (hand count at world 1), its bytes one rank's shard.
+    args = ModelArgs(**TINY)
+    for world in (2, 4):
+        s = mp.model_state_bytes(args, "lm", world, trainable=True, mixed_precision=True)
+        assert s["numel"] == 22688 and s["shard_numel"] == hand_count(world, "lm") < 22688
+
+
+def test_verdict_adds_both_margins():
+    # needed = peak x (1 + frag) + fixed, against the GPU's capacity, all in bytes.
+    GiB = 2**30
+    v = mp.verdict(10 * GiB, gpu_gib=20, frag=0.10, fixed_gib=2)
+    assert v["needed"] == pytest.approx(13 * GiB) and v["capacity"] == 20 * GiB and v["fits"]
+    v = mp.verdict(17 * GiB, gpu_gib=20, frag=0.10, fixed_gib=2)  # 18.7 + 2 = 20.7 GiB
+    assert v["needed"] == pytest.approx(20.7 * GiB) and not v["fits"]
+    assert mp.verdict(18 * GiB, gpu_gib=20, frag=0.0, fixed_gib=2)["fits"]  # exactly full still fits

@@ -133,3 +133,22 @@ def test_head_dim_without_a_kernel_falls_back_to_sdpa(tmp_path, monkeypatch):
     monkeypatch.setenv("KERNELS", "triton")
     with pytest.raises(AssertionError, match="head dim 8"), torch.no_grad():
         ours(ids, mask)
+
+
+def test_dispatcher_follows_the_documented_switches(monkeypatch):
+    # kernels/__init__.py's rules for CPU tensors: KERNELS=triton forces the kernels even without the
+    # interpreter; TRITON_INTERPRET=1 set after the kernels were compiled (not interpreted) does not send
+    # CPU tensors to them; KERNELS=torch wins over everything.
+    q = torch.zeros(1, 3, 2, 16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("KERNELS", "triton")
+    assert kernels.use_triton(q)
+    monkeypatch.setenv("KERNELS", "auto")
+    assert not kernels.use_triton(q)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "TRITON_INTERPRETED", False)  # the kernels were defined compiled
+    assert not kernels.use_triton(q)
+    monkeypatch.setattr(kernels, "TRITON_INTERPRETED", True)
+    assert kernels.use_triton(q)
+    monkeypatch.setenv("KERNELS", "torch")
+    assert not kernels.use_triton(q)

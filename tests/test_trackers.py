@@ -133,3 +133,49 @@ def test_logger_on_resume_drops_the_steps_being_redone(tmp_path):
         {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 0.5}]
     training.Logger(tmp_path, d, total_steps=6, name="t", resume_step=0).close()  # a fresh start: nothing kept
     assert log.read_text() == ""
+
+
+class FakeWandbRun:
+    def __init__(self, step):
+        self.step, self.sent = step, []
+
+    def log(self, values, step):
+        self.sent.append((step, values))
+
+    def finish(self):
+        pass
+
+
+def test_wandb_resends_from_its_step_only_plottable_numbers(monkeypatch, tmp_path):
+    """A resumed online run: wandb says it is at step 3 (its next step), so steps 3 and 4 of log.jsonl are
+    resent and 1, 2 are not; only finite numbers go (no 'step' key, no bool, string or NaN)."""
+    import types
+
+    import trackers
+
+    run = FakeWandbRun(step=3)
+    inits = []
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    backlog = [{"step": s, "loss": float(s), "lr": 0.5, "done": False, "name": "x", "kl": float("nan")}
+               for s in (1, 2, 3, 4)]
+    opened = trackers.open_trackers(["wandb", "none"], tmp_path, "sft", {"lr": 0.5}, resume_step=4, backlog=backlog)
+    opened.log(5, {"step": 5, "loss": 0.25, "grad_norm": float("inf")})
+    opened.close()
+    assert run.sent == [(3, {"loss": 3.0, "lr": 0.5}), (4, {"loss": 4.0, "lr": 0.5}), (5, {"loss": 0.25})]
+    assert inits[0]["resume"] == "allow" and inits[0]["id"] == json.loads((tmp_path / "wandb_run.json").read_text())["id"]
+
+
+def test_tensorboard_scalars_leave_out_step_and_non_numbers(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import trackers
+
+    opened = trackers.open_trackers(["tensorboard"], tmp_path, "sft", {"lr": 0.5}, resume_step=0)
+    opened.log(1, {"step": 1, "loss": 2.0, "done": True, "name": "x", "kl": float("nan"), "lr": 0.5})
+    opened.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "lr"]
+    assert [(s.step, s.value) for s in events.Scalars("loss")] == [(1, 2.0)]

@@ -550,3 +550,56 @@ def test_as_a_process(tmp_path, synthetic_data, nproc):
     assert (result.stdout + result.stderr).count(message) == 1, result.stderr[-3000:]
     if nproc == 1:  # under torchrun the launcher adds its own report of the failed ranks
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_launch_env_reads_each_variable(monkeypatch):
+    # On the second node of a torchrun job the global rank and the local rank differ: the local one picks the GPU.
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cli.launch_env() == (5, 8, 1)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    assert cli.launch_env() == (0, 1, 0)
+
+
+def test_check_device_accepts_a_gpu_index():
+    # --device cuda:1 names a GPU: on a machine without one it is the missing-GPU error, not an unknown device.
+    training.check_device("cpu")
+    if torch.cuda.is_available():
+        training.check_device("cuda:0")
+    else:
+        with pytest.raises(RuntimeError, match="--device cuda:1: torch .* sees no CUDA GPU"):
+            training.check_device("cuda:1")
+    with pytest.raises(ValueError, match="--device mps: expected auto, cpu or cuda"):
+        training.check_device("mps")
+
+
+def test_check_out_dir_with_several_new_levels(tmp_path):
+    # A new --out several folders deep is fine (and nothing is created yet); under a file it is said so.
+    cli.check_out_dir(tmp_path / "runs" / "a" / "b")
+    assert list(tmp_path.iterdir()) == []
+    notes = write(tmp_path / "notes.txt", "notes\n")
+    with pytest.raises(NotADirectoryError, match=f"lies under {notes}, which is a file"):
+        cli.check_out_dir(f"{notes}/a/b")
+
+
+def test_config_bool_is_not_a_count(tmp_path):
+    # JSON true is a Python int: "num_hidden_layers": true must not load as a 1-layer model.
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": True,
+              "vocab_size": 97, "intermediate_size": 96}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'num_hidden_layers' must be a positive integer, got true"):
+        hf_io.read_config(tmp_path)
+
+
+def test_sharded_checkpoint_with_a_missing_shard_names_it(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, hidden_dim=64))
+    hf_io.save_pretrained(model, tmp_path / "ckpt", max_shard_size=20_000)
+    shards = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())["weight_map"].values()
+    assert len(set(shards)) > 1
+    gone = tmp_path / "ckpt" / sorted(set(shards))[-1]
+    gone.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{gone} is listed in .*model.safetensors.index.json but missing"):
+        hf_io.load_pretrained(tmp_path / "ckpt")
