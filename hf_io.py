@@ -362,8 +362,12 @@ def _read_safetensors(path: Path, args: ModelArgs, head: str, saved_head: str) -
 
 
 def _safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: model.safetensors when there is one (transformers reads
+    it first, even beside an index), else the shards its index lists."""
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -374,8 +378,6 @@ def _safetensors_files(path: Path) -> list[Path]:
             if not f.is_file():
                 raise FileNotFoundError(f"{f} is listed in {index} but missing")
         return files
-    if single.is_file():
-        return [single]
     if list(path.glob("*.bin")) or list(path.glob("*.pth")):
         raise ValueError(f"{path} holds only pickle weights (.bin/.pth); convert them to safetensors "
                          "(loading pickles could run arbitrary code)")

@@ -119,6 +119,25 @@ def test_sharded_save_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_single_file_wins_over_an_index_beside_it(tmp_path):
+    # A folder holding model.safetensors and, from an earlier sharded save, an index and its shards (other
+    # weights): transformers reads model.safetensors, and so must we.
+    args = ModelArgs(**CONFIGS["gqa_theta"])
+    old, new = Transformer(args).eval(), Transformer(args).eval()
+    old.init_weights(seed=0)
+    new.init_weights(seed=1)
+    hf_io.save_pretrained(old, tmp_path / "ckpt", max_shard_size=20_000)
+    hf_io.save_pretrained(new, tmp_path / "single")
+    (tmp_path / "single" / "model.safetensors").rename(tmp_path / "ckpt" / "model.safetensors")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").float()
+    back = hf_io.load_pretrained(tmp_path / "ckpt")
+    ids, mask = left_padded_batch(args.vocab_size, [6, 11], seed=0)
+    with torch.no_grad():
+        assert_close_on_mask(back(ids, mask), hf_logits(hf, ids, mask), mask)
+    for a, b in zip(new.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_right_padding_matches_unpadded():
     # Training batches are right-padded: real tokens must not depend on the pads after them.
     args = ModelArgs(**CONFIGS["gqa_theta"])
