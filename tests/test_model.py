@@ -110,12 +110,17 @@ def test_sharded_save_round_trip(tmp_path):
     hf_io.save_pretrained(ours, tmp_path / "ckpt", max_shard_size=20_000)
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").float()
-    back = hf_io.load_pretrained(tmp_path / "ckpt")
-    ids, mask = left_padded_batch(args.vocab_size, [6, 11], seed=0)
+    loads_as_transformers_loads_it(tmp_path / "ckpt", ours)
+
+
+def loads_as_transformers_loads_it(folder, expected):
+    """hf_io.load_pretrained(folder) gives transformers' logits on the same folder, and `expected`'s weights."""
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").float()
+    back = hf_io.load_pretrained(folder)
+    ids, mask = left_padded_batch(expected.args.vocab_size, [6, 11], seed=0)
     with torch.no_grad():
         assert_close_on_mask(back(ids, mask), hf_logits(hf, ids, mask), mask)
-    for a, b in zip(ours.state_dict().values(), back.state_dict().values()):
+    for a, b in zip(expected.state_dict().values(), back.state_dict().values()):
         assert torch.equal(a, b)
 
 
@@ -129,13 +134,7 @@ def test_a_single_file_wins_over_an_index_beside_it(tmp_path):
     hf_io.save_pretrained(old, tmp_path / "ckpt", max_shard_size=20_000)
     hf_io.save_pretrained(new, tmp_path / "single")
     (tmp_path / "single" / "model.safetensors").rename(tmp_path / "ckpt" / "model.safetensors")
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").float()
-    back = hf_io.load_pretrained(tmp_path / "ckpt")
-    ids, mask = left_padded_batch(args.vocab_size, [6, 11], seed=0)
-    with torch.no_grad():
-        assert_close_on_mask(back(ids, mask), hf_logits(hf, ids, mask), mask)
-    for a, b in zip(new.state_dict().values(), back.state_dict().values()):
-        assert torch.equal(a, b)
+    loads_as_transformers_loads_it(tmp_path / "ckpt", new)
 
 
 def test_right_padding_matches_unpadded():
