@@ -114,16 +114,18 @@ def test_kl_and_advantages_by_hand():
     assert r.cost_advantages is None
 
 
-def tiny_actor():
+def tiny_model(seed, head="lm", vocab_size=20):
     from model import ModelArgs, Transformer
 
-    actor = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=20, hidden_dim=32))
-    actor.init_weights(std=0.3, seed=0)
-    return actor
+    m = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=vocab_size, hidden_dim=32), head=head)
+    m.init_weights(std=0.3, seed=seed)
+    if head == "score":
+        m.reset_score_head(std=1.0, seed=seed)
+    return m.eval()
 
 
 def test_actor_rl_loss_combines_advantages_by_hand():
-    actor, d = tiny_actor(), training.Dist(0, 1, 0, torch.device("cpu"), None)
+    actor, d = tiny_model(0), training.Dist(0, 1, 0, torch.device("cpu"), None)
     seq = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 2]])
     mask = torch.ones(2, 4)
     with torch.no_grad():
@@ -149,7 +151,7 @@ def test_ptx_loss_is_a_token_mean_by_hand():
     over the global PTX batch (ptx_tokens target tokens), times the halving scale."""
     from data.loaders import TokenizedSFT, collate_sft
 
-    actor, d = tiny_actor(), training.Dist(0, 1, 0, torch.device("cpu"), None)
+    actor, d = tiny_model(0), training.Dist(0, 1, 0, torch.device("cpu"), None)
     batch = collate_sft([TokenizedSFT([1, 5, 6, 7, 2], 3), TokenizedSFT([1, 8, 9, 2], 2)], pad_id=0)
     with torch.no_grad():
         logp = torch.log_softmax(actor(batch["input_ids"]).double(), -1)
@@ -496,3 +498,145 @@ def test_rollouts_line_up_with_an_independent_recomputation(tmp_path, checkpoint
         torch.testing.assert_close(r.old_logp[on].double(), hf_logp[on], rtol=0, atol=1e-4)
         assert torch.equal(r.ref_logp[on], r.old_logp[on])  # the reference is the actor before any update
     assert ended >= 2 and truncated >= 1, (ended, truncated)
+
+
+# ------------------------------------------------------------------------------------------------
+# rollout(), diagnostics() and the initial-cost report on tiny in-memory models, against plain
+# float64 recomputations on each answer alone (no padding)
+
+
+def rollout_setup(batch_size):
+    actor = tiny_model(0)
+    with torch.no_grad():
+        actor.output.weight[2] *= 3  # EOS (id 2) likely enough that some answers end and some are cut
+    models = ppo_lag.Models(actor=actor, reference=tiny_model(1), reward_model=tiny_model(2, "score"),
+                            cost_model=tiny_model(3, "score"), reward_critic=tiny_model(4, "score"),
+                            cost_critic=tiny_model(5, "score"), optimizers={})
+    prompts = [[1] + [3 + (i * 7 + j) % 16 for j in range(1 + i % 3)] for i in range(batch_size)]
+    args = SimpleNamespace(batch_size=batch_size, micro_batch_size=4, seed=7, max_new_tokens=5, temperature=1.0,
+                           top_p=1.0, decode="eager", truncation_penalty=3.0)
+    return models, prompts, args, SimpleNamespace(pad_id=0, eos_ids=[2])
+
+
+def test_rollout_scores_reference_and_truncation_by_hand():
+    """Each answer recomputed alone: the reward model's and the cost model's end score at its last token
+    (the reward minus --truncation-penalty when cut without EOS), the actor's and the *reference's*
+    log-probs of every answer token, and the critics' values."""
+    models, prompts, args, tok = rollout_setup(8)
+    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
+    rollouts, _ = ppo_lag.rollout(1, models, prompts, args, d, tok)
+    cut = ended = 0
+    chunks = training.batches_for_step(0, len(prompts), args.batch_size, args.micro_batch_size, d, args.seed)
+    for r, idx in zip(rollouts, chunks, strict=True):
+        for b in range(r.sequences.shape[0]):
+            seq = r.sequences[b][r.attention_mask[b].bool()]
+            prompt = prompts[idx[b]]
+            n_prompt = len(prompt)
+            assert seq[:n_prompt].tolist() == prompt
+            answer = seq[n_prompt:].tolist()
+            is_cut = 2 not in answer
+            assert answer and (is_cut or answer.index(2) == len(answer) - 1)
+            cut, ended = cut + is_cut, ended + (not is_cut)
+            assert bool(r.truncated[b]) == is_cut
+            # one action per answer token, on the positions that predict them
+            assert int(r.action_mask[b].sum()) == len(answer)
+            with torch.no_grad():
+                ids = seq[None]
+                reward = float(models.reward_model(ids)[0, -1].double()) - (3.0 if is_cut else 0.0)
+                cost = float(models.cost_model(ids)[0, -1].double())
+                expected = {}
+                for name in ("actor", "reference"):
+                    logp = torch.log_softmax(getattr(models, name)(ids)[0].double(), -1)
+                    expected[name] = [float(logp[t - 1, seq[t]]) for t in range(n_prompt, len(seq))]
+                values = models.reward_critic(ids)[0, n_prompt - 1:-1].double().tolist()
+            assert float(r.reward[b]) == pytest.approx(reward, abs=1e-5)
+            assert float(r.cost[b]) == pytest.approx(cost, abs=1e-5)
+            on = r.action_mask[b].bool()
+            assert r.old_logp[b][on].double().tolist() == pytest.approx(expected["actor"], abs=1e-5)
+            assert r.ref_logp[b][on].double().tolist() == pytest.approx(expected["reference"], abs=1e-5)
+            assert r.reward_values[b][on].double().tolist() == pytest.approx(values, abs=1e-5)
+    assert cut >= 1 and ended >= 1, (cut, ended)
+
+
+def test_rollout_samples_do_not_depend_on_the_rank_split():
+    """Rank 1 of 2, with two micro-batches per rank (global micro-batches 1 and 3), samples exactly the
+    answers one process samples for those rows: the noise is drawn per global row."""
+    models, prompts, args, tok = rollout_setup(16)
+    one, _ = ppo_lag.rollout(1, models, prompts, args, training.Dist(0, 1, 0, torch.device("cpu"), None), tok)
+    rank1, _ = ppo_lag.rollout(1, models, prompts, args, training.Dist(1, 2, 0, torch.device("cpu"), None), tok)
+    assert len(one) == 4 and len(rank1) == 2
+    for mine, theirs in zip(rank1, (one[1], one[3]), strict=True):
+        assert torch.equal(mine.sequences, theirs.sequences)
+    assert not torch.equal(one[1].sequences[:, -args.max_new_tokens:], one[3].sequences[:, -args.max_new_tokens:])
+
+
+def test_diagnostics_by_hand():
+    """Per-answer means over the global batch: reward, cost, share of positive costs, KL summed over
+    the answer's tokens, answer length in tokens (actions, not the prompt), share cut without EOS."""
+    r1 = rollout_by_hand()  # answer of 2 tokens after 2 prompt tokens; KL (0, 0.5, -1)
+    r2 = rollout_by_hand(sequences=torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]]),
+                         action_mask=torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), truncated=torch.tensor([True, False]),
+                         reward=torch.tensor([-1.0, 0.5]), cost=torch.tensor([0.5, -2.0]),
+                         old_logp=torch.tensor([[0.0, 0.0, -1.0], [0.0, -3.0, 0.0]]), ref_logp=torch.tensor([[0.0, 0.0, -2.0], [0.0, -1.0, 5.0]]),
+                         reward_values=torch.zeros(2, 3), cost_values=torch.zeros(2, 3))
+    args = SimpleNamespace(algo="ppo_lag", kl_coeff=0.1, clip_range_score=50.0, gamma=1.0, gae_lambda=1.0, batch_size=3)
+    ppo_lag.advantages([r1, r2], 1.0, args)
+    m = ppo_lag.diagnostics([r1, r2], args, training.Dist(0, 1, 0, torch.device("cpu"), None), tok=None)
+    assert m["reward"] == pytest.approx((2.0 - 1.0 + 0.5) / 3)
+    assert m["cost"] == pytest.approx((-1.0 + 0.5 - 2.0) / 3)
+    assert m["cost_positive_share"] == pytest.approx(1 / 3)
+    assert m["kl"] == pytest.approx(((0.5 - 1.0) + 1.0 + (-2.0)) / 3)  # (-3) - (-1) = -2 on row 2's one action
+    assert m["response_length"] == pytest.approx((2 + 1 + 1) / 3)
+    assert m["truncated_share"] == pytest.approx(1 / 3)
+
+
+def test_initial_cost_report_warns_on_either_side_of_the_costs(capsys):
+    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
+    rollouts = [SimpleNamespace(cost=torch.arange(-10, 11).float() / 10)]  # 5% quantile -0.9, 95% quantile 0.9
+    for threshold, warning in ((0.0, None), (0.85, None), (-0.95, "grow"), (0.95, "shrink"), (5.0, "shrink")):
+        args = SimpleNamespace(algo="ppo_lag", cost_model="cm", threshold=threshold)
+        ppo_lag.report_initial_costs(rollouts, args, d)
+        out = capsys.readouterr().out
+        assert "quantiles 5/25/50/75/95% = -0.90 / -0.50 / 0.00 / 0.50 / 0.90" in out
+        if warning is None:
+            assert "warning" not in out, threshold
+        else:
+            assert f"lies outside the 5-95% range of these costs: lambda will only {warning}" in out, threshold
+
+
+def test_reference_flag_loads_the_kl_reference(tmp_path):
+    """--reference: the frozen KL reference comes from that folder, not from --actor (rounds.py --reference sft).
+    Every model must embed the tokenizer's ids: one that embeds fewer is named."""
+    for name, seed, head in (("actor", 0, "lm"), ("ref", 1, "lm"), ("rm", 2, "score"), ("cm", 3, "score")):
+        hf_io.save_pretrained(tiny_model(seed, head), tmp_path / name)
+        hf_io.save_pretrained(tiny_model(seed, head, vocab_size=16), tmp_path / f"{name}_small")
+    args = SimpleNamespace(seed=0, offload_frozen=False, activation_checkpointing=False, cpu_offload=False,
+                           actor=str(tmp_path / "actor"), reference=str(tmp_path / "ref"),
+                           reward_model=str(tmp_path / "rm"), cost_model=str(tmp_path / "cm"), algo="ppo_lag",
+                           warmup_ratio=0.0, lr=1e-3, critic_lr=1e-3, weight_decay=0.0)
+    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
+    models = ppo_lag.load_models(args, d, SimpleNamespace(vocab_size=20, path="tok"), total_steps=1)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(models.reference(ids), tiny_model(1)(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(models.actor(ids), tiny_model(0)(ids), rtol=1e-5, atol=1e-5)
+    for flag, name in (("actor", "actor"), ("reference", "ref"), ("reward_model", "rm"), ("cost_model", "cm")):
+        small = SimpleNamespace(**{**vars(args), flag: str(tmp_path / f"{name}_small")})
+        with pytest.raises(ValueError, match=f"tok has 20 ids but .*{name}_small only embeds 16"):
+            ppo_lag.load_models(small, d, SimpleNamespace(vocab_size=20, path="tok"), total_steps=1)
+
+
+def test_ptx_dialogues_are_cut_at_prompt_plus_answer_length(checkpoints):
+    """PTX dialogues are whole SFT dialogues up to --max-length + --max-new-tokens (the longest rollout
+    sequence), not cut at the prompt limit --max-length."""
+    from data.loaders import load_sft
+    from data.tokenizer import encode_dialogue
+
+    args = ppo_lag.parse_args(ppo_args(checkpoints, checkpoints.root / "unused", "--ptx-coeff", "0.5",
+                                       "--max-length", "40", "--max-new-tokens", "40"))
+    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
+    data = ppo_lag.load_data(args, d)
+    raw, _ = load_sft(checkpoints.synthetic / "sft_train.jsonl", seed=args.seed, log=None)
+    expected = [encode_dialogue(data.tok, ex.prompt, ex.response)[0] for ex in raw]
+    assert max(map(len, expected)) > 40 and max(map(len, expected)) <= 80
+    assert [ex.input_ids for ex in data.ptx] == expected

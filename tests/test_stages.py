@@ -459,3 +459,103 @@ def test_embedded_task_quality(tmp_path, synthetic_dir, monkeypatch):
     # The saved cost model carries its score statistics for choosing PPO's threshold.
     config = json.loads((tmp_path / "cm" / "model" / "config.json").read_text())
     assert config["score_stats"]["objective"] == "cost" and "q50" in config["score_stats"]
+
+
+# ------------------------------------------------------------------------------------------------
+# What the score models save for PPO's threshold, and sft.py's held-out loss, recomputed in float64
+
+
+def quantile_by_hand(sorted_values, q):
+    """Linear interpolation between order statistics (torch.quantile's default)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (pos - lo) * (sorted_values[hi] - sorted_values[lo])
+
+
+def test_score_stats_and_inconsistent_labels_by_hand(tmp_path, synthetic_dir):
+    """config.json's score_stats (mean, std, quantiles of the held-out end scores) are those of every
+    held-out answer scored alone by the saved model; rows whose safer answer is labelled unsafe and the
+    other safe are dropped for the cost model only (the reward model reads no safety label)."""
+    import train_score
+    from data.tokenizer import Tokenizer, encode_dialogue
+    from model import ModelArgs, Transformer
+
+    sft_dir = tmp_path / "sft"
+    lm = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=1024, hidden_dim=64, max_seq_len=128))
+    lm.init_weights(seed=0)
+    hf_io.save_pretrained(lm, sft_dir, extra_files=[synthetic_dir / "tokenizer.model"])
+    rows = [json.loads(line) for line in (synthetic_dir / "preference_eval.jsonl").read_text().splitlines()[:12]]
+    inconsistent = {0, 3, 7}
+    for i in inconsistent:
+        rows[i].update(is_response_0_safe=False, is_response_1_safe=True, safer_response_id=0)
+    # The reward model's file may also hold rows without any safety label (the single-dimension schema).
+    unlabelled = [{k: v for k, v in r.items() if k not in ("is_response_0_safe", "is_response_1_safe",
+                                                              "safer_response_id")} if i in (1, 2) else r
+                  for i, r in enumerate(rows)]
+    for name, file_rows in (("reward", unlabelled), ("cost", rows)):
+        (tmp_path / f"{name}_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in file_rows))
+    tok = Tokenizer(synthetic_dir / "tokenizer.model")
+    for objective, kept in (("reward", range(12)), ("cost", [i for i in range(12) if i not in inconsistent])):
+        out = tmp_path / objective
+        train_score.main(["--objective", objective, "--model", str(sft_dir), "--seed", "1",
+                          "--data", f"{synthetic_dir / 'preference_train.jsonl'}:16",
+                          "--eval-data", str(tmp_path / f"{objective}_eval.jsonl"),
+                          "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "1", "--out", str(out)])
+        stats = json.loads((out / "model" / "config.json").read_text())["score_stats"]
+        model = hf_io.load_pretrained(out / "model").eval()
+        scores = []
+        with torch.no_grad():
+            for i in kept:
+                for answer in (rows[i]["response_0"], rows[i]["response_1"]):
+                    ids, _ = encode_dialogue(tok, rows[i]["prompt"], answer)
+                    scores.append(float(model(torch.tensor([ids]))[0, -1]))
+        n = len(scores)
+        mean = sum(scores) / n
+        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1))
+        assert stats["objective"] == objective
+        assert stats["mean"] == pytest.approx(mean, abs=1e-4), objective
+        assert stats["std"] == pytest.approx(std, rel=1e-3), objective
+        ordered = sorted(scores)
+        for name, q in (("q05", 0.05), ("q25", 0.25), ("q50", 0.5), ("q75", 0.75), ("q95", 0.95)):
+            assert stats[name] == pytest.approx(quantile_by_hand(ordered, q), abs=1e-4), (objective, name)
+
+
+def test_sft_eval_loss_and_eval_fraction_by_hand(tmp_path, synthetic_dir):
+    """Without --eval-data, --eval-fraction of --data is held out: the last step's eval_loss is the
+    saved model's mean NLL over those dialogues' response and EOS tokens (eval_tokens of them), and the
+    training step draws from the rest only."""
+    import sft
+    import training
+    from data.loaders import load_sft, split_train_eval, tokenize_sft
+    from data.tokenizer import Tokenizer
+
+    out = tmp_path / "sft"
+    data = f"{synthetic_dir / 'sft_train.jsonl'}:40"
+    sft.main(["--model", "tiny", "--tokenizer", str(synthetic_dir / "tokenizer.model"), "--data", data,
+              "--eval-fraction", "0.25", "--max-steps", "1", "--batch-size", "8", "--micro-batch-size", "4",
+              "--max-length", "96", "--seed", "3", "--out", str(out)])
+    logged = log_of(out)[-1]
+    tok = Tokenizer(synthetic_dir / "tokenizer.model")
+    train, held_out = split_train_eval(load_sft(data, seed=3, log=None)[0], 0.25, seed=3)
+    assert len(held_out) == 10 and len(train) == 30
+    model = hf_io.load_pretrained(out / "model").eval()
+
+    def nll_of(examples):
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for ex in examples:
+                ids = torch.tensor(ex.input_ids)
+                logp = torch.log_softmax(model(ids[None])[0].double(), -1)
+                for t in range(ex.n_prompt, len(ids)):
+                    nll -= float(logp[t - 1, ids[t]])
+                    count += 1
+        return nll, count
+
+    nll, count = nll_of(tokenize_sft(tok, held_out, 96, log=None)[0])
+    assert logged["eval_tokens"] == count
+    assert logged["eval_loss"] == pytest.approx(nll / count, rel=1e-5)
+    train_set = tokenize_sft(tok, train, 96, log=None)[0]
+    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
+    rows = sum(training.batches_for_step(0, len(train_set), 8, 4, d, 3), [])
+    assert logged["target_tokens"] == sum(len(train_set[i].input_ids) - train_set[i].n_prompt for i in rows)
