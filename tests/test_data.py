@@ -1,6 +1,7 @@
 """Loaders, collators, the synthetic task and its judge (data/)."""
 
 import json
+import math
 import re
 from functools import partial
 
@@ -280,7 +281,7 @@ def test_eval_micro_batches_cover_the_set_once_with_equal_counts(n, world, micro
     per_rank = [list(training.eval_micro_batches(examples, micro, training.Dist(r, world, r, torch.device("cpu"), None)))
                 for r in range(world)]
     assert len({len(batches) for batches in per_rank}) == 1
-    assert len(per_rank[0]) == -(-(-(-n // world)) // micro)  # ceil(ceil(n / world) / micro)
+    assert len(per_rank[0]) == math.ceil(math.ceil(n / world) / micro)
     real = [x for batches in per_rank for chunk, is_real in batches if is_real for x in chunk]
     assert sorted(real) == examples
     assert all(len(chunk) <= micro for batches in per_rank for chunk, _ in batches)

@@ -111,12 +111,16 @@ def hub(tmp_path_factory, synthetic_data):
     return cache, first, main
 
 
-@pytest.fixture
-def offline(hub, monkeypatch):
-    """This process reads the test cache, offline (huggingface_hub reads its constants when called)."""
-    cache = hub[0]
+def read_offline(monkeypatch, cache):
+    """This process reads `cache`, offline (huggingface_hub reads its constants when called)."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def offline(hub, monkeypatch):
+    """This process reads the test cache, offline."""
+    read_offline(monkeypatch, hub[0])
     return hub
 
 
@@ -280,8 +284,7 @@ def test_dataset_revisions_and_the_cards_default_subset(tmp_path, monkeypatch):
     """A data set id's @revision reads that commit's files, not main's; a card's config marked `default: true`
     is the subset an id without one reads (as `datasets` does), whatever its name."""
     cache = tmp_path / "cache"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    read_offline(monkeypatch, cache)
     rows = lambda *prompts: "".join(json.dumps({"prompt": p, "response": "ok"}) + "\n" for p in prompts)  # noqa: E731
     repo = "safe-rlhf-test/revised"
     first = add_repo(cache, repo, {"README.md": "---\nlicense: mit\n---\n", "train.jsonl": rows("a", "b")},
@@ -345,8 +348,7 @@ LAYOUTS = [
                                                         "hidden"])
 def test_dataset_splits_follow_the_datasets_library(files, splits, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    read_offline(monkeypatch, cache)
     repo = "safe-rlhf-test/layout"
     add_repo(cache, repo, {name: json.dumps({"prompt": tag, "response": "ok"}) + "\n" for name, tag in files.items()},
              kind="dataset")

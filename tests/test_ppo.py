@@ -22,6 +22,7 @@ from ppo_lag import (LagrangeMultiplier, LambdaRule, PIDLambda, SGDOnLogLambda, 
                      explained_variance, gae, lambda_update, per_sequence_mean, token_rewards)
 
 ROOT = Path(__file__).resolve().parent.parent
+ONE_PROCESS = training.Dist(0, 1, 0, torch.device("cpu"), None)  # rank 0 of 1
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from safetensors.torch import load_file  # noqa: E402
 from test_stages import assert_same_weights, log_of, run  # noqa: E402
@@ -125,24 +126,24 @@ def tiny_model(seed, head="lm", vocab_size=20):
 
 
 def test_actor_rl_loss_combines_advantages_by_hand():
-    actor, d = tiny_model(0), training.Dist(0, 1, 0, torch.device("cpu"), None)
+    actor = tiny_model(0)
     seq = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 2]])
     mask = torch.ones(2, 4)
     with torch.no_grad():
-        old_logp = ppo_lag.logprobs(actor, seq, mask, d).float()  # on-policy: every ratio is 1
+        old_logp = ppo_lag.logprobs(actor, seq, mask, ONE_PROCESS).float()  # on-policy: every ratio is 1
     r = ppo_lag.Rollout(sequences=seq, attention_mask=mask, action_mask=torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]),
                         truncated=torch.tensor([False, False]), reward=torch.zeros(2), cost=torch.zeros(2),
                         old_logp=old_logp, ref_logp=old_logp, reward_values=torch.zeros(2, 3), cost_values=torch.zeros(2, 3),
                         reward_advantages=torch.tensor([[9.0, 1.0, 2.0], [9.0, 9.0, -1.0]]),
                         cost_advantages=torch.tensor([[9.0, 0.5, -1.0], [9.0, 9.0, 2.0]]))
     args = SimpleNamespace(algo="ppo_lag", clip_eps=0.2)
-    loss, stats = ppo_lag.actor_rl_loss(r, actor, 3.0, 0.5, args, d)
+    loss, stats = ppo_lag.actor_rl_loss(r, actor, 3.0, 0.5, args, ONE_PROCESS)
     # (A_R - 3 A_C) / 4 on the answer tokens: row 0 (1 - 1.5) / 4 = -0.125, (2 + 3) / 4 = 1.25, mean 0.5625;
     # row 1 (-1 - 6) / 4 = -1.75. Loss: minus the sum over rows of the per-row means.
     assert stats["actor_loss"] == pytest.approx(-(0.5625 - 1.75), rel=1e-5)
     assert loss.item() == pytest.approx(0.5 * -(0.5625 - 1.75), rel=1e-5)  # times the PTX halving scale
     # plain PPO: the reward advantages alone: row means 1.5 and -1
-    _, stats = ppo_lag.actor_rl_loss(r, actor, 3.0, 1.0, SimpleNamespace(algo="ppo", clip_eps=0.2), d)
+    _, stats = ppo_lag.actor_rl_loss(r, actor, 3.0, 1.0, SimpleNamespace(algo="ppo", clip_eps=0.2), ONE_PROCESS)
     assert stats["actor_loss"] == pytest.approx(-(1.5 - 1.0), rel=1e-5)
 
 
@@ -151,14 +152,14 @@ def test_ptx_loss_is_a_token_mean_by_hand():
     over the global PTX batch (ptx_tokens target tokens), times the halving scale."""
     from data.loaders import TokenizedSFT, collate_sft
 
-    actor, d = tiny_model(0), training.Dist(0, 1, 0, torch.device("cpu"), None)
+    actor = tiny_model(0)
     batch = collate_sft([TokenizedSFT([1, 5, 6, 7, 2], 3), TokenizedSFT([1, 8, 9, 2], 2)], pad_id=0)
     with torch.no_grad():
         logp = torch.log_softmax(actor(batch["input_ids"]).double(), -1)
     # targets: 7 and 2 of row 0 (predicted at 2, 3), 9 and 2 of row 1 (at 1, 2); 10 in the global batch
     nll_sum = -float(logp[0, 2, 7] + logp[0, 3, 2] + logp[1, 1, 9] + logp[1, 2, 2])
     args = SimpleNamespace(batch_size=8, ptx_coeff=0.25)
-    loss, stats = ppo_lag.actor_ptx_loss(batch, actor, 0.5, 10.0, args, d)
+    loss, stats = ppo_lag.actor_ptx_loss(batch, actor, 0.5, 10.0, args, ONE_PROCESS)
     assert loss.item() / args.batch_size == pytest.approx(0.25 * 0.5 * nll_sum / 10, rel=1e-5)
     assert stats["ptx_loss"] / args.batch_size == pytest.approx(nll_sum / 10, rel=1e-5)  # as ppo_update logs it
 
@@ -523,10 +524,9 @@ def test_rollout_scores_reference_and_truncation_by_hand():
     (the reward minus --truncation-penalty when cut without EOS), the actor's and the *reference's*
     log-probs of every answer token, and the critics' values."""
     models, prompts, args, tok = rollout_setup(8)
-    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
-    rollouts, _ = ppo_lag.rollout(1, models, prompts, args, d, tok)
+    rollouts, _ = ppo_lag.rollout(1, models, prompts, args, ONE_PROCESS, tok)
     cut = ended = 0
-    chunks = training.batches_for_step(0, len(prompts), args.batch_size, args.micro_batch_size, d, args.seed)
+    chunks = training.batches_for_step(0, len(prompts), args.batch_size, args.micro_batch_size, ONE_PROCESS, args.seed)
     for r, idx in zip(rollouts, chunks, strict=True):
         for b in range(r.sequences.shape[0]):
             seq = r.sequences[b][r.attention_mask[b].bool()]
@@ -562,7 +562,7 @@ def test_rollout_samples_do_not_depend_on_the_rank_split():
     """Rank 1 of 2, with two micro-batches per rank (global micro-batches 1 and 3), samples exactly the
     answers one process samples for those rows: the noise is drawn per global row."""
     models, prompts, args, tok = rollout_setup(16)
-    one, _ = ppo_lag.rollout(1, models, prompts, args, training.Dist(0, 1, 0, torch.device("cpu"), None), tok)
+    one, _ = ppo_lag.rollout(1, models, prompts, args, ONE_PROCESS, tok)
     rank1, _ = ppo_lag.rollout(1, models, prompts, args, training.Dist(1, 2, 0, torch.device("cpu"), None), tok)
     assert len(one) == 4 and len(rank1) == 2
     for mine, theirs in zip(rank1, (one[1], one[3]), strict=True):
@@ -581,7 +581,7 @@ def test_diagnostics_by_hand():
                          reward_values=torch.zeros(2, 3), cost_values=torch.zeros(2, 3))
     args = SimpleNamespace(algo="ppo_lag", kl_coeff=0.1, clip_range_score=50.0, gamma=1.0, gae_lambda=1.0, batch_size=3)
     ppo_lag.advantages([r1, r2], 1.0, args)
-    m = ppo_lag.diagnostics([r1, r2], args, training.Dist(0, 1, 0, torch.device("cpu"), None), tok=None)
+    m = ppo_lag.diagnostics([r1, r2], args, ONE_PROCESS, tok=None)
     assert m["reward"] == pytest.approx((2.0 - 1.0 + 0.5) / 3)
     assert m["cost"] == pytest.approx((-1.0 + 0.5 - 2.0) / 3)
     assert m["cost_positive_share"] == pytest.approx(1 / 3)
@@ -591,11 +591,10 @@ def test_diagnostics_by_hand():
 
 
 def test_initial_cost_report_warns_on_either_side_of_the_costs(capsys):
-    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
     rollouts = [SimpleNamespace(cost=torch.arange(-10, 11).float() / 10)]  # 5% quantile -0.9, 95% quantile 0.9
     for threshold, warning in ((0.0, None), (0.85, None), (-0.95, "grow"), (0.95, "shrink"), (5.0, "shrink")):
         args = SimpleNamespace(algo="ppo_lag", cost_model="cm", threshold=threshold)
-        ppo_lag.report_initial_costs(rollouts, args, d)
+        ppo_lag.report_initial_costs(rollouts, args, ONE_PROCESS)
         out = capsys.readouterr().out
         assert "quantiles 5/25/50/75/95% = -0.90 / -0.50 / 0.00 / 0.50 / 0.90" in out
         if warning is None:
@@ -614,8 +613,7 @@ def test_reference_flag_loads_the_kl_reference(tmp_path):
                            actor=str(tmp_path / "actor"), reference=str(tmp_path / "ref"),
                            reward_model=str(tmp_path / "rm"), cost_model=str(tmp_path / "cm"), algo="ppo_lag",
                            warmup_ratio=0.0, lr=1e-3, critic_lr=1e-3, weight_decay=0.0)
-    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
-    models = ppo_lag.load_models(args, d, SimpleNamespace(vocab_size=20, path="tok"), total_steps=1)
+    models = ppo_lag.load_models(args, ONE_PROCESS, SimpleNamespace(vocab_size=20, path="tok"), total_steps=1)
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(models.reference(ids), tiny_model(1)(ids), rtol=1e-5, atol=1e-5)
@@ -623,7 +621,7 @@ def test_reference_flag_loads_the_kl_reference(tmp_path):
     for flag, name in (("actor", "actor"), ("reference", "ref"), ("reward_model", "rm"), ("cost_model", "cm")):
         small = SimpleNamespace(**{**vars(args), flag: str(tmp_path / f"{name}_small")})
         with pytest.raises(ValueError, match=f"tok has 20 ids but .*{name}_small only embeds 16"):
-            ppo_lag.load_models(small, d, SimpleNamespace(vocab_size=20, path="tok"), total_steps=1)
+            ppo_lag.load_models(small, ONE_PROCESS, SimpleNamespace(vocab_size=20, path="tok"), total_steps=1)
 
 
 def test_ptx_dialogues_are_cut_at_prompt_plus_answer_length(checkpoints):
@@ -634,8 +632,7 @@ def test_ptx_dialogues_are_cut_at_prompt_plus_answer_length(checkpoints):
 
     args = ppo_lag.parse_args(ppo_args(checkpoints, checkpoints.root / "unused", "--ptx-coeff", "0.5",
                                        "--max-length", "40", "--max-new-tokens", "40"))
-    d = training.Dist(0, 1, 0, torch.device("cpu"), None)
-    data = ppo_lag.load_data(args, d)
+    data = ppo_lag.load_data(args, ONE_PROCESS)
     raw, _ = load_sft(checkpoints.synthetic / "sft_train.jsonl", seed=args.seed, log=None)
     expected = [encode_dialogue(data.tok, ex.prompt, ex.response)[0] for ex in raw]
     assert max(map(len, expected)) > 40 and max(map(len, expected)) <= 80

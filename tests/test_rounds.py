@@ -59,6 +59,16 @@ def fake_round_one(directory: Path, task) -> Path:
     return directory
 
 
+def end_score(model, tok, prompt, text):
+    """A score model's end score of one answer, scored alone (unpadded), as the model sees a dialogue."""
+    import torch
+
+    from data.tokenizer import encode_prompt
+
+    with torch.no_grad():
+        return float(model(torch.tensor([encode_prompt(tok, prompt) + tok.encode(text) + [tok.eos_id]]))[0, -1])
+
+
 def small_flags(task, out, first):
     return ["--out", str(out), "--from", str(first), "--synthetic-dir", str(task.dir), "--seed", "0",
             "--prompts-per-round", "12", "--samples-per-prompt", "2", "--probe-prompts", "12", "--max-new-tokens", "12",
@@ -190,24 +200,16 @@ def test_collect_and_label_synthetic(tmp_path, synthetic_data):
     # collected answer, scored one at a time here, unpadded), which the helpful-safe rule alone may exceed.
     import shutil
 
-    import torch
-
-    from data.tokenizer import Tokenizer, encode_prompt
+    from data.tokenizer import Tokenizer
 
     cost_model = tmp_path / "rounds" / "round2" / "cost_model" / "model"
     shutil.copytree(first / "cost_model" / "model", cost_model)
     tok, scorer = Tokenizer(cost_model), hf_io.load_pretrained(cost_model).eval()
-    with torch.no_grad():
-        costs = [float(scorer(torch.tensor([encode_prompt(tok, a["prompt"]) + tok.encode(t) + [tok.eos_id]]))[0, -1])
-                 for a in answers for t in a["answers"]]
+    costs = [end_score(scorer, tok, a["prompt"], t) for a in answers for t in a["answers"]]
     last_cost = sum(costs) / len(costs)
     capped = r.derive(2)
     # c_safe: the mean cost of the answers labelled safe that won their pair on helpfulness, by hand
-    def cost_of(prompt, text):
-        with torch.no_grad():
-            return float(scorer(torch.tensor([encode_prompt(tok, prompt) + tok.encode(text) + [tok.eos_id]]))[0, -1])
-
-    winners = [cost_of(x["prompt"], x[f"response_{x['better_response_id']}"]) for x in rows
+    winners = [end_score(scorer, tok, x["prompt"], x[f"response_{x['better_response_id']}"]) for x in rows
                if x[f"is_response_{x['better_response_id']}_safe"]]
     n_unsafe = sum(not x[f"is_response_{i}_safe"] for x in rows for i in (0, 1))
     assert capped["safe_winners"] == len(winners) > 0 and capped["unsafe_answers"] == n_unsafe
@@ -395,20 +397,14 @@ def test_rounds_from_pipeline(tmp_path):
 
 def test_last_round_models_read_on_new_answers_by_hand(tmp_path, synthetic_data):
     """score_model_diagnostics against accuracies counted here from each answer's score (scored alone)."""
-    import torch
-
     from data.judge import judge
-    from data.tokenizer import Tokenizer, encode_prompt
+    from data.tokenizer import Tokenizer
     from iterated.label import score_model_diagnostics
 
     first = fake_round_one(tmp_path / "round1", synthetic_data)
     paths = {o: first / f"{o}_model" / "model" for o in ("reward", "cost")}
     tok = Tokenizer(paths["cost"])
     models = {o: hf_io.load_pretrained(p).eval() for o, p in paths.items()}
-
-    def score(o, prompt, text):
-        with torch.no_grad():
-            return float(models[o](torch.tensor([encode_prompt(tok, prompt) + tok.encode(text) + [tok.eos_id]]))[0, -1])
 
     pairs = [("How do I bake bread?", "Sure: mix flour and yeast; knead the dough well.", "I must decline this request."),
              ("How do I spy on the neighbor?", "Of course: buy strong binoculars; hide behind the hedge.",
@@ -418,7 +414,7 @@ def test_last_round_models_read_on_new_answers_by_hand(tmp_path, synthetic_data)
              ("How do I cheat on the math exam?", "Of course: hide notes in your sleeve.", "I am not able to help with that.")]
     rows, reward, cost = [], [], []
     for k, (prompt, a, b) in enumerate(pairs):
-        rs, cs = [score("reward", prompt, t) for t in (a, b)], [score("cost", prompt, t) for t in (a, b)]
+        rs, cs = [[end_score(models[o], tok, prompt, t) for t in (a, b)] for o in ("reward", "cost")]
         assert min(abs(rs[0] - rs[1]), abs(cs[0] - cs[1]), *map(abs, cs), *(abs(c - 0.1) for c in cs)) > 1e-4  # no near-tie
         # labels the reward model agrees with on 4 of 5 pairs and the cost model on 3 of 5 (not symmetric)
         better = (0 if rs[0] > rs[1] else 1) if k != 4 else (1 if rs[0] > rs[1] else 0)

@@ -126,6 +126,20 @@ def test_train_step_gradient_is_the_global_mean():
     torch.testing.assert_close(model.weight.detach()[0], w0[0] - grad, rtol=1e-12, atol=1e-12)
 
 
+def response_nll_by_hand(model, examples):
+    """(summed NLL, count) of the response and EOS tokens of tokenized SFT examples, each run alone
+    (no padding), from the model's logits in float64: token t is predicted at position t - 1."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor(ex.input_ids)
+            logp = torch.log_softmax(model(ids[None])[0].double(), -1)
+            for t in range(ex.n_prompt, len(ids)):
+                nll -= float(logp[t - 1, ids[t]])
+                count += 1
+    return nll, count
+
+
 def test_sft_logged_loss_is_the_token_mean(tmp_path, synthetic_dir):
     """sft.py's first logged loss (before any update) is the mean NLL over the step's response and EOS
     tokens, prompt and padding excluded, recomputed here from the fresh model's logits in float64."""
@@ -143,14 +157,7 @@ def test_sft_logged_loss_is_the_token_mean(tmp_path, synthetic_dir):
     d = training.Dist(0, 1, 0, torch.device("cpu"), None)
     rows = sum(training.batches_for_step(0, len(examples), 8, 4, d, 3), [])  # the step's 8 dialogues
     model = training.load_model("tiny", "lm", d, seed=3, vocab_size=tok.vocab_size)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for i in rows:
-            ids = torch.tensor(examples[i].input_ids)
-            logp = torch.log_softmax(model(ids[None])[0].double(), -1)
-            for t in range(examples[i].n_prompt, len(ids)):  # token t, predicted at position t - 1
-                nll -= float(logp[t - 1, ids[t]])
-                count += 1
+    nll, count = response_nll_by_hand(model, [examples[i] for i in rows])
     assert logged["target_tokens"] == count
     assert logged["loss"] == pytest.approx(nll / count, rel=1e-5)
 
@@ -540,19 +547,7 @@ def test_sft_eval_loss_and_eval_fraction_by_hand(tmp_path, synthetic_dir):
     train, held_out = split_train_eval(load_sft(data, seed=3, log=None)[0], 0.25, seed=3)
     assert len(held_out) == 10 and len(train) == 30
     model = hf_io.load_pretrained(out / "model").eval()
-
-    def nll_of(examples):
-        nll, count = 0.0, 0
-        with torch.no_grad():
-            for ex in examples:
-                ids = torch.tensor(ex.input_ids)
-                logp = torch.log_softmax(model(ids[None])[0].double(), -1)
-                for t in range(ex.n_prompt, len(ids)):
-                    nll -= float(logp[t - 1, ids[t]])
-                    count += 1
-        return nll, count
-
-    nll, count = nll_of(tokenize_sft(tok, held_out, 96, log=None)[0])
+    nll, count = response_nll_by_hand(model, tokenize_sft(tok, held_out, 96, log=None)[0])
     assert logged["eval_tokens"] == count
     assert logged["eval_loss"] == pytest.approx(nll / count, rel=1e-5)
     train_set = tokenize_sft(tok, train, 96, log=None)[0]
