@@ -252,15 +252,18 @@ class ModelSource:
 
 # What a model folder holds that we read: weights as safetensors only (a pickled .bin is never read),
 # the config, and the tokenizer and generation files that travel with it.
-MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
+# The files of a model repo that we read. Its weights are model.safetensors or, without one, the shards its
+# index lists (as transformers reads them), fetched once the index is in: never "*.safetensors", as releases
+# ship other weights beside them (Mistral-7B-Instruct-v0.3's consolidated.safetensors: another 14.5 GB).
+MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"]
 
 
 def resolve_model(spec: str) -> str:
     """A local folder or a preset, as given; a Hub id "org/name[@revision]" -> its snapshot folder in the
-    Hugging Face cache (data/hub.py: downloaded if missing and allowed, only MODEL_FILES). A local folder
-    of the same name wins, as in transformers."""
-    from data.hub import HubError, is_hub_id, snapshot, split_id
+    Hugging Face cache (data/hub.py: downloaded if missing and allowed, only MODEL_FILES and the index's
+    shards). A local folder of the same name wins, as in transformers."""
+    from data.hub import HubError, hf_cli, is_hub_id, snapshot, split_id
 
     spec = str(spec)
     if spec in PRESETS or not is_hub_id(spec):
@@ -268,11 +271,14 @@ def resolve_model(spec: str) -> str:
     repo_id, revision = split_id(spec)
     try:
         folder = snapshot(repo_id, revision, "model", MODEL_FILES)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file() and not (folder / "model.safetensors").is_file():
+            folder = snapshot(repo_id, folder.name, "model", _index_shards(index))  # the same commit's shards
     except HubError as error:  # perhaps a mistyped local path: say both
         raise HubError(f"no local folder {spec}, and as a Hub id: {error}") from None
     if not (folder / "config.json").is_file():
         raise HubError(f"{spec}: its cached snapshot {folder} has no config.json (not a model, or partly "
-                       f"downloaded): run `huggingface-cli download {repo_id}` where there is network")
+                       f"downloaded): run `{hf_cli('download')} {repo_id}` where there is network")
     return str(folder)
 
 
@@ -369,11 +375,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is malformed: {e}") from None
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        files = [path / name for name in _index_shards(index)]
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"{f} is listed in {index} but missing")
@@ -382,6 +384,14 @@ def _safetensors_files(path: Path) -> list[Path]:
         raise ValueError(f"{path} holds only pickle weights (.bin/.pth); convert them to safetensors "
                          "(loading pickles could run arbitrary code)")
     raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json lists, each once, in order."""
+    try:
+        return list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{index} is malformed: {e}") from None
 
 
 def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", head: str | None = None,

@@ -6,8 +6,10 @@
     resolve_dataset(spec) -> DatasetFiles              "org/name[@revision][:subset][:split]" -> local files
 
 huggingface_hub does the work, so its conventions hold exactly: the cache (HF_HOME, HF_HUB_CACHE, or
-~/.cache/huggingface/hub, as transformers and `huggingface-cli download` fill it), HF_HUB_OFFLINE=1 (read
-from the cache, never the network), and the token (HF_TOKEN or `huggingface-cli login`) for gated repos.
+~/.cache/huggingface/hub, as transformers and `hf download` fill it), HF_HUB_OFFLINE=1 (read from the
+cache, never the network), and the token (HF_TOKEN or `hf auth login`) for gated repos. Only the files read
+are downloaded: a data set's card, then its listing decides the splits and only the split asked for is
+fetched (tests/test_hub.py checks this against a Hub on localhost that speaks its HTTP API).
 hf_io.resolve_model resolves model ids with `snapshot`; data/loaders.py dataset ids with `resolve_dataset`.
 
 A dataset id names the files of one split of one subset ("config" in the `datasets` library): the dataset
@@ -23,6 +25,7 @@ have, and a dozen dependencies, to read a few JSONL or Parquet files that our lo
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,32 +55,78 @@ def split_id(text: str) -> tuple[str, str | None]:
 
 def snapshot(repo_id: str, revision: str | None, repo_type: str, patterns: list[str]) -> Path:
     """The snapshot folder of `repo_id` at `revision` in the HF cache, with the files matching `patterns`
-    downloaded first when they are missing and the network is allowed."""
+    downloaded first when they are missing and the network is allowed. The folder is named after the
+    commit it holds, which later calls can pass as `revision` to read that same commit."""
+    with _hub_errors(repo_id, revision, repo_type):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns))
+
+
+def repo_files(repo_id: str, commit: str, repo_type: str) -> list[str]:
+    """Every file of the repo at `commit` (paths in the repo), without downloading any. Online: the Hub's
+    listing. Offline, or when the Hub cannot be reached: the listing huggingface_hub >= 2 keeps in the
+    cache beside a snapshot it downloaded, else the files of the cached snapshot."""
+    with _hub_errors(repo_id, commit, repo_type):
+        from huggingface_hub import HfApi, constants, errors
+
+        if not constants.HF_HUB_OFFLINE:
+            try:
+                return HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=commit)
+            except errors.HfHubHTTPError:  # gated, not found, ...: said as such
+                raise
+            except Exception:  # no connection (the exception's type depends on the HTTP library)
+                pass
+        try:
+            from huggingface_hub import get_cached_repo_tree
+            from huggingface_hub.errors import CachedRepoTreeNotFoundError
+        except ImportError:  # huggingface_hub < 2
+            pass
+        else:
+            try:
+                return [f.path for f in get_cached_repo_tree(repo_id, repo_type=repo_type, revision=commit)]
+            except CachedRepoTreeNotFoundError:  # filled by something else (an older client, a copy)
+                pass
+    folder = snapshot(repo_id, commit, repo_type, [])  # nothing to download: the cached folder
+    return [f.relative_to(folder).as_posix() for f in sorted(folder.rglob("*")) if f.is_file()]
+
+
+def hf_cli(command: str) -> str:
+    """A command of huggingface_hub's CLI ("download", "login") as the installed version spells it: `hf
+    download`, `hf auth login` since 0.34 (`huggingface-cli` is gone since 1.0), `huggingface-cli ...` before."""
+    import huggingface_hub
+
+    if tuple(int(part) for part in huggingface_hub.__version__.split(".")[:2]) < (0, 34):
+        return f"huggingface-cli {command}"
+    return "hf auth login" if command == "login" else f"hf {command}"
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, repo_type: str):
+    """huggingface_hub's errors as one HubError naming the repo, the revision and what to do."""
     try:
-        from huggingface_hub import constants, errors, snapshot_download
+        from huggingface_hub import constants, errors
     except ImportError:
         raise ImportError(f"{repo_id}: reading a Hub id needs huggingface_hub (pip install huggingface_hub)") from None
     kind = "dataset" if repo_type == "dataset" else "model"
     where = f"{kind} {repo_id}" + (f" at revision {revision}" if revision else "")
-    cache = constants.HF_HUB_CACHE
     try:
-        folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns)
+        yield
     except errors.GatedRepoError:
         raise HubError(f"{where} is gated: accept its terms on https://huggingface.co/{repo_id} and log in "
-                       "(huggingface-cli login, or HF_TOKEN)") from None
+                       f"({hf_cli('login')}, or HF_TOKEN)") from None
     except errors.RepositoryNotFoundError:
-        raise HubError(f"{where}: no such {kind} on the Hub (or it is private: log in with huggingface-cli login, "
+        raise HubError(f"{where}: no such {kind} on the Hub (or it is private: log in with {hf_cli('login')}, "
                        "or set HF_TOKEN); a local folder of that name would be used instead") from None
     except errors.RevisionNotFoundError:
         raise HubError(f"{where}: no such revision (a branch, tag or commit of the repo)") from None
     except errors.LocalEntryNotFoundError:
         offline = constants.HF_HUB_OFFLINE
-        raise HubError(f"{where} is not in the Hugging Face cache {cache}"
+        raise HubError(f"{where} is not in the Hugging Face cache {constants.HF_HUB_CACHE}"
                        + (" and HF_HUB_OFFLINE=1 forbids downloading it" if offline else " and the Hub cannot be reached")
-                       + f": run `huggingface-cli download {'--repo-type dataset ' if kind == 'dataset' else ''}{repo_id}"
+                       + f": run `{hf_cli('download')} {'--repo-type dataset ' if kind == 'dataset' else ''}{repo_id}"
                        + (f" --revision {revision}" if revision else "") + "` where there is network (with the same "
                        "HF_HOME), or point HF_HOME / HF_HUB_CACHE at the cache that has it") from None
-    return Path(folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +147,7 @@ def resolve_dataset(spec: str) -> DatasetFiles:
     if len(names) > 2 or not all(names):
         raise HubError(f"{spec!r}: a dataset id is org/name[@revision][:subset][:split]")
     card_folder = snapshot(repo_id, revision, "dataset", ["README.md"])
+    commit = card_folder.name  # the card's commit: the files are listed and read at that same commit
     configs, default = _card_configs(card_folder / "README.md")
     subset, split = (names + [None, None])[:2]
     if len(names) == 1 and names[0] not in configs:
@@ -112,17 +162,17 @@ def resolve_dataset(spec: str) -> DatasetFiles:
     else:
         if subset is not None:
             raise HubError(f"{spec}: {repo_id}'s card declares no subsets (configs); give only a split")
-        folder = snapshot(repo_id, revision, "dataset", [f"*{s}" for s in DATA_SUFFIXES])
-        by_split = _splits_from_files(folder)
+        # the repo's listing decides the splits, so that only the split asked for is downloaded
+        by_split = _splits_from_paths(repo_files(repo_id, commit, "dataset"))
     split = split or "train"
     if split not in by_split:
         raise HubError(f"{spec}: no split {split!r} in {repo_id}" + (f" ({subset})" if subset else "")
                        + f"; its splits: {', '.join(by_split) or 'none found'}")
-    folder = snapshot(repo_id, revision, "dataset", by_split[split])
+    folder = snapshot(repo_id, commit, "dataset", by_split[split])
     files = sorted({f for pattern in by_split[split] for f in folder.glob(pattern) if f.is_file()})
     if not files:
         raise HubError(f"{spec}: the files of split {split!r} ({', '.join(by_split[split])}) are not in the "
-                       f"cached snapshot {folder}; download them with `huggingface-cli download --repo-type "
+                       f"cached snapshot {folder}; download them with `{hf_cli('download')} --repo-type "
                        f"dataset {repo_id}`")
     return DatasetFiles(spec, tuple(files))
 
@@ -161,11 +211,10 @@ _SEP = "[-._ 0-9]"
 _SHARDED = re.compile(r"data/(?P<split>\w+(?:\.\w+)*)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]*")
 
 
-def _splits_from_files(folder: Path) -> dict[str, list[str]]:
-    """Without `configs:`: split -> the data files (paths relative to the repo) of that split, by the
-    rules above; train, validation and test first, in that order."""
-    paths = [f.relative_to(folder).as_posix() for f in sorted(folder.rglob("*"))
-             if f.suffix in DATA_SUFFIXES and f.is_file()]
+def _splits_from_paths(repo_paths: list[str]) -> dict[str, list[str]]:
+    """Without `configs:`: split -> the data files (paths in the repo) of that split, by the rules above;
+    train, validation and test first, in that order."""
+    paths = sorted(p for p in repo_paths if p.endswith(DATA_SUFFIXES))
     # hidden files and folders, and __pycache__-like ones, are not data (as in `datasets`)
     paths = [p for p in paths if not any(part.startswith((".", "__")) for part in p.split("/"))]
     sharded = {}

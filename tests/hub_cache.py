@@ -5,7 +5,7 @@
     <cache>/models--org--name/snapshots/<commit>/<path>      a relative symlink to its blob
     <cache>/datasets--org--name/...                          the same for a dataset
 
-This is what `huggingface-cli download` and transformers leave behind, and what huggingface_hub reads
+This is what `hf download` (`huggingface-cli download`) and transformers leave behind, and what huggingface_hub reads
 with HF_HUB_OFFLINE=1 (its HF_HUB_CACHE, or HF_HOME/hub).
 
     add_repo(cache, "org/name", {"config.json": b"...", ...}, kind="model", refs=("main",)) -> commit

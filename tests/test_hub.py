@@ -6,6 +6,9 @@ v1 on the first, main on the second). The data sets copy the real repos' layouts
 its `configs:` (subsets alpaca-7b, alpaca2-7b, alpaca3-8b and the default of all three; train and test
 splits) over data/<model>/{train,test}.jsonl, and Alpaca's card without configs over
 data/train-00000-of-00001-....parquet. Their rows are the embedded task's, in the same schemas.
+
+The online path (what is downloaded, the Hub's own errors) runs against tests/fake_hub.py, a Hub on localhost
+that answers huggingface_hub's HTTP requests as huggingface.co does.
 """
 
 import json
@@ -143,10 +146,20 @@ def test_model_ids_revisions_and_a_local_folder_of_the_same_name(offline, tmp_pa
 
 
 def test_model_id_errors_say_which_id_and_what_to_do(offline):
+    import os
+    import re
+    import shutil
+    import subprocess
+
     with pytest.raises(HubError, match=r"no local folder safe-rlhf-test/absent, and as a Hub id: model "
                                        r"safe-rlhf-test/absent is not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*"
-                                       r"huggingface-cli download safe-rlhf-test/absent"):
+                                       r"download safe-rlhf-test/absent") as error:
         hf_io.resolve_model("safe-rlhf-test/absent")
+    # the command it names is one the installed huggingface_hub has (its CLI was renamed `hf` in 0.34)
+    command = re.search(r"`([^`]*)`", str(error.value))[1].split()
+    assert command[1:] == ["download", "safe-rlhf-test/absent"]
+    cli = shutil.which(command[0], path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    assert cli and subprocess.run([cli, "download", "--help"], capture_output=True).returncode == 0, command[0]
     with pytest.raises(HubError, match=rf"{MODEL} at revision v9 is not in the Hugging Face cache.*--revision v9"):
         hf_io.resolve_model(f"{MODEL}@v9")
 
@@ -357,3 +370,93 @@ def test_dataset_splits_follow_the_datasets_library(files, splits, tmp_path, mon
         assert sorted("/".join(f.parts[f.parts.index("snapshots") + 2:]) for f in files_read) == names
     with pytest.raises(HubError, match=f"no split 'nope' in {repo}; its splits: {', '.join(splits)}$"):
         resolve_dataset(f"{repo}:nope")
+
+
+# The online path, against a Hub on localhost that speaks its HTTP API (tests/fake_hub.py): huggingface_hub
+# resolves, lists and downloads from it as from huggingface.co, in a process started with HF_ENDPOINT.
+RESOLVE_ONLINE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import hf_io
+from data.hub import HubError, resolve_dataset
+for spec in sys.argv[2:]:
+    try:
+        kind, name = spec.split(" ")
+        got = hf_io.resolve_model(name) if kind == "model" else [str(f) for f in resolve_dataset(name).files]
+        print(json.dumps({"spec": name, "got": got}))
+    except HubError as error:
+        print(json.dumps({"spec": name, "error": str(error)}))
+"""
+
+
+def resolve_online(endpoint, cache, *specs):
+    """{spec: what it resolved to, or its HubError's message}, in a process that reaches the Hub at `endpoint`."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_TELEMETRY="1", HF_TOKEN="hf_test")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", RESOLVE_ONLINE, str(root), *specs], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {line["spec"]: line.get("got", line.get("error")) for line in map(json.loads, proc.stdout.splitlines())}
+
+
+def test_online_only_the_files_read_are_downloaded(tmp_path, monkeypatch):
+    """A model id downloads config, tokenizer and the weights transformers reads: its index's shards, not the
+    other weights releases ship beside them (Mistral-7B-Instruct-v0.3's consolidated.safetensors, Llama's
+    original/), and a lone model.safetensors, not the shards of a stale index beside it. A data set without
+    `configs:` downloads the split asked for, not the others. Then the same ids resolve offline, from the
+    cache as the downloads left it; and the Hub's errors (no such repo, gated, no such revision) are said."""
+    from fake_hub import FakeHub
+
+    source = tmp_path / "source"
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(source / "sharded", max_shard_size="40KB")
+    transformers.LlamaForCausalLM(config).save_pretrained(source / "single")
+    sharded = {f.name: f.read_bytes() for f in (source / "sharded").iterdir()}
+    shards = sorted(n for n in sharded if n.startswith("model-0"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in sharded
+    sharded |= {"tokenizer.json": "{}", "README.md": "# a release\n", "consolidated.safetensors": b"\0" * 4096,
+                "params.json": "{}", "original/consolidated.00.pth": b"\0" * 4096}
+    single = {f.name: f.read_bytes() for f in (source / "single").iterdir()}  # model.safetensors, config.json
+    single |= {"model.safetensors.index.json": sharded["model.safetensors.index.json"]} | {s: sharded[s] for s in shards}
+    rows = lambda *prompts: "".join(json.dumps({"prompt": p, "response": "ok"}) + "\n" for p in prompts)  # noqa: E731
+    data = {"README.md": "---\nlicense: mit\n---\n", "train.jsonl": rows(*"abcdefgh"), "test.jsonl": rows("t"),
+            "data/dev.jsonl": rows("d")}
+    repos = {("model", "org/mistral-like"): sharded, ("model", "org/single"): single, ("dataset", "org/data"): data,
+             ("model", "org/gated"): single}
+    cache = tmp_path / "cache"
+
+    with FakeHub(repos, gated={"org/gated"}) as hub:
+        got = resolve_online(hub.endpoint, cache, "model org/mistral-like", "dataset org/data:test")
+        assert sorted(hub.downloads) == sorted(["config.json", "generation_config.json", "tokenizer.json",
+                                                "model.safetensors.index.json", *shards, "README.md", "test.jsonl"])
+        hub.downloads.clear()
+        got |= resolve_online(hub.endpoint, cache, "model org/single", "model org/gated", "model org/absent",
+                              "dataset org/data@v2:test", "dataset org/data:validation")
+        assert sorted(hub.downloads) == ["config.json", "data/dev.jsonl", "generation_config.json", "model.safetensors",
+                                         "model.safetensors.index.json"]
+        commit = hub.commits[("model", "org/mistral-like")]
+
+    folder = Path(got["org/mistral-like"])
+    assert folder == cache / "models--org--mistral-like" / "snapshots" / commit
+    assert {p: (folder / p).read_bytes() for p in [*shards, "config.json"]} == {p: sharded[p] for p in [*shards, "config.json"]}
+    assert [Path(f).name for f in got["org/data:test"]] == ["test.jsonl"]
+    assert [Path(f).name for f in got["org/data:validation"]] == ["dev.jsonl"]
+    assert "model org/gated is gated: accept its terms on https://huggingface.co/org/gated" in got["org/gated"]
+    assert "model org/absent: no such model on the Hub" in got["org/absent"]
+    assert "dataset org/data at revision v2: no such revision" in got["org/data@v2:test"]
+
+    read_offline(monkeypatch, cache)  # the Hub is gone: what was downloaded is enough
+    assert hf_io.resolve_model("org/mistral-like") == str(folder)
+    model = hf_io.load_pretrained(folder)  # every shard of the index is there
+    reference = transformers.LlamaForCausalLM.from_pretrained(source / "sharded")
+    assert torch.equal(model.tok_embeddings.weight, reference.model.embed_tokens.weight)
+    assert [f.read_text() for f in resolve_dataset("org/data:test").files] == [rows("t")]
+    # never downloaded (huggingface_hub >= 2 keeps the repo's listing: the split is known, its file is not there)
+    with pytest.raises(HubError, match="org/data.*(is not in the Hugging Face cache|no split 'train')"):
+        resolve_dataset("org/data:train")
