@@ -27,12 +27,27 @@ from trackers import REPORT_TO
 RECIPES = ("tiny", "authors")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default at the end of its help line ("(default: 0.2)"),
+    except where there is none to show (None: the recipe's value, or the help's words, say what happens;
+    False: a switch; an empty string or list) or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default is None or default is False or default in ("", []) \
+                or default == argparse.SUPPRESS or "default" in text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with a one-line error: its usage block (15 lines for a stage script) buries the
-    one line that names the flag."""
+    one line that names the flag; --help shows the defaults (HelpFormatter)."""
 
     def __init__(self, description: str | None = None, **kwargs):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
@@ -95,9 +110,12 @@ def finite(text):
     return value
 
 
-def add_common_args(parser, out: str):
-    """Flags shared by the stage scripts. Those defaulting to None take the script's recipe."""
-    a = parser.add_argument
+def add_common_args(parser, out: str, **helps: str):
+    """Flags shared by the stage scripts. Those defaulting to None take the script's recipe. helps: the
+    help of a flag (by its dest, e.g. max_length=...) where it means something else in that script."""
+
+    def a(flag, **kwargs):
+        parser.add_argument(flag, **{**kwargs, "help": helps.get(flag[2:].replace("-", "_"), kwargs["help"])})
     a("--out", default=out, help="output dir: log.jsonl, checkpoints/, the final model")
     a("--recipe", choices=RECIPES, default=None,
       help="the values of the flags left unset: tiny (the embedded task's CPU recipe) or authors (the Safe RLHF "

@@ -1,9 +1,9 @@
 """Evaluate policies on the synthetic task's held-out prompts with its ground-truth judge.
 
     python evaluate.py --models out/sft/model                       # one policy
-    python evaluate.py --models out/sft/model out/ppo_lag/actor \
+    python evaluate.py --models out/sft/model out/ppo_lag/actor \\
         --reward-model out/reward_model/model --cost-model out/cost_model/model
-    python evaluate.py --arena out/sft/model out/ppo_lag/actor --prompts red_team.jsonl \
+    python evaluate.py --arena out/sft/model out/ppo_lag/actor --prompts red_team.jsonl \\
         --reward-model out/reward_model/model --cost-model out/cost_model/model   # any prompts
 
 For each policy, on held-out prompts (tasks and phrasings never seen in training), answers sampled
@@ -239,6 +239,7 @@ def main(argv=None):
     rows = [r for r in rows for _ in range(args.samples_per_prompt if args.temperature > 0 else 1)]
     template = training.resolve_template(args.template, *args.models, args.reward_model, args.cost_model)
     tok = Tokenizer(args.tokenizer or args.models[0]).for_template(template)
+    training.check_same_tokenizer(tok, *args.models, args.reward_model, args.cost_model)
     scorers = {name: Scorer(path, args.device, args.dtype)
                for name, path in (("reward", args.reward_model), ("cost", args.cost_model)) if path}
     for scorer in scorers.values():
@@ -291,10 +292,14 @@ def run_arena(args, prompts_path):
     baseline, candidate = args.arena
     template = training.resolve_template(args.template, *args.arena, args.reward_model, args.cost_model)
     tok = Tokenizer(args.tokenizer or baseline).for_template(template)
+    training.check_same_tokenizer(tok, baseline, candidate, args.reward_model, args.cost_model)
     scorers = [Scorer(m, args.device, args.dtype) for m in (args.reward_model, args.cost_model)]
+    for scorer in scorers:
+        training.check_vocab(scorer.model, tok, scorer.path)
     scores = {}
     for path in (baseline, candidate):
         policy = hf_io.load_pretrained(path, dtype=args.dtype, device=args.device).eval()
+        training.check_vocab(policy, tok, path)
         _, batches, _, _ = sample_answers(policy, tok, prompts, batch_size=args.batch_size,
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                           top_p=args.top_p, seed=args.seed, device=args.device, template=template,

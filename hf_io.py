@@ -107,7 +107,9 @@ def read_config(path) -> tuple[ModelArgs, str, dict]:
     if not Path(path).is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: not a Hugging Face-format checkpoint")
+        products = [str(Path(path) / name) for name in ("model", "actor") if (Path(path) / name / "config.json").is_file()]
+        hint = f" (a stage's --out folder? its product is {' or '.join(products)})" if products else ""
+        raise FileNotFoundError(f"{file} is missing: not a Hugging Face-format checkpoint{hint}")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

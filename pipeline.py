@@ -5,8 +5,8 @@ PPO-Lagrangian -> evaluation.
     python pipeline.py --algos ppo_lag ppo reward_shaping:1 reward_shaping:4   # with the baselines
     python pipeline.py --algos ppo_lag ppo_lag:pid          # lambda by SGD (the authors') and by PID
     python pipeline.py --algos ppo_lag rlhf_mixed:consistent rlhf_mixed:crowd-1   # decoupled vs one preference
-    python pipeline.py --launcher "torchrun --nproc_per_node=8" --model /models/llama-7b \
-        --sft-data alpaca.json --preference-data pku/train.jsonl --preference-eval-data pku/test.jsonl \
+    python pipeline.py --launcher "torchrun --nproc_per_node=8" --model /models/llama-7b \\
+        --sft-data alpaca.json --preference-data pku/train.jsonl --preference-eval-data pku/test.jsonl \\
         --prompts pku/train.jsonl --eval-prompts red_team.jsonl --out runs/7b
 
 Each stage is its own script run as a subprocess (so `--launcher` can put it under torchrun) with

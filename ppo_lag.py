@@ -4,7 +4,7 @@
     python ppo_lag.py --lambda-update pid              # lambda from a PID controller instead of SGD
     python ppo_lag.py --algo ppo                       # the RLHF baseline: reward only
     python ppo_lag.py --algo reward_shaping --lambda-init 2.0   # fixed lambda: reward R - lambda C
-    torchrun --nproc_per_node=8 ppo_lag.py --actor out/sft/model --reward-model out/rm/model \
+    torchrun --nproc_per_node=8 ppo_lag.py --actor out/sft/model --reward-model out/rm/model \\
         --cost-model out/cm/model --prompts PKU-SafeRLHF/train.jsonl --ptx-data alpaca.json --out out/ppo_lag
 
 maximise E[R(x, y)]  subject to  E[C(x, y)] <= threshold, as the saddle point of
@@ -22,6 +22,7 @@ One iteration (the loop at the end of main):
 Every formula is a function at the top of this file, tested against hand-computed values.
 """
 
+import argparse
 import math
 import time
 from collections import deque
@@ -626,7 +627,10 @@ def parse_args(argv=None):
         rule.add_args(parser)
     a("--truncation-penalty", type=cli.finite, default=0.0, help="subtracted from the reward of answers cut without EOS (their end score is read off-distribution)")
     a("--offload-frozen", action="store_true", help="keep the frozen reference/reward/cost models' shards in CPU memory")
-    cli.add_common_args(parser, out=None)
+    cli.add_common_args(parser, out=None,
+                        max_length="prompt tokens, template included (longer prompts are dropped, and counted); a "
+                                   "PTX dialogue may have --max-new-tokens more",
+                        eval_every=argparse.SUPPRESS)  # accepted, unused: no eval set (evaluate.py scores the actor)
     cli.show_recipes(parser, TINY, AUTHORS, notes={"kl_coeff": f"--algo ppo/reward_shaping: {AUTHORS_BASELINE_KL_COEFF}"})
     args = parser.parse_args(argv)
     authors = {**AUTHORS, **({} if args.algo == "ppo_lag" else {"kl_coeff": AUTHORS_BASELINE_KL_COEFF})}

@@ -2,8 +2,8 @@
 
     python rounds.py --rounds 3 --out runs/rounds/seed0 --seed 0              # round 1 = pipeline.py
     python rounds.py --rounds 3 --out runs/rounds/seed1 --seed 1 --from runs/seed1   # round 1 = a finished pipeline.py output
-    python rounds.py --rounds 3 --out runs/rounds/7b --from runs/7b --prompts pku/prompts.jsonl \
-        --preference-data pku/train.jsonl --preference-eval-data pku/test.jsonl --eval-prompts red_team.jsonl \
+    python rounds.py --rounds 3 --out runs/rounds/7b --from runs/7b --prompts pku/prompts.jsonl \\
+        --preference-data pku/train.jsonl --preference-eval-data pku/test.jsonl --eval-prompts red_team.jsonl \\
         --launcher "torchrun --nproc_per_node=8"                               # real data, people label
 
 Round 1 is pipeline.py (SFT, reward model, cost model, PPO-Lagrangian, evaluation), or the finished

@@ -2,7 +2,7 @@
 
     python train_score.py --objective reward              # embedded task, from out/sft/model
     python train_score.py --objective cost
-    torchrun --nproc_per_node=8 train_score.py --objective cost --model out/sft/model \
+    torchrun --nproc_per_node=8 train_score.py --objective cost --model out/sft/model \\
         --data PKU-SafeRLHF/train.jsonl --eval-data PKU-SafeRLHF/test.jsonl --out out/cm
 
 A score model is the SFT model's body with a new head, Linear(dim, 1), read at each sequence's

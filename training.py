@@ -66,7 +66,39 @@ def load_tokenizer(args, model_path: str, synthetic_tokenizer, d: "Dist", *other
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {model_path}; pass --tokenizer")
     tok = Tokenizer(path).for_template(args.template)
     d.print(f"tokenizer: {tok.describe()}; template {args.template}")
+    check_same_tokenizer(tok, model_path, *other_models)
     return tok
+
+
+# Words, digits, punctuation, accents, CJK, an emoji, code and whitespace: two tokenizers that give it the same
+# ids share a vocabulary (Llama-3.0 and 3.1, Qwen2.5 base and instruct); any two families differ on it.
+TOKENIZER_PROBE = "Hello, world! How do I bake bread? It's 1,234.5 degrees; naïve café, 你好 🙂\n\tdef f(x): return x**2"
+
+
+def check_same_tokenizer(tok: Tokenizer, *checkpoints):
+    """Every model of a run reads the ids of one tokenizer, `tok`: a checkpoint folder whose own tokenizer
+    file encodes TOKENIZER_PROBE to other ids was trained on another vocabulary (a Qwen reward model
+    beside a Llama policy), and would score or continue ids it never saw without any error when its
+    embedding is large enough. Presets, folders without a tokenizer file and ones whose tokenizer cannot
+    be loaded are not compared (the model's own loading names what is wrong with them)."""
+    reference = None
+    for path in checkpoints:
+        if not path or not Path(path).is_dir():
+            continue
+        try:
+            file = find_tokenizer_file(path)
+            if file.read_bytes() == Path(tok.path).read_bytes():
+                continue
+            other = Tokenizer(file)
+        except (OSError, ValueError, ImportError):
+            continue
+        reference = reference if reference is not None else tok.encode(TOKENIZER_PROBE)
+        theirs = other.encode(TOKENIZER_PROBE)
+        if theirs != reference:
+            raise ValueError(f"{path} was trained with another tokenizer than this run's {tok.path}: its {file.name} "
+                             f"(vocabulary {other.vocab_size}) encodes 'Hello, world!...' as {theirs[:6]}..., this "
+                             f"run's (vocabulary {tok.vocab_size}) as {reference[:6]}...; every model of a run must "
+                             "come from the same base model")
 
 
 def resolve_models(args, d: "Dist | None", *flags):

@@ -228,3 +228,22 @@ def test_recipe_fills_only_the_flags_left_unset(monkeypatch):
     cli.apply_recipe(args, {"tiny": recipe, "authors": {}}, data_given=False)
     assert vars(args) == {"recipe": "tiny", "report_to": None, "warmup_ratio": 0.0, "weight_decay": 0, "lr": 1e-3,
                           "batch_size": 8, "micro_batch_size": 4, "save_every": 100}
+
+
+def test_help_shows_each_flags_default(capsys):
+    """--help says what a flag left unset does: its default (SAFE_RLHF.md's PPO values, by hand) or the
+    recipe's values, never both and never 'None'."""
+    with pytest.raises(SystemExit):
+        ppo_lag.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare with single spaces
+    text = text[text.index("options:"):]  # the flags' lines, not the usage block
+    for flag, shown in (("--clip-eps CLIP_EPS PPO ratio clip", "0.2"), ("--gamma GAMMA discount", "1.0"),
+                        ("--gae-lambda GAE_LAMBDA GAE lambda", "0.95"), ("--seed SEED", "0"),
+                        ("--lambda-update-delay LAMBDA_UPDATE_DELAY", "0"), ("--device DEVICE", "auto")):
+        start = text.index(flag)
+        assert f"(default: {shown})" in text[start:text.index("--", start + len(flag))], flag
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
+    lr = text[text.index("--lr LR"):text.index("--weight-decay")]
+    assert "[tiny: 0.0002 | authors': 1e-05]" in lr and "(default:" not in lr  # the recipe's, not a default
+    # ppo_lag.py's --max-length bounds the prompts (data/README.md: longer prompts are dropped, never cut)
+    assert "--max-length MAX_LENGTH prompt tokens" in text and "--eval-every" not in text  # PPO has no eval set

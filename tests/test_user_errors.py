@@ -112,6 +112,16 @@ def case_missing_model(task, models, tmp_path):
     return sft_run(task, tmp_path, "--model", "/nonexistent/llama"), "/nonexistent/llama: no such checkpoint directory"
 
 
+def case_stage_out_folder_as_model(task, models, tmp_path):
+    # sft.py --out runs/sft writes the model to runs/sft/model; the --out folder itself is the easy mistake
+    out = tmp_path / "sft_out"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(models / "sft", out / "model")
+    return (sft_run(task, tmp_path, "--model", str(out)),
+            f"{out}/config.json is missing: not a Hugging Face-format checkpoint (a stage's --out folder? its "
+            f"product is {out / 'model'})")
+
+
 def case_unsupported_architecture(task, models, tmp_path):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
@@ -348,6 +358,41 @@ def case_generation_eos_outside_vocabulary(task, models, tmp_path):
 
 
 # -- checkpoints and other stages' folders ----------------------------------------------------------------------
+
+def with_other_tokenizer(model: Path, dest: Path) -> str:
+    """A copy of `model` (trained on the synthetic task's sentencepiece vocabulary) whose folder holds a
+    Llama-3-style BPE tokenizer instead: what a score model or policy from another base model looks like.
+    Its embedding is as large as the run's vocabulary, so nothing but the tokenizer files tells them apart."""
+    write_llama3_folder(dest)
+    for f in model.iterdir():
+        if f.name not in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                          "generation_config.json"):
+            (dest / f.name).write_bytes(f.read_bytes())
+    return str(dest)
+
+
+def case_reward_model_of_another_tokenizer(task, models, tmp_path):
+    # Before: PPO ran, the reward model scoring sentencepiece ids as if they were its own BPE ids.
+    other = with_other_tokenizer(models / "reward", tmp_path / "llama3_rm")
+    return (ppo_run(task, models, tmp_path, "--reward-model", other),
+            f"{other} was trained with another tokenizer than this run's {models / 'sft' / 'tokenizer.model'}")
+
+
+def case_evaluate_policies_of_different_tokenizers(task, models, tmp_path):
+    # Before: the second policy's answers were sampled and decoded with the first one's tokenizer.
+    other = with_other_tokenizer(models / "sft", tmp_path / "llama3_policy")
+    run = lambda: evaluate.main(["--models", str(models / "sft"), other, "--synthetic-dir", str(task.dir),  # noqa: E731
+                                 "--max-new-tokens", "2", "--out", str(tmp_path / "e")])
+    return run, f"{other} was trained with another tokenizer than this run's"
+
+
+def case_arena_cost_model_of_another_tokenizer(task, models, tmp_path):
+    other = with_other_tokenizer(models / "cost", tmp_path / "llama3_cm")
+    run = lambda: evaluate.main(["--arena", str(models / "sft"), str(models / "sft"), "--reward-model",  # noqa: E731
+                                 str(models / "reward"), "--cost-model", other, "--synthetic-dir", str(task.dir),
+                                 "--max-new-tokens", "2", "--out", str(tmp_path / "e")])
+    return run, f"{other} was trained with another tokenizer than this run's"
+
 
 def case_another_stages_out(task, models, tmp_path):
     out = sft_out(task, tmp_path)
