@@ -49,7 +49,8 @@ Templates (`encode_prompt(tok, prompt, template)`, `encode_dialogue(tok, prompt,
                            even for their base releases, whose eos_token ends a text, not a turn). Needs jinja2
                            and a tokenizer.json. Such a prompt holds EOS tokens itself
                            (each turn ends with <|eot_id|>): decode it with decode(ids, stop_at_eos=False).
-                           Llama-3.1/3.2 templates print today's date (render_chat takes date_string=...), and
+                           Llama-3.1/3.2 templates print a date: CHAT_TEMPLATE_DAY, the same every day (render_chat
+                           takes date_string=... for another), and
                            templates trim message contents while the response is encoded as given.
 
 Why the prompt part and the response are encoded SEPARATELY and the ids concatenated (`encode_dialogue`): at
@@ -80,7 +81,7 @@ import copy
 import functools
 import json
 import re
-from datetime import datetime
+from datetime import date
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -410,7 +411,7 @@ def _jinja2():
 @functools.lru_cache(maxsize=8)
 def _compile_chat_template(template: str):
     """The template compiled in transformers' environment: a sandbox, trim_blocks and lstrip_blocks, loop controls,
-    its tojson filter, raise_exception and strftime_now, and {% generation %} blocks rendered as plain text."""
+    its tojson filter and raise_exception, and {% generation %} blocks rendered as plain text (strftime_now: render_chat)."""
     jinja2 = _jinja2()
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -430,28 +431,33 @@ def _compile_chat_template(template: str):
         # transformers' filter: no HTML escaping, and json.dumps' options
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlocks, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
     return env.from_string(template)
+
+
+# The day a chat template's strftime_now() reads: a fixed one, the fallback of Meta's Llama-3.1 template itself.
+# Templates that print the date (Llama-3.1/3.2/3.3's "Today Date: 26 Jul 2024", others through strftime_now)
+# would otherwise give other ids on another day: a run resumed after midnight would train on other prompts than
+# an uninterrupted one, and the stages of one pipeline (or a rerun) on different ones. Pass date_string= (Llama)
+# to render another date; transformers' apply_chat_template prints today's unless given one.
+CHAT_TEMPLATE_DAY = date(2024, 7, 26)
 
 
 def render_chat(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True, **variables) -> str:
     """The checkpoint's chat template applied to `messages` ([{"role": ..., "content": ...}, ...]), as
     transformers' apply_chat_template(messages, add_generation_prompt=..., tokenize=False) renders it: the
     template sees messages (keys whose value is None dropped), tools=None, documents=None,
-    add_generation_prompt, the configured special tokens (bos_token, eos_token, ...) and `variables` (e.g.
-    date_string for Llama-3.1/3.2 templates, which otherwise print today's date)."""
+    add_generation_prompt, the configured special tokens (bos_token, eos_token, ...), strftime_now (of
+    CHAT_TEMPLATE_DAY, not today) and `variables` (e.g. date_string for Llama-3.1/3.2 templates)."""
     if tok.chat_template is None:
         raise ValueError(f"{tok.path}: no chat template (neither chat_template.jinja nor a chat_template in "
                          "tokenizer_config.json); use --template safe_rlhf")
     jinja2 = _jinja2()
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    context = {"tools": None, "documents": None, **tok.special_tokens, **variables}
+    context = {"tools": None, "documents": None, "strftime_now": CHAT_TEMPLATE_DAY.strftime, **tok.special_tokens,
+               **variables}
     try:
         compiled = _compile_chat_template(tok.chat_template)
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)

@@ -120,8 +120,9 @@ def check_dialogue_ids(name, folder, hf, tok, template):
     assert ids == encode_prompt(tok, PROMPT, template) + response + [tok.eos_id]
     if template == "chat":
         user, answer = {"role": "user", "content": PROMPT}, {"role": "assistant", "content": RESPONSE}
-        prompt_text = hf.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-        full = reference_ids(name, folder, hf, hf.apply_chat_template([user, answer], tokenize=False))
+        day = {"date_string": "26 Jul 2024"}  # the date our chat templates print (Llama-3.2's), transformers' today's
+        prompt_text = hf.apply_chat_template([user], add_generation_prompt=True, tokenize=False, **day)
+        full = reference_ids(name, folder, hf, hf.apply_chat_template([user, answer], tokenize=False, **day))
         assert ids[:n_prompt] == reference_ids(name, folder, hf, prompt_text)
     else:  # the text with the BOS transformers' encode adds; the response encoded on its own (data/tokenizer.py
         # says why), then the EOS

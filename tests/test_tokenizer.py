@@ -395,11 +395,13 @@ def test_chat_template_equals_apply_chat_template(folders, name, messages):
     pytest.importorskip("jinja2")  # optional: renders chat templates
     tok, hf = Tokenizer(folders[name]), hf_tokenizer(folders[name])
     for add_generation_prompt in (True, False):
-        for variables in ({}, {"date_string": "26 Jul 2024"}):  # Llama-3.2 prints today's date unless given one
+        for variables in ({}, {"date_string": "1 Jan 2025"}):
+            # Llama-3.2 prints a date: ours 26 Jul 2024 unless given one (whatever the day), transformers' today's
+            theirs = {"date_string": "26 Jul 2024"} | variables
             text = render_chat(tok, messages, add_generation_prompt=add_generation_prompt, **variables)
             assert text == hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False, **variables)
-            assert tok.encode(text) == hf_chat_ids(hf, messages, add_generation_prompt=add_generation_prompt, **variables)
+                                                  tokenize=False, **theirs)
+            assert tok.encode(text) == hf_chat_ids(hf, messages, add_generation_prompt=add_generation_prompt, **theirs)
     assert text.startswith("<|begin_of_text|><|start_header_id|>")
 
 
@@ -429,12 +431,15 @@ def test_chat_template_prompt_and_dialogue(folders, name):
     tok, hf = Tokenizer(folders[name]), hf_tokenizer(folders[name])
     prompt, response = "How do I bake bread?", "Sure, here is how: mix flour and yeast."
     user = [{"role": "user", "content": prompt}]
+    day = {"date_string": "26 Jul 2024"}  # the day our templates print (Llama-3.2's date line), every day
     prompt_ids = encode_prompt(tok, prompt, template="chat")
-    assert prompt_ids == hf_chat_ids(hf, user, add_generation_prompt=True)
-    assert prompt_text(tok, prompt, "chat") == hf.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    assert prompt_ids == hf_chat_ids(hf, user, add_generation_prompt=True, **day)
+    assert prompt_text(tok, prompt, "chat") == hf.apply_chat_template(user, add_generation_prompt=True, tokenize=False,
+                                                                      **day)
+    assert ("Today Date: 26 Jul 2024" in prompt_text(tok, prompt, "chat")) == (name == "llama32")
     ids, n_prompt = encode_dialogue(tok, prompt, response, template="chat")
     assert n_prompt == len(prompt_ids) and ids[:n_prompt] == prompt_ids
-    assert ids == hf_chat_ids(hf, user + [{"role": "assistant", "content": response}])
+    assert ids == hf_chat_ids(hf, user + [{"role": "assistant", "content": response}], **day)
     assert ids[-1] == tok.eos_id == hf.convert_tokens_to_ids("<|eot_id|>")
     assert tok.decode(ids[n_prompt:]) == response
     # the prompt holds EOS tokens (each turn ends with <|eot_id|>): decode it whole with stop_at_eos=False
@@ -495,6 +500,16 @@ def test_chat_template_generation_blocks_and_loop_controls(tmp_path):
                 {"role": "user", "content": "never shown"}]
     assert render_chat(tok, messages) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert render_chat(tok, messages) == '<|begin_of_text|>user: "a \\"quoted\\" <b>é</b>"ok<|start_header_id|>'
+
+
+def test_chat_template_dates_do_not_depend_on_the_day(tmp_path):
+    """A template that prints today's date through strftime_now (as Llama-3.1's does without a date_string, and
+    others directly) prints 26 Jul 2024 on any day: a prompt's ids are the same whenever a stage runs."""
+    pytest.importorskip("jinja2")  # optional: renders chat templates
+    template = ('{{ bos_token + strftime_now("%Y-%m-%d") + " " + strftime_now("%d %b %Y") }}'
+                '{% for m in messages %}{{ m.content }}{% endfor %}')
+    tok = Tokenizer(write_llama3_folder(tmp_path / "l3", chat_template=template))
+    assert render_chat(tok, [{"role": "user", "content": "Hi"}]) == "<|begin_of_text|>2024-07-26 26 Jul 2024Hi"
 
 
 def test_chat_template_on_a_base_release_ends_answers_with_the_end_of_turn(folders):
