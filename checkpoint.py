@@ -1,7 +1,8 @@
 """Training checkpoints: save, resume, refuse a resume with other flags.
 
     ckpt = Checkpointer(out_dir, d, args=args, run="an SFT run (sft.py)")
-    ckpt.check()                                # before anything is loaded: another run's folder, other flags
+    ckpt.check()                                # before anything is loaded: a run still writing there,
+                                                # another run's folder, other flags
     start_step, state = ckpt.resume(models)     # (0, {}) for a fresh run
     ckpt.save(step, models, state)              # models: name -> (model, optimizer, scheduler)
 
@@ -47,6 +48,12 @@ resume, state.json is read first (the flags are checked before any tensor is rea
 it lists is checked (present, its size, a readable safetensors header): a damaged one is named,
 with the way back (an older step directory). Checkpoints of the previous layout (full tensors,
 `<name>.optim.pt`, rng.pt) are refused with a message rather than read with torch.load.
+
+One run at a time: rank 0 holds an exclusive lock (flock) on <out>/.run.lock while the run lives, and
+a second run given the same --out stops at `check()`, naming the process that holds it. The lock goes
+with its process, however it ends (a SIGKILL included). It matters when torchrun is killed but its
+workers are not (torchrun starts them in their own sessions): they keep writing, and a rerun would
+resume beside them. Where the filesystem has no flock (some Lustre mounts), nothing is locked.
 """
 
 from __future__ import annotations
@@ -291,8 +298,14 @@ class Checkpointer:
         return state["step"], state
 
     def check(self):
-        """What resume() will refuse, said before any data or model is loaded: a folder of another run
-        (another script, objective or algorithm), other flags, a layout this version does not read."""
+        """What resume() will refuse, said before any data or model is loaded: a run still writing to
+        the folder, a folder of another run (another script, objective or algorithm), other flags, a
+        layout this version does not read. Every rank calls it."""
+        holder = fileio.lock_out_dir(self.root.parent) if self.d.is_main else None
+        if self.d.all_reduce_sum(float(holder is not None)).item():  # every rank stops, not only rank 0
+            raise ValueError(f"{self.root.parent} is in use by another run that is still running ({holder}): "
+                             "wait for it to end or stop it (after killing torchrun, kill its workers too: "
+                             "they run in their own sessions), then run this again")
         latest = self.latest(quiet=True)
         if latest is not None:
             self.check_state(latest, _read_json(latest / "state.json", latest))

@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import fileio
 from data.tokenizer import TEMPLATES
 from trackers import REPORT_TO
 
@@ -300,6 +301,8 @@ def run(main):
         if not _raised_here(error):
             raise
         _say(error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error))
+    finally:
+        fileio.release_out_dirs()  # the --out folder's lock (checkpoint.Checkpointer.check)
     leave_torchrun_rank()
 
 

@@ -5,13 +5,17 @@ format (hf_io.py) and the training checkpoints (checkpoint.py), which build on i
     atomic_write(path, text)                   the same for one file
     write_json(path, obj), write_jsonl(path, rows)
     read_jsonl(path)                           the records of a JSONL/JSON file, a damaged line named
+    lock_out_dir(path), release_out_dirs()     one run at a time in an output folder (an flock)
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -91,3 +95,35 @@ def read_jsonl(path) -> list[dict]:
     from data.loaders import read_records
 
     return [record for _, record in read_records(path)]
+
+
+_LOCKS: dict[str, int] = {}  # out dir -> the open lock file this process holds (one per process and folder)
+
+
+def lock_out_dir(out_dir) -> str | None:
+    """Take the run's lock on out_dir (created if missing): None when this process holds it (now or already),
+    else who holds it ("pid 123 on host, since ..."), as that process wrote it into the lock file."""
+    path = Path(out_dir) / ".run.lock"
+    if str(path.resolve()) in _LOCKS:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 512).decode(errors="replace").strip()
+        os.close(fd)
+        return holder or "a process that has not written its pid yet"
+    except OSError:  # no flock on this filesystem: run unlocked
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _LOCKS[str(path.resolve())] = fd  # held until release_out_dirs() or the end of this process
+    return None
+
+
+def release_out_dirs():
+    """Let go of every out_dir lock this process holds (cli.run, when a script's main() has ended)."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -595,6 +596,38 @@ def test_as_a_process(tmp_path, synthetic_data, nproc):
     assert (result.stdout + result.stderr).count(message) == 1, result.stderr[-3000:]
     if nproc == 1:  # under torchrun the launcher adds its own report of the failed ranks
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_second_run_in_the_same_out_stops(tmp_path, synthetic_data, nproc):
+    """A run still writing to --out (torchrun killed, its workers not: they run in their own sessions) holds
+    <out>/.run.lock; a second run there stops before loading anything, on every rank, naming the holder. Once
+    the holder is gone (SIGKILL: the lock goes with its process), the same command runs."""
+    out = tmp_path / "run"
+    script = [str(ROOT / "sft.py"), "--model", "tiny", "--tokenizer", str(synthetic_data.tokenizer), "--data",
+              str(synthetic_data.sft_train), "--max-steps", "1", "--batch-size", "4", "--micro-batch-size", "2",
+              "--out", str(out)]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KERNELS": "torch"}
+    env.pop("SAFE_RLHF_DEBUG", None)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, fileio; fileio.lock_out_dir(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(600)", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        result = subprocess.run([*launcher, *script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode != 0
+    message = f"{out} is in use by another run that is still running (pid {holder.pid} on {socket.gethostname()}, since"
+    assert (result.stdout + result.stderr).count(message) == 1, result.stderr[-3000:]
+    assert not (out / "checkpoints").exists() and not (out / "log.jsonl").exists()
+    if nproc == 1:
+        result = subprocess.run([*launcher, *script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and (out / "model" / "config.json").is_file(), result.stderr[-3000:]
 
 
 def test_launch_env_reads_each_variable(monkeypatch):
