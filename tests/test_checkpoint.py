@@ -2,8 +2,9 @@
 
 In one process (fast): a save/resume round trip with pickle and torch.load made to raise, damaged
 and missing files named, a kill between the rename and the `latest` switch, a disk that fills up
-halfway through a save, old checkpoints rotated, an older layout refused, sharded HF output loadable
-by transformers.
+halfway through a save, a Ctrl-C while saving, every file synced before the rename, old checkpoints
+rotated, an older layout refused, sharded HF output loadable by transformers; fileio's atomic file and
+directory writes.
 
 Whole scripts (slow): sft.py written by 2 ranks (killed by SIGKILL while saving its last checkpoint)
 resumes on 1 and on 4 ranks, written by 4 resumes on 2; ppo_lag.py (three optimisers, lambda's
@@ -31,6 +32,7 @@ from safetensors import safe_open
 
 import fileio
 import hf_io
+import checkpoint
 import training
 from checkpoint import Checkpointer
 from model import ModelArgs, Transformer
@@ -223,7 +225,11 @@ REFUSED_CHANGES = {"data": ("a.jsonl", "b.jsonl"), "eval_data": (None, "e.jsonl"
                    "batch_size": (8, 16), "max_length": (96, 128), "template": ("safe_rlhf", "chat"),
                    "model": ("tiny", "other"), "eval_fraction": (0.05, 0.1), "data_seed": (0, 1)}
 ALLOWED_CHANGES = {"max_steps": (2, 4), "epochs": (1, 2), "out": ("a", "b"), "eval_every": (1, 5),
-                   "save_every": (1, 2), "report_to": (None, ["tensorboard"])}
+                   "save_every": (1, 2), "report_to": (None, ["tensorboard"]),
+                   # where and how the same run is computed or saved: a resume may move it to a GPU, to bf16, ...
+                   "device": ("auto", "cpu"), "precision": ("auto", "bf16"), "activation_checkpointing": (None, True),
+                   "cpu_offload": (False, True), "offload_frozen": (False, True), "save_dtype": ("auto", "bfloat16"),
+                   "decode": ("auto", "eager"), "recipe": (None, "tiny")}
 
 
 def run_flags(**changed):
@@ -303,6 +309,122 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path):
     assert step == 1 and state["at"] == 1
     ckpt.save(2, models, {"at": 2})  # space freed: the next save goes through
     assert (root / "latest").read_text() == "step_00000002\n"
+
+
+def fsync_spy(monkeypatch) -> list:
+    """os.fsync records (path, bytes on disk at that moment) of every file it syncs (Linux: /proc/self/fd)."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd to name a synced file")
+    synced, fsync = [], os.fsync
+
+    def spy(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append((path, path.read_bytes()))
+        return fsync(fd)
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+def test_every_file_of_a_step_is_synced_under_its_temporary_name(tmp_path, monkeypatch):
+    """A power cut right after the rename must not leave `latest` naming a step whose state.json (or any
+    other file) never reached the disk: each is fsynced, with its final bytes, before the rename."""
+    models = tiny_run()
+    synced = fsync_spy(monkeypatch)
+    rename, at_rename = Path.rename, {}
+
+    def spy_rename(self, target):
+        at_rename[Path(target).name] = {p.relative_to(self): data for p, data in synced
+                                        if p.is_relative_to(self) and p.exists()}  # not atomic_write's siblings
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", spy_rename)
+    Checkpointer(tmp_path, PLAIN).save(1, models, {"at": 1})
+    monkeypatch.undo()
+    step_dir = tmp_path / "checkpoints" / "step_00000001"
+    on_disk = {f.relative_to(step_dir): f.read_bytes() for f in step_dir.rglob("*") if f.is_file()}
+    assert Path("state.json") in on_disk and Path("rng/rank_00000.json") in on_disk
+    assert at_rename["step_00000001"] == on_disk
+
+
+def test_ctrl_c_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    # A KeyboardInterrupt (not an Exception) halfway through a save: its temporary directory is removed
+    # at once, and `latest` and the last checkpoint stay as they were, byte for byte.
+    models = tiny_run()
+    ckpt = Checkpointer(tmp_path, PLAIN)
+    ckpt.save(1, models, {"at": 1})
+    root = tmp_path / "checkpoints"
+    before = tree_hashes(root)
+    save = checkpoint._save_tensors
+
+    def interrupted(directory, tensors, d):
+        save(directory, tensors, d)
+        if directory.name == "model.optim":
+            raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "_save_tensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(2, models, {"at": 2})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
+    assert tree_hashes(root) == before
+
+
+def test_a_shard_of_another_size_than_written_is_refused(tmp_path):
+    # Bytes appended to a shard (a copy over an old file, another run's file): still a readable
+    # safetensors header, but not the file that was written, so it is named rather than loaded.
+    models = tiny_run()
+    Checkpointer(tmp_path, PLAIN).save(1, models, {})
+    shard = tmp_path / "checkpoints" / "step_00000001" / "model" / "shard-00001-model-00001-of-00001.safetensors"
+    written = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 64)
+    with pytest.raises(ValueError, match=rf"shard-00001-model-00001-of-00001\.safetensors: cannot be read: .*\("
+                                         rf"{written + 64} bytes where {written} were written"):
+        Checkpointer(tmp_path, PLAIN).resume(tiny_run())
+
+
+def test_atomic_write_syncs_then_replaces_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "new" / "latest"
+    fileio.atomic_write(target, "step_00000001\n")
+    synced = fsync_spy(monkeypatch)
+    fileio.atomic_write(target, b"step_00000002\n")
+    # the new text was synced in a sibling, then renamed over the file: never the file itself, half-written
+    assert [(p.parent, p.name.startswith(".latest.tmp-"), data) for p, data in synced] == \
+        [(target.parent, True, b"step_00000002\n")]
+    assert target.read_bytes() == b"step_00000002\n"
+
+    def failing_fsync(fd):  # a full disk or an I/O error reported at fsync (NFS does)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError) as error:
+        fileio.atomic_write(target, "step_00000003\n")
+    monkeypatch.undo()
+    assert error.value.errno == errno.EIO and error.value.filename == str(target)  # named: the message says which file
+    assert [p.name for p in target.parent.iterdir()] == ["latest"]  # no temporary sibling left behind
+    assert target.read_bytes() == b"step_00000002\n"
+
+
+def test_atomic_directory_replaces_a_folder_whole_or_not_at_all(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    with fileio.atomic_directory(folder) as tmp:
+        (tmp / "weights.bin").write_bytes(b"old")
+    synced = fsync_spy(monkeypatch)
+    with fileio.atomic_directory(folder) as tmp:
+        (tmp / "weights.bin").write_bytes(b"new")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text("{}")
+    monkeypatch.undo()
+    # every file synced under the temporary name, with its bytes; the old version and the temporary gone
+    assert tmp.parent == tmp_path and tmp.name.startswith(".tmp-model-")
+    assert sorted((p.relative_to(tmp).as_posix(), data) for p, data in synced) == [("sub/config.json", b"{}"),
+                                                                                  ("weights.bin", b"new")]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (folder / "weights.bin").read_bytes() == b"new" and (folder / "sub" / "config.json").read_text() == "{}"
+
+    with pytest.raises(OSError) as error:  # a failure while writing: the old folder stays as it was
+        with fileio.atomic_directory(folder) as tmp:
+            (tmp / "weights.bin").write_bytes(b"ha")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert error.value.filename == str(folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (folder / "weights.bin").read_bytes() == b"new"
 
 
 def test_older_layout_is_refused(tmp_path):

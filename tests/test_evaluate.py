@@ -104,6 +104,95 @@ def test_plots_and_table(tmp_path):
     assert "mean ± s.e. over 2 seeds" in table and "| ppo_lag | 0.200 ± 0.100 |" in table
 
 
+def test_table_over_seeds_where_a_policy_is_missing_from_one(tmp_path):
+    # ppo ran in 2 of the 3 seeds: the header counts 3 seeds, and ppo's standard error is over its own 2
+    # values: [0.4, 0.6] -> mean 0.5, std 0.1414, s.e. 0.1414 / sqrt(2) = 0.100.
+    import json
+
+    from plots import markdown_table
+
+    evals = []
+    for seed, results in enumerate([
+            {"runs/ppo/actor": {"harmful_rate": 0.4}, "runs/sft/model": {"harmful_rate": 0.5}},
+            {"runs/sft/model": {"harmful_rate": 0.5}},
+            {"runs/sft/model": {"harmful_rate": 0.5}, "runs/ppo/actor": {"harmful_rate": 0.6}}]):
+        evals.append(tmp_path / f"eval{seed}.json")
+        evals[-1].write_text(json.dumps({"results": results}))
+    assert markdown_table(evals, columns=("harmful_rate",), spread="se").splitlines() == [
+        "| policy (mean ± s.e. over 3 seeds) | harmful_rate |", "| --- | --- |",
+        "| ppo | 0.500 ± 0.100 |", "| sft | 0.500 ± 0.000 |"]
+
+
+def test_rounds_table_by_hand(tmp_path):
+    # Two seeds of rounds.py; the second has no evaluation of round 2 (yet): v2 is the first seed's alone,
+    # and says so. v1: harmful [0.3, 0.2] -> 0.250 +- 0.0707, helpful [0.5, 0.7] -> 0.600 +- 0.1414.
+    import json
+
+    from plots import rounds_table
+
+    def rounds_json(name, seed, evals):
+        path = tmp_path / name / "rounds.json"
+        path.parent.mkdir()
+        rows = [{"round": r, **({"eval": e} if e else {})} for r, e in enumerate(evals)]
+        path.write_text(json.dumps({"seed": seed, "rounds": rows}))
+        return path
+
+    files = [rounds_json("a", 1, [{"harmful_rate": 0.5, "helpfulness": 0.4}, {"harmful_rate": 0.3, "helpfulness": 0.5},
+                                  {"harmful_rate": 0.1, "helpfulness": 0.6}]),
+             rounds_json("b", 2, [{"harmful_rate": 0.5, "helpfulness": 0.4}, {"harmful_rate": 0.2, "helpfulness": 0.7},
+                                  None])]
+    assert rounds_table(files, columns=("harmful_rate", "helpfulness")).splitlines() == [
+        "| policy (mean ± std over 2 seeds) | harmful_rate | helpfulness |", "| --- | --- | --- |",
+        "| SFT | 0.500 ± 0.000 | 0.400 ± 0.000 |",
+        "| v1 | 0.250 ± 0.071 | 0.600 ± 0.141 |",
+        "| v2 | 0.100 ± 0.000 (n=1) | 0.600 ± 0.000 (n=1) |"]
+
+
+def test_plane_places_each_policy_by_hand(tmp_path):
+    # x = harmlessness = 1 - harmful rate, y = helpfulness, each the mean over the seeds' files.
+    import json
+
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plots import plot_plane
+
+    evals = []
+    for seed, (harm, helpful) in enumerate([(0.1, 0.7), (0.3, 0.9)]):
+        evals.append(tmp_path / f"eval{seed}.json")
+        evals[-1].write_text(json.dumps({"results": {
+            "runs/sft/model": {"harmful_rate": 0.5, "helpfulness": 0.6},
+            "runs/reward_shaping_1/actor": {"harmful_rate": harm, "helpfulness": helpful}}}))
+    plt.close("all")
+    plot_plane(evals, tmp_path / "plane.png")
+    (ax,) = plt.gcf().axes
+    points = {t.get_text(): t.xy for t in ax.texts}
+    plt.close("all")
+    assert points.keys() == {"sft", "shaping λ=1"}
+    assert points["sft"] == pytest.approx((0.5, 0.6))
+    assert points["shaping λ=1"] == pytest.approx((0.8, 0.8))
+
+
+def test_judge_tallies_and_rates_by_hand():
+    # Three answers to harmful prompts, two to benign ones, one to a prompt the judge does not know (harm
+    # None): that one counts in neither kind.
+    from scoring import judge_rates, judge_tallies
+
+    def verdict(harmful, redirect, refusal, helpfulness):
+        return {"harmful": harmful, "redirect": redirect, "refusal": refusal, "helpfulness": helpfulness}
+
+    pairs = [(True, verdict(True, False, False, 0.0)), (True, verdict(False, True, False, 0.5)),
+             (True, verdict(False, False, True, 0.0)), (False, verdict(False, False, True, 0.0)),
+             (False, verdict(True, False, False, 1.0)), (None, verdict(True, True, True, 1.0))]
+    tallies = judge_tallies(pairs)
+    assert tallies == {"harmful_prompts": 3, "harmful": 1, "redirect": 1, "benign_prompts": 2, "refusal": 1,
+                       "helpfulness": 1.0, "benign_harmful": 1}
+    assert judge_rates(tallies) == {"harmful_rate": 1 / 3, "redirect_rate": 1 / 3, "over_refusal": 1 / 2,
+                                    "helpfulness": 1 / 2, "benign_harmful_rate": 1 / 2}
+    assert set(judge_rates(judge_tallies([])).values()) == {0.0}  # nothing answered: 0, not a division by zero
+
+
 def test_a_prompt_sample_follows_the_prompt_seed_not_the_sampling_seed(synthetic_data, tmp_path, capsys):
     # FILE:N draws N prompts; --seed draws the answers. A new --seed must judge the same prompts, or two
     # seeds' rates would differ by the prompts as well as by the samples.

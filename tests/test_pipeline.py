@@ -1,5 +1,6 @@
 """The one-command driver on a reduced setting: every stage writes its product, evaluate.py reports
-every metric, and a re-run skips the finished stages."""
+every metric, and a re-run skips the finished stages. And its plan alone, with stand-in stage scripts
+(fast): the runs each --algos spec makes and their flags, the summary table, the arena fallback."""
 
 import json
 import os
@@ -82,3 +83,115 @@ def test_real_data_is_never_scored_by_the_synthetic_judge(tmp_path, synthetic_da
                     + json.dumps({"prompt": "Write a haiku about rain.", "harmful": False}) + "\n")
     with pytest.raises(ValueError, match="2 of 2 prompts are not the embedded task's.*--arena"):
         evaluate.main(["--models", "tiny", "--prompts", str(real), "--synthetic-dir", str(synthetic_data.dir)])
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan alone, in one process: each stage script replaced by a stand-in that records its command
+# and makes its product (evaluate.py's writes metrics chosen here).
+
+METRICS = {"harmful_rate": 0, "helpfulness": 1, "over_refusal": 2, "redirect_rate": 3, "mean_reward": 4, "mean_cost": 5}
+
+
+def stand_in_stages(monkeypatch, metrics):
+    """pipeline.run_script replaced: a list of (script, flags) it was called with; training stages make
+    their product folder, evaluate.py --models writes <out>/eval.json with metrics[policy name]."""
+    import pipeline
+
+    calls = []
+
+    def run_script(script, flags, launcher=None):
+        flags = [str(f) for f in flags]
+        calls.append((script, flags))
+        out = Path(flags[flags.index("--out") + 1])
+        if script in ("sft.py", "train_score.py", "ppo_lag.py"):
+            product = out / ("actor" if script == "ppo_lag.py" else "model")
+            product.mkdir(parents=True)
+            (product / "config.json").write_text("{}")
+        elif "--models" in flags:
+            models = flags[flags.index("--models") + 1:flags.index("--out")]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps({"results": {
+                m: {key: metrics[Path(m).parent.name][i] for key, i in METRICS.items()} for m in models}}))
+    monkeypatch.setattr(pipeline, "run_script", run_script)
+    return calls
+
+
+def test_algos_become_these_runs_and_the_summary_prints_each_metric(tmp_path, synthetic_data, monkeypatch, capsys):
+    import pipeline
+
+    out, syn = tmp_path / "run", str(synthetic_data.dir)
+    metrics = {"sft": (0.5, 0.25, 0.125, 0.0625, -1.5, 2.25), "ppo_lag": (0.1, 0.7, 0.2, 0.3, 1.25, -0.75),
+               "ppo_lag_pid": (0.05, 0.65, 0.15, 0.35, 1.0, -0.5), "ppo": (0.4, 0.9, 0.0, 0.0, 2.5, 1.5),
+               "reward_shaping_0.5": (0.2, 0.6, 0.3, 0.1, 0.75, 0.25),
+               "rlhf_mixed_consistent": (0.3, 0.8, 0.05, 0.05, 1.75, 0.5)}
+    calls = stand_in_stages(monkeypatch, metrics)
+    argv = ["--out", str(out), "--synthetic-dir", syn, "--seed", "3", "--template", "chat", "--algos", "ppo_lag:sgd",
+            "ppo_lag:pid", "ppo", "reward_shaping:0.5", "rlhf_mixed:consistent"]
+    pipeline.main(argv)
+    common = ["--synthetic-dir", syn, "--seed", "3", "--template", "chat"]
+    sft, reward, cost = out / "sft" / "model", out / "reward_model" / "model", out / "cost_model" / "model"
+    ppo = {(flags[flags.index("--out") + 1]): flags for script, flags in calls if script == "ppo_lag.py"}
+
+    def ppo_flags(name, algo, reward_model, *extra):
+        return ["--algo", algo, "--actor", str(sft), "--reward-model", str(reward_model), "--cost-model", str(cost),
+                "--out", str(out / name), *common, *extra]
+    assert ppo == {str(out / "ppo_lag"): ppo_flags("ppo_lag", "ppo_lag", reward),  # sgd: the default rule, no flag
+                   str(out / "ppo_lag_pid"): ppo_flags("ppo_lag_pid", "ppo_lag", reward, "--lambda-update", "pid"),
+                   str(out / "ppo"): ppo_flags("ppo", "ppo", reward),
+                   str(out / "reward_shaping_0.5"): ppo_flags("reward_shaping_0.5", "reward_shaping", reward,
+                                                              "--lambda-init", "0.5"),
+                   # standard RLHF: its own reward model, on one preference per pair; no cost model
+                   str(out / "rlhf_mixed_consistent"): ppo_flags("rlhf_mixed_consistent", "ppo",
+                                                                 out / "reward_model_mixed_consistent" / "model",
+                                                                 "--cost-model", "none")}
+    scores = {flags[flags.index("--out") + 1]: flags for script, flags in calls if script == "train_score.py"}
+    assert sorted(scores) == [str(out / n) for n in ("cost_model", "reward_model", "reward_model_mixed_consistent")]
+    mixed = scores[str(out / "reward_model_mixed_consistent")]
+    assert Path(mixed[mixed.index("--data") + 1]).name == "consistent_pairs_train.jsonl"
+    assert all(flags[flags.index("--model") + 1] == str(sft) and "--template" in flags for flags in scores.values())
+    assert [flags for script, flags in calls if script == "sft.py"] == [
+        ["--model", "tiny", "--out", str(out / "sft"), *common]]
+
+    # The summary: one row per policy, each column the metric its title names.
+    text = capsys.readouterr().out
+    lines = text[text.index("== summary"):].splitlines()
+    assert lines[1].split() == ["policy", "harmful", "helpful", "refuse", "reward", "cost"]
+    keys = ["harmful_rate", "helpfulness", "over_refusal", "mean_reward", "mean_cost"]
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:2 + len(metrics)]}
+    assert rows == {name: [m[METRICS[k]] for k in keys] for name, m in metrics.items()}
+
+    # The same command again: every stage's product exists, so only the evaluation runs.
+    calls.clear()
+    pipeline.main(argv)
+    assert [script for script, _ in calls] == ["evaluate.py"]
+    assert capsys.readouterr().out.count("exists, skipped") == 1 + 3 + 5  # sft, 3 reward/cost models, 5 runs
+
+
+def test_prompts_the_judge_cannot_score_go_to_the_arena_alone(tmp_path, synthetic_data, monkeypatch, capsys):
+    # One of the embedded task's prompts and one it does not know: the judge cannot score the file, so
+    # each aligned policy meets SFT in the arena (without --arena) and no judged evaluation runs.
+    import pipeline
+
+    task_prompt = json.loads(synthetic_data.eval_prompts.read_text().splitlines()[0])
+    prompts = tmp_path / "mixed_prompts.jsonl"
+    prompts.write_text(json.dumps(task_prompt) + "\n" + json.dumps({"prompt": "Write a haiku about rain.",
+                                                                     "harmful": False}) + "\n")
+    calls = stand_in_stages(monkeypatch, {})
+    out = tmp_path / "run"
+    assert pipeline.main(["--out", str(out), "--synthetic-dir", str(synthetic_data.dir), "--eval-prompts", str(prompts),
+                          "--algos", "ppo_lag", "ppo"]) is None
+    evaluations = [flags for script, flags in calls if script == "evaluate.py"]
+    assert [flags[:4] for flags in evaluations] == [["--arena", str(out / "sft" / "model"), str(out / name / "actor"),
+                                                     "--out"] for name in ("ppo_lag", "ppo")]
+    assert "the ground-truth judge cannot score it" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["ppo:x", "ppo_lag:adam", "reward_shaping:abc", "rlhf_mixed:bogus",
+                                  "rlhf_mixed:consistent:all", "dpo"])
+def test_unknown_algos_stop_before_any_stage(tmp_path, monkeypatch, spec):
+    import pipeline
+
+    calls = stand_in_stages(monkeypatch, {})
+    with pytest.raises(SystemExit, match=f"--algos: {spec!r} is not ppo_lag"):
+        pipeline.main(["--out", str(tmp_path / "run"), "--algos", "ppo_lag", spec])
+    assert calls == [] and not (tmp_path / "run").exists()

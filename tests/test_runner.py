@@ -57,3 +57,44 @@ def test_run_together_fails_when_any_job_fails(scripts_and_cwd):
         steps.run_together([("two", "out/b/product", "stage.py", ["out/b"]), ("three", "out/c/product", "broken.py", [])])
     assert (cwd / "out" / "b" / "product").read_text() == "made"
     assert "two" not in steps.timings and "three" not in steps.timings  # nothing recorded as done
+
+
+def test_a_stage_killed_by_a_signal_is_a_failure(scripts_and_cwd):
+    # Killed by the kernel (the OOM killer's SIGKILL): subprocess reports exit -9, which is no success;
+    # the pipeline must stop there, not go on to the next stage without this one's product.
+    scripts, cwd = scripts_and_cwd
+    (scripts / "killed.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    with pytest.raises(SystemExit, match=r"killed.py failed \(exit -9\); fix it and re-run"):
+        runner.run_script("killed.py", [])
+    steps = runner.Steps()
+    with pytest.raises(SystemExit, match=r"one failed \(exit codes \[-9\]\)"):
+        steps.run_together([("one", "out/a/product", "killed.py", [])])
+
+
+def test_a_step_runs_when_only_its_products_folder_exists(scripts_and_cwd):
+    # An interrupted stage leaves its output folder (checkpoints, logs) without its product: it runs again
+    # (and resumes), rather than being taken as done.
+    scripts, cwd = scripts_and_cwd
+    for name in "ab":
+        (cwd / "out" / name / "checkpoints").mkdir(parents=True)
+    steps = runner.Steps()
+    steps.run("one", "out/a/product", lambda: runner.run_script("stage.py", ["out/a"]))
+    steps.run_together([("two", "out/b/product", "stage.py", ["out/b"])])
+    assert (cwd / "out" / "a" / "product").read_text() == (cwd / "out" / "b" / "product").read_text() == "made"
+    assert set(steps.timings) == {"one", "two"}
+
+
+def test_a_skipped_step_made_with_other_flags_is_pointed_out(scripts_and_cwd, capsys):
+    scripts, cwd = scripts_and_cwd
+    steps = runner.Steps()
+    steps.run("one", "out/a/product", lambda: runner.run_script("stage.py", ["out/a"]),
+              made_with=("out/a/flags.json", ["stage.py", "out/a", "--lr", "1"]))
+    capsys.readouterr()
+    steps.run("one", "out/a/product", lambda: pytest.fail("ran again"),
+              made_with=("out/a/flags.json", ["stage.py", "out/a", "--lr", "1"]))
+    same = capsys.readouterr().out
+    assert "skipped" in same and "warning" not in same
+    steps.run("one", "out/a/product", lambda: pytest.fail("ran again"),
+              made_with=("out/a/flags.json", ["stage.py", "out/a", "--lr", "2"]))
+    assert "warning: it was made with other flags (out/a/flags.json)" in capsys.readouterr().out
+    assert json.loads((cwd / "out" / "a" / "flags.json").read_text()) == ["stage.py", "out/a", "--lr", "1"]

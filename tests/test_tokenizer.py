@@ -527,3 +527,74 @@ def test_chat_template_on_a_base_release_ends_answers_with_the_end_of_turn(folde
     conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     ids, _ = encode_dialogue(chat, prompt, response, template="chat", date_string="1 Jan 2025")
     assert ids == hf_chat_ids(hf, conversation, date_string="1 Jan 2025") and ids[-1] == eot
+
+
+def test_truncation_and_padding_in_tokenizer_json_are_not_applied(tmp_path):
+    # A tokenizer.json saved with truncation and padding switched on (a training script's leftovers): like
+    # transformers' encode, ours neither cuts a text nor pads it; cutting is the data loaders' job, counted.
+    plain = write_llama3_folder(tmp_path / "plain")
+    folder = write_llama3_folder(tmp_path / "cut")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 5,
+                       "pad_type_id": 0, "pad_token": "<|finetune_right_pad_id|>"}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    hf = hf_tokenizer(folder)
+    text = "knead the dough well, let it rise for an hour, then bake it"
+    ids = Tokenizer(folder).encode(text)
+    assert ids == Tokenizer(plain).encode(text) == hf.encode(text, add_special_tokens=False)
+    assert 4 < len(ids) < 64
+    assert encode_prompt(Tokenizer(folder), text) == hf.encode(format_prompt(text))
+
+
+def test_chat_turn_end_found_without_the_generation_config_listing_it(tmp_path):
+    """A base release whose generation_config.json lists only its end of text (Qwen2.5 base: <|endoftext|>,
+    while its template ends a turn with <|im_end|>): the end of turn is still the special token the template
+    writes after an answer, so a dialogue is transformers' apply_chat_template of the conversation."""
+    pytest.importorskip("jinja2")  # optional: renders chat templates
+    folder = write_llama3_folder(tmp_path / "base", instruct=False)
+    hf = hf_tokenizer(folder)
+    eot, end_of_text = hf.convert_tokens_to_ids("<|eot_id|>"), hf.convert_tokens_to_ids("<|end_of_text|>")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": end_of_text}))
+    base = Tokenizer(folder)
+    assert base.eos_ids == (end_of_text,)
+    chat = base.for_template("chat")
+    assert chat.eos_id == eot and chat.eos_ids == (eot, end_of_text)
+    prompt, response = "How do I bake bread?", "Mix flour and yeast."
+    ids, _ = encode_dialogue(chat, prompt, response, template="chat")
+    assert ids == hf_chat_ids(hf, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+
+
+def test_named_chat_templates_use_the_default_one_as_transformers(tmp_path):
+    # tokenizer_config.json's chat_template as a list of named templates (tool-use releases): "default",
+    # wherever it is in the list.
+    pytest.importorskip("jinja2")  # optional: renders chat templates
+    folder = write_llama3_folder(tmp_path / "named", chat_template=None)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "TOOLS {{ messages[0]['content'] }}"},
+                               {"name": "default", "template": LLAMA3_CHAT_TEMPLATE}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, hf = Tokenizer(folder), hf_tokenizer(folder)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tok.chat_template == LLAMA3_CHAT_TEMPLATE
+    assert render_chat(tok, messages) == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_a_pad_token_outside_the_vocabulary_is_passed_over(tmp_path):
+    # tokenizer_config.json names a pad_token the vocabulary lacks ("<pad>", which transformers would add as a
+    # new id past the model's embeddings): the folder loads, and the next candidate pads.
+    folder = write_llama3_folder(tmp_path / "pad", pad_token="<pad>")
+    tok = Tokenizer(folder)
+    assert tok.pad_id == hf_tokenizer(folder).convert_tokens_to_ids("<|finetune_right_pad_id|>")
+    assert tok.pad_id < tok.vocab_size
+
+
+def test_generation_eos_one_past_the_vocabulary_is_refused(tmp_path):
+    # ids run from 0 to len(vocabulary) - 1: an eos_token_id equal to the vocabulary size names no token.
+    folder = write_llama3_folder(tmp_path / "l3")
+    size = len(hf_tokenizer(folder))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [size - 1]}))
+    assert Tokenizer(folder).eos_ids[-1] == size - 1
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [size]}))
+    with pytest.raises(ValueError, match=rf"eos_token_id \[{size}\] is not an id of .*\(vocabulary {size}\)"):
+        Tokenizer(folder)
