@@ -123,10 +123,11 @@ def add_common_args(parser, out: str, **helps: str):
            "authors' LLaMA-7B scripts; ../shared/SAFE_RLHF.md); default: tiny without data files, authors with them")
     a("--tokenizer", default=None, help="tokenizer.json / tokenizer.model or a directory (default: the one beside the "
                                         "model, else the synthetic task's)")
-    a("--template", choices=TEMPLATES, default="safe_rlhf",
+    a("--template", choices=TEMPLATES, default=None,
       help="conversation template: safe_rlhf (the authors': BEGINNING OF CONVERSATION: USER: ... ASSISTANT:) or chat "
            "(the checkpoint's own chat template, rendered with jinja2; a response ends at its end of turn). A folder "
-           "this project wrote must be given the template it was trained with; a release takes either")
+           "this project wrote takes the template it was trained with (its config.json records it); a release "
+           "takes either (default: the recorded one, else safe_rlhf)")
     a("--synthetic-dir", default="out/synthetic", help="where the embedded synthetic task is generated (if missing)")
     a("--data-seed", type=int, default=0, help="seed of the synthetic task (the same task for every training seed)")
     a("--epochs", type=positive(float), default=None, help="passes over the training data")

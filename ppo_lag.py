@@ -715,6 +715,8 @@ def main(argv=None):
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
     training.resolve_models(args, d, "actor", "reward_model", "cost_model", "reference")  # Hub ids -> their folders in the HF cache
+    # unset: the template the models were trained with (all the same one)
+    args.template = training.resolve_template(args.template, args.actor, args.reward_model, args.cost_model, args.reference)
     d.print(f"ppo_lag ({args.algo}): {d.world} rank(s) on {d.device}; recipe {args.recipe}; "
             + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
     ckpt = Checkpointer(args.out, d, args=args, run=f"{ALGO_NAMES[args.algo]} (ppo_lag.py --algo {args.algo})")

@@ -62,6 +62,7 @@ def main(argv=None):
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
     training.resolve_models(args, d, "model")  # Hub ids -> their folders in the HF cache
+    args.template = training.resolve_template(args.template, args.model)  # unset: the one the model was trained with
     d.print(f"sft: {d.world} rank(s) on {d.device}; recipe {args.recipe}; " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
     ckpt = Checkpointer(args.out, d, args=args, run="an SFT run (sft.py)")
     ckpt.check()  # another run's --out, other flags: said before anything loads

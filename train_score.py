@@ -169,6 +169,7 @@ def main(argv=None):
     d = training.setup_distributed(args.device, args.precision)
     training.seed_everything(args.seed)
     training.resolve_models(args, d, "model")  # Hub ids -> their folders in the HF cache
+    args.template = training.resolve_template(args.template, args.model)  # unset: the one the model was trained with
     d.print(f"train_score ({args.objective}): {d.world} rank(s) on {d.device}; recipe {args.recipe}; "
             + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
     ckpt = Checkpointer(args.out, d, args=args,

@@ -155,14 +155,16 @@ def test_release_through_every_stage(tmp_path, synthetic_data, checkpoint, name,
     sft.main(["--model", str(base), "--data", f"{task.sft_train}:8", "--eval-data", f"{task.sft_eval}:4",
               "--max-steps", "1", "--out", str(tmp_path / "sft"), *small])
     policy = tmp_path / "sft" / "model"
+    # The later stages are not told the template: they take the one the SFT model recorded (the actor's
+    # record below says which they used).
     for objective in ("reward", "cost"):
         train_score.main(["--objective", objective, "--model", str(policy), "--data", f"{task.preference_train}:8",
                           "--eval-data", f"{task.preference_eval}:4", "--max-steps", "1",
-                          "--out", str(tmp_path / objective), *small])
+                          "--out", str(tmp_path / objective), *small[2:]])
     scorers = ["--reward-model", str(tmp_path / "reward" / "model"), "--cost-model", str(tmp_path / "cost" / "model")]
     ppo_lag.main(["--actor", str(policy), *scorers, "--prompts", f"{task.ppo_prompts}:8",
                   "--ptx-data", f"{task.sft_train}:8", "--max-new-tokens", "6", "--max-steps", "2",
-                  "--out", str(tmp_path / "ppo"), *small])
+                  "--out", str(tmp_path / "ppo"), *small[2:]])
     actor = tmp_path / "ppo" / "actor"
     assert len(log_of(tmp_path / "ppo")) == 2
     # evaluate.py: the release as downloaded (no record: the template comes from the product's record) and

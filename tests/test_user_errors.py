@@ -199,7 +199,8 @@ def case_different_templates(task, models, tmp_path):
     for f in (models / "reward").iterdir():
         (chat_rm / f.name).write_bytes(f.read_bytes())
     write(chat_rm / "config.json", json.dumps({**config, "template": "chat"}))
-    return ppo_run(task, models, tmp_path, "--reward-model", str(chat_rm)), "was trained with --template chat"
+    return (ppo_run(task, models, tmp_path, "--reward-model", str(chat_rm), "--template", "safe_rlhf"),
+            "was trained with --template chat")
 
 
 def case_no_gpu(task, models, tmp_path):
