@@ -3,6 +3,7 @@
     ckpt = Checkpointer(out_dir, d, args=args, run="an SFT run (sft.py)")
     ckpt.check()                                # before anything is loaded: a run still writing there,
                                                 # another run's folder, other flags
+    ckpt.check_data(train=train_set, ...)       # once tokenized: other data than the checkpoint's
     start_step, state = ckpt.resume(models)     # (0, {}) for a fresh run
     ckpt.save(step, models, state)              # models: name -> (model, optimizer, scheduler)
 
@@ -17,7 +18,8 @@ tensor). Every rank must see the same <out> directory (a shared filesystem acros
 <out>/checkpoints/step_00000123/
     state.json          step, schedules, the script's state (lambda and its rule's state, the cost
                         window, data position, ...), the run (which script and objective or algorithm
-                        made it) and its flags, each optimiser's non-tensor state
+                        made it), its flags, the sha256 of each tokenized data set, each
+                        optimiser's non-tensor state
                         (param groups, AdamW's `step` counts), every file below with its size
     <name>/             the weights: shard-{rank + 1:05d}-model-{i:05d}-of-{n:05d}.safetensors (DCP's
                         names), each holding a rank's shards keyed by parameter name, with their
@@ -58,6 +60,8 @@ resume beside them. Where the filesystem has no flock (some Lustre mounts), noth
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 import shutil
@@ -220,6 +224,18 @@ def _way_back(path: Path) -> str:
     return (f"If it is damaged, point {path.parent / 'latest'} at an older step directory to resume from there")
 
 
+def data_fingerprint(examples) -> str:
+    """sha256 of a tokenized data set: each example's fields (token id lists, counts, labels), in order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        values = [getattr(example, f.name) for f in dataclasses.fields(example)] \
+            if dataclasses.is_dataclass(example) else [example]
+        for value in values:
+            ids = np.asarray(value, dtype=np.int64).ravel()
+            digest.update(len(ids).to_bytes(8, "little") + ids.tobytes())
+    return digest.hexdigest()
+
+
 def _read_json(file: Path, step_dir: Path):
     try:
         return json.loads(file.read_text())
@@ -268,6 +284,7 @@ class Checkpointer:
         # The run's flags, as JSON would give them back, saved with every checkpoint.
         self.args = json.loads(json.dumps(vars(args), default=str)) if args is not None else None
         self.run = run  # what made it, in words ("a reward-model run (train_score.py --objective reward)")
+        self.data: dict[str, str] = {}  # data set name -> sha256 of its tokens (check_data), saved with each step
         cli.PROGRESS.saved = None
 
     def latest(self, quiet: bool = False) -> Path | None:
@@ -309,6 +326,24 @@ class Checkpointer:
         latest = self.latest(quiet=True)
         if latest is not None:
             self.check_state(latest, _read_json(latest / "state.json", latest))
+
+    def check_data(self, **data_sets):
+        """Refuse to resume on other data than the latest checkpoint's: the same flags can name a file
+        edited since, a Hub data set at a branch that moved, or a tokenizer file replaced, and the
+        resumed steps would train (and evaluate) on other examples than the run they continue. Each
+        data set (name=tokenized examples; None skipped) is hashed, ids and labels in order, and the
+        hashes go into every checkpoint saved after. Checkpoints without hashes (older) are not checked."""
+        self.data = {name: data_fingerprint(examples) for name, examples in data_sets.items() if examples is not None}
+        latest = self.latest(quiet=True)
+        saved = _read_json(latest / "state.json", latest).get("data") if latest is not None else None
+        if not saved:
+            return
+        changed = sorted(name for name in saved.keys() | self.data.keys() if saved.get(name) != self.data.get(name))
+        if changed:
+            raise ValueError(f"{latest} was trained on other data: the {', '.join(changed)} set(s) now tokenize to "
+                             "other examples than the checkpoint's (a data file edited, a Hub data set's branch "
+                             "moved, another tokenizer); pass the same data to resume (a Hub id @revision pins "
+                             "it), or use a new --out for a new run")
 
     def check_state(self, path: Path, state: dict):
         """Refuse to resume the checkpoint at `path` (its state.json: `state`) if another run made it,
@@ -352,7 +387,7 @@ class Checkpointer:
             if d.is_main:
                 record = {"format": FORMAT, "step": step, "world": d.world, "schedules": schedules, **state,
                           **({"run": self.run} if self.run else {}), **({"args": self.args} if self.args else {}),
-                          "optimizers": optimizers, "files": dict(sorted(files.items()))}
+                          **({"data": self.data} if self.data else {}), "optimizers": optimizers, "files": dict(sorted(files.items()))}
                 (tmp / "state.json").write_text(json.dumps(record, indent=1))
                 fileio.fsync_tree(tmp)  # on disk before `latest` names them
         except BaseException:  # a full disk, a Ctrl-C: free what this step wrote; `latest` still names the last one

@@ -725,6 +725,7 @@ def main(argv=None):
 
     # -- data -------------------------------------------------------------------------------------
     data = load_data(args, d)
+    ckpt.check_data(prompts=data.prompts, ptx=data.ptx)  # a resume reads the data its checkpoint was trained on
     total_steps = args.max_steps or training.steps_for_epochs(len(data.prompts), args.batch_size, args.epochs)
 
     # -- models, lambda, resume -------------------------------------------------------------------

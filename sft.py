@@ -81,6 +81,7 @@ def main(argv=None):
     train_set, _ = tokenize_sft(tok, train_examples, args.max_length, log=d.print, template=args.template)
     eval_set, _ = tokenize_sft(tok, eval_examples, args.max_length, log=d.print, template=args.template)
     training.require_examples(train_set, "training dialogues", args.batch_size, d.print)
+    ckpt.check_data(train=train_set, eval=eval_set)  # a resume reads the data its checkpoint was trained on
     collate = partial(collate_sft, pad_id=tok.pad_id)
     total_steps = args.max_steps or training.steps_for_epochs(len(train_set), args.batch_size, args.epochs)
 

@@ -195,6 +195,7 @@ def main(argv=None):
                                      template=args.template)
     training.require_examples(train_set, "training pairs", args.batch_size, d.print)
     training.require_examples(eval_set, "held-out pairs (the score statistics that PPO's threshold is read from need them)")
+    ckpt.check_data(train=train_set, eval=eval_set)  # a resume reads the data its checkpoint was trained on
     collate = partial(objective.collate, pad_id=tok.pad_id)
     total_steps = args.max_steps or training.steps_for_epochs(len(train_set), args.batch_size, args.epochs)
 

@@ -572,3 +572,23 @@ def test_ppo_written_by_two_ranks_resumes_in_one_process(tmp_path, checkpoints):
                 "mean_episode_cost", "constraint_violation"):
         assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-5, abs=1e-6), key
     assert_same_weights(straight / "actor", resumed / "actor", rtol=1e-5)
+
+
+def test_data_fingerprint_sees_every_id_label_and_boundary():
+    """The hash a resume compares: equal data, equal hash; any id, label, order or boundary between fields
+    or examples changed, another hash (so an edit cannot hide by moving a token across a boundary)."""
+    from checkpoint import data_fingerprint
+    from data.loaders import TokenizedCostPair, TokenizedSFT
+
+    pairs = [TokenizedCostPair([1, 2], [3], 1, -1), TokenizedCostPair([4], [5, 6], -1, -1)]
+    same = [TokenizedCostPair([1, 2], [3], 1, -1), TokenizedCostPair([4], [5, 6], -1, -1)]
+    assert data_fingerprint(pairs) == data_fingerprint(same)
+    others = [[TokenizedCostPair([1], [2, 3], 1, -1), pairs[1]],  # a token moved across the field boundary
+              [TokenizedCostPair([1, 2], [3], -1, -1), pairs[1]],  # a safety label
+              pairs[::-1],  # the order
+              pairs[:1],  # an example dropped
+              [TokenizedCostPair([1, 2], [3], 1, -1), TokenizedCostPair([4, 5], [6], -1, -1)]]
+    assert len({data_fingerprint(pairs), *map(data_fingerprint, others)}) == 1 + len(others)
+    # prompts (lists of ids) and dialogues: a boundary between examples counts too
+    assert data_fingerprint([[1, 2], [3]]) != data_fingerprint([[1], [2, 3]])
+    assert data_fingerprint([TokenizedSFT([1, 2, 3], 1)]) != data_fingerprint([TokenizedSFT([1, 2, 3], 2)])

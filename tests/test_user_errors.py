@@ -170,6 +170,31 @@ def case_resume_with_other_flags(task, models, tmp_path):
     return sft_run(task, tmp_path, "--save-every", "1", "--lr", "0.5"), "--lr: 2e-05 in the checkpoint, 0.5 now"
 
 
+def case_resume_with_edited_data(task, models, tmp_path):
+    # The same flags, but the data file was edited since the checkpoint: its steps would continue on other examples.
+    data = tmp_path / "sft.jsonl"
+    rows = task.sft_train.read_text().splitlines()[:16]
+    data.write_text("\n".join(rows) + "\n")
+    sft_run(task, tmp_path, "--data", str(data), "--save-every", "1")()
+    edited = json.loads(rows[5])
+    edited["output"] = edited["output"] + " And one more sentence."
+    data.write_text("\n".join(rows[:5] + [json.dumps(edited)] + rows[6:]) + "\n")
+    return (sft_run(task, tmp_path, "--data", str(data), "--save-every", "1", "--max-steps", "2"),
+            f"{tmp_path / 'sft_run' / 'checkpoints' / 'step_00000001'} was trained on other data: the train set(s) "
+            "now tokenize to other examples than the checkpoint's")
+
+
+def case_ppo_resume_with_other_prompts(task, models, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = task.ppo_prompts.read_text().splitlines()[:8]
+    prompts.write_text("\n".join(rows) + "\n")
+    ppo_run(task, models, tmp_path, "--prompts", str(prompts), "--ptx-coeff", "0", "--save-every", "1")()
+    prompts.write_text("\n".join(rows[:7] + rows[:1]) + "\n")  # the last prompt replaced by the first
+    return (ppo_run(task, models, tmp_path, "--prompts", str(prompts), "--ptx-coeff", "0", "--save-every", "1",
+                    "--max-steps", "2"),
+            "was trained on other data: the prompts set(s) now tokenize to other examples")
+
+
 def case_chat_template_without_one(task, models, tmp_path):
     return sft_run(task, tmp_path, "--template", "chat"), str(task.tokenizer)
 
@@ -562,7 +587,7 @@ def test_user_error_is_one_message(name, synthetic_data, models, tmp_path, capsy
 
 
 def test_the_table_covers_every_kind_of_input():
-    assert len(CASES) >= 61
+    assert len(CASES) >= 66
 
 
 def test_bugs_keep_their_traceback(monkeypatch):
