@@ -8,7 +8,7 @@ context), summed over tokens and divided by the number of target tokens in the w
 batch (all micro-batches, all ranks), so the update does not depend on how many ranks share it.
 Log-probs come from kernels.fused_linear_logprobs through the model's LM head: the [B, T, V]
 logits are never materialised. The product is an HF-format model in <out>/model, with its
-tokenizer.model beside the weights, which train_score.py and ppo_lag.py start from.
+tokenizer files beside the weights, which train_score.py and ppo_lag.py start from.
 """
 
 import time
@@ -48,7 +48,8 @@ AUTHORS = dict(
 def main(argv=None):
     # -- arguments ------------------------------------------------------------------------------
     parser = cli.ArgumentParser(__doc__)
-    parser.add_argument("--model", default="tiny", help="HF-format checkpoint dir to fine-tune, or a model.PRESETS name to train from scratch")
+    parser.add_argument("--model", default="tiny", help="HF-format checkpoint dir or Hub id (org/name[@revision], from the HF cache) to fine-tune, or a "
+                             "model.PRESETS name to train from scratch")
     parser.add_argument("--data", default=None, help="SFT files 'path[:fraction|:count],...' (Alpaca or prompt/response JSON[L]); default: the synthetic task")
     parser.add_argument("--eval-data", default=None, help="held-out SFT files (default: the synthetic eval split, or --eval-fraction of --data)")
     parser.add_argument("--eval-fraction", type=cli.fraction, default=0.02, help="share of --data held out when --eval-data is not given (0: train on all of it, as the authors' scripts do; no eval loss)")

@@ -152,7 +152,7 @@ def main(argv=None):
     # -- arguments ------------------------------------------------------------------------------
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--objective", choices=list(OBJECTIVES), default="reward", help="which score model to train")
-    parser.add_argument("--model", default="out/sft/model", help="HF-format checkpoint to start from (the SFT model); a new score head is added")
+    parser.add_argument("--model", default="out/sft/model", help="HF-format checkpoint dir or Hub id to start from (the SFT model); a new score head is added")
     parser.add_argument("--data", default=None, help="preference files 'path[:fraction|:count],...' (PKU-SafeRLHF schema); default: the synthetic task")
     parser.add_argument("--eval-data", default=None, help="held-out preference files (default: the synthetic eval split, or --eval-fraction of --data)")
     parser.add_argument("--eval-fraction", type=cli.fraction, default=0.05, help="share of --data held out when --eval-data is not given (not 0: the score statistics PPO's threshold is read from come from it)")
