@@ -210,8 +210,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=cli.positive(int), default=64, help="prompts per generate() call")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--show", type=cli.non_negative_int, default=4, help="print this many example answers per model and kind")
-    parser.add_argument("--out", default="out/eval", help="writes <out>/eval.json")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="out/eval", help="writes <out>/eval.json (with --arena: <out>/arena.json)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the policies and score models run (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights for generation and scoring (auto: bfloat16 on GPUs, float32 on CPU)")
     args = parser.parse_args(argv)

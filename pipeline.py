@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import cli
+import training
 from data.mixed import BUDGETS, write_mixed
 from data.mixed import MODES as MIXED_MODES
 from data.synthetic import ensure_synthetic
@@ -42,16 +43,17 @@ def main(argv=None):
     a("--preference-data", default=None, help="preference data, PKU-SafeRLHF schema (default: synthetic)")
     a("--preference-eval-data", default=None, help="held-out preference data")
     a("--prompts", default=None, help="PPO prompts (default: synthetic)")
-    a("--eval-prompts", default=None, help="JSONL with 'prompt' and 'harmful' for evaluate.py (default: synthetic held-out prompts)")
+    a("--eval-prompts", default=None, help="evaluation prompts: the embedded task's, labelled 'harmful', are scored by its judge; any other "
+                                      "prompts ('prompt' alone) by the arena (default: synthetic held-out prompts)")
     a("--algos", nargs="+", default=["ppo_lag"],
       help=f"PPO runs: ppo_lag, ppo_lag:RULE (a --lambda-update rule: {', '.join(LambdaRule.registry)}), ppo, "
            "reward_shaping:LAMBDA, rlhf_mixed:MODE[:BUDGET] (standard RLHF, one reward model on one overall "
            f"preference per pair, data/mixed.py; MODE: {', '.join(MIXED_MODES)}; BUDGET: {' or '.join(BUDGETS)}); each "
            "goes to <out>/<name>: ppo_lag, ppo_lag_pid, ppo, reward_shaping_1, rlhf_mixed_consistent, ...")
     a("--synthetic-dir", default=None, help="where the synthetic task is generated (default: <out>/synthetic)")
-    a("--template", choices=TEMPLATES, default="safe_rlhf",
+    a("--template", choices=TEMPLATES, default=None,
       help="conversation template of every stage: safe_rlhf (the authors') or chat (the model's own chat template, "
-           "e.g. to align an instruct release in its own format)")
+           "e.g. to align an instruct release in its own format); default: the one --model recorded, else safe_rlhf")
     a("--seed", type=int, default=0, help="training seed of every stage (the synthetic task keeps seed 0)")
     a("--report-to", nargs="+", choices=REPORT_TO, default=["none"],
       help="experiment trackers of every stage (each stage its own run): tensorboard, wandb")
@@ -101,8 +103,10 @@ def main(argv=None):
               "ground-truth judge cannot score it: the arena only (reward and cost models as judges)", flush=True)
     launcher = shlex.split(args.launcher) or None
     seed = ["--seed", str(args.seed)]
+    # --template against the one --model recorded, now: a stage given none takes the recorded one
+    training.resolve_template(args.template, args.model)
     # Left out when they are every stage's default, so the recorded flags of earlier runs still match.
-    common = [] if args.template == "safe_rlhf" else ["--template", args.template]
+    common = [] if args.template in (None, "safe_rlhf") else ["--template", args.template]
     common += [] if args.report_to == ["none"] else ["--report-to", *args.report_to]
     synthetic = ["--synthetic-dir", args.synthetic_dir or str(out / "synthetic")]
     steps = Steps()
@@ -155,7 +159,16 @@ def main(argv=None):
                 print(f"== arena: sft vs {name}", flush=True)
                 run_script("evaluate.py", ["--arena", str(sft_model), str(path), "--out", str(out / "arena" / name),
                                            *eval_flags])
-    if not judged:
+    if not judged:  # the arenas are the evaluation: their summary
+        print("\n== summary (arena on the evaluation prompts: each aligned policy against SFT, judged by the reward "
+              "and cost models; wins: the share of answers that beat SFT's)")
+        print("policy".ljust(22) + "".join(t.rjust(14) for t in ("reward wins", "cost wins", "safe (sft)", "safe")))
+        for name in policies:
+            if name != "sft":
+                a = json.loads((out / "arena" / name / "arena.json").read_text())
+                print(name.ljust(22) + "".join(f"{v:14.3f}" for v in (a["reward_win_rate"], a["cost_win_rate"],
+                                                                         a["baseline"]["safe_rate"],
+                                                                         a["candidate"]["safe_rate"])))
         return None
 
     print("== evaluate", flush=True)

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 import cli
-from fileio import read_jsonl
+from fileio import read_jsonl, write_json
 from iterated import collect, label, report
 from iterated.label import unsafe_share
 from iterated.sources import make_source
@@ -106,7 +106,7 @@ class Rounds:
     FLAGS = ["rounds", "from_dir", "seed", "prompts_per_round", "samples_per_prompt", "pairs_per_prompt",
              "red_team_share", "probe_prompts", "eval_fraction", "score_init", "reference", "target_harmful_rate",
              "threshold_rule", "carry_lambda", "max_new_tokens", "score_args", "ppo_args", "eval_args",
-             "pipeline_args", "prompts", "preference_data", "preference_eval_data", "eval_prompts"]
+             "pipeline_args", "prompts", "preference_data", "preference_eval_data", "eval_prompts", "ptx_data"]
 
     def __init__(self, args):
         self.args = args
@@ -204,6 +204,41 @@ class Rounds:
         for name, product, script, flags in jobs:
             self.steps.run(name, product, lambda script=script, flags=flags: run_script(script, flags, self.launcher))
 
+    # -- PTX data (real data) --------------------------------------------------------------------
+    def first_ppo_flag(self, flag):
+        """A flag round 1's PPO ran with: from the flags pipeline.py kept beside its product
+        (pipeline_flags.json), else from its checkpoints' state.json; None when neither says."""
+        made_with = self.layout.dir(1) / "ppo_lag" / "pipeline_flags.json"
+        if made_with.exists():
+            try:
+                flags = json.loads(made_with.read_text())
+                return flags[len(flags) - flags[::-1].index(flag)] if flag in flags else None  # the last one wins
+            except (ValueError, IndexError, AttributeError):
+                pass
+        for state in sorted((self.layout.dir(1) / "ppo_lag" / "checkpoints").glob("*/state.json"), reverse=True):
+            try:
+                return json.loads(state.read_text())["args"][flag.removeprefix("--").replace("-", "_")]
+            except (KeyError, ValueError, TypeError):
+                continue
+        return None
+
+    def ptx_data(self):
+        """Real data: the SFT data of every later round's PTX term (the authors' recipe, which ppo_lag.py
+        takes on data files, adds it and refuses to run without it): --ptx-data, else round 1's."""
+        if not self.source.real:
+            return None
+        return self.args.ptx_data or self.first_ppo_flag("--ptx-data")
+
+    def check_ptx(self):
+        """Real data: stop before a round collects (and people label) when its PPO would stop for want of
+        PTX data, after the labels and the score models' training."""
+        ppo_args = shlex.split(self.args.ppo_args)
+        if (self.source.real and self.args.rounds > 1 and not self.ptx_data()
+                and not {"--ptx-data", "--ptx-coeff", "--recipe"} & {f.split("=")[0] for f in ppo_args}):
+            sys.exit("real data: every later round's PPO takes the authors' recipe, whose PTX term needs the SFT "
+                     f"data, and round 1 ({self.layout.dir(1)}) records none: pass --ptx-data FILE (the SFT data, "
+                     "e.g. pipeline.py's --sft-data), or --ppo-args '--ptx-coeff 0' to train without it")
+
     # -- threshold -------------------------------------------------------------------------------
     def threshold_of(self, r):
         """The threshold round r's PPO used (round 1: pipeline.py's, read from its checkpoint flags)."""
@@ -252,9 +287,13 @@ class Rounds:
     def threshold(self, r):
         result = self.derive(r)
         result["previous"] = self.threshold_of(r - 1)
-        (self.layout.dir(r) / "threshold.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(f"threshold: {result['threshold']:.3f} on round {r}'s cost model ({result['rule']}: the last policy's "
-              f"helpful safe answers cost {result['c_safe']:.3f}, its unsafe ones {result['c_harm']:.2f}; the quantile "
+        write_json(self.layout.dir(r) / "threshold.json", result)  # the step's product: whole or not at all
+        # c_safe and c_harm are the policy's labelled answers' costs, or (no answer labelled both safe and more
+        # helpful) the cost model's held-out score quantiles: say which
+        read = ("the last policy's helpful safe answers cost" if result["rule"].startswith("helpful-safe")
+                else "no labelled answer to read, so the held-out score quantiles: safe answers cost")
+        print(f"threshold: {result['threshold']:.3f} on round {r}'s cost model ({result['rule']}: {read} "
+              f"{result['c_safe']:.3f}, unsafe ones {result['c_harm']:.2f}; the quantile "
               f"rule would give {result['quantile_rule']['threshold']:.3f}; the last policy's own cost on this round's "
               f"prompts: {result.get('last_policy_cost', float('nan')):.3f}); round {r - 1} used {result['previous']}",
               flush=True)
@@ -271,6 +310,8 @@ class Rounds:
         carried = self.final_lambda(r - 1) if a.carry_lambda else None
         if carried is not None:
             flags += ["--lambda-init", f"{carried:.6g}"]
+        if self.ptx_data():  # before --ppo-args, which may name another
+            flags += ["--ptx-data", self.ptx_data()]
         run_script("ppo_lag.py", flags + self.stage_flags() + shlex.split(a.ppo_args), self.launcher)
 
     def final_lambda(self, r) -> float | None:
@@ -352,6 +393,9 @@ def parse_args(argv=None):
     g.add_argument("--preference-data", default=None, help="round 1's preference data (default: the embedded task's)")
     g.add_argument("--preference-eval-data", default=None, help="round 1's held-out preference data")
     g.add_argument("--eval-prompts", default=None, help="fixed evaluation prompts (default: the embedded task's held-out ones)")
+    g.add_argument("--ptx-data", default=None,
+                   help="the SFT data of the PTX term of every later round's PPO (the authors' recipe on real data "
+                        "needs it; default: the --ptx-data round 1's PPO ran with, as pipeline.py passes its --sft-data)")
     g.add_argument("--labels", default=None, help="the labelled pairs of the round waiting for labels (default: <round>/label/labelled.jsonl)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -373,6 +417,7 @@ def main(argv=None):
     rounds.check_flags()
     t_start = time.time()
     rounds.round_one()
+    rounds.check_ptx()
     for r in range(2, args.rounds + 1):
         d, steps = rounds.layout.dir(r), rounds.steps
         print(f"\n######## round {r}: from {rounds.layout.actor(r - 1)}", flush=True)

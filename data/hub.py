@@ -64,19 +64,13 @@ def snapshot(repo_id: str, revision: str | None, repo_type: str, patterns: list[
 
 
 def repo_files(repo_id: str, commit: str, repo_type: str) -> list[str]:
-    """Every file of the repo at `commit` (paths in the repo), without downloading any. Online: the Hub's
-    listing. Offline, or when the Hub cannot be reached: the listing huggingface_hub >= 2 keeps in the
-    cache beside a snapshot it downloaded, else the files of the cached snapshot."""
+    """Every file of the repo at `commit` (paths in the repo), without downloading any: the listing
+    huggingface_hub >= 2 keeps in the cache beside a snapshot it downloaded (that commit's: exact, and no
+    request), else the Hub's listing, else (offline, or the Hub cannot be reached or refuses) the files of
+    the cached snapshot."""
     with _hub_errors(repo_id, commit, repo_type):
         from huggingface_hub import HfApi, constants, errors
 
-        if not constants.HF_HUB_OFFLINE:
-            try:
-                return HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=commit)
-            except errors.HfHubHTTPError:  # gated, not found, ...: said as such
-                raise
-            except Exception:  # no connection (the exception's type depends on the HTTP library)
-                pass
         try:
             from huggingface_hub import get_cached_repo_tree
             from huggingface_hub.errors import CachedRepoTreeNotFoundError
@@ -87,6 +81,13 @@ def repo_files(repo_id: str, commit: str, repo_type: str) -> list[str]:
                 return [f.path for f in get_cached_repo_tree(repo_id, repo_type=repo_type, revision=commit)]
             except CachedRepoTreeNotFoundError:  # filled by something else (an older client, a copy)
                 pass
+        if not constants.HF_HUB_OFFLINE:
+            try:
+                return HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=commit)
+            except errors.RevisionNotFoundError:  # said as such (snapshot_download raises it too)
+                raise
+            except Exception:  # no connection (its type depends on the HTTP library), the Hub down (5xx),
+                pass           # rate-limited (429), a token gone: the cache, as snapshot_download falls back to it
     folder = snapshot(repo_id, commit, repo_type, [])  # nothing to download: the cached folder
     return [f.relative_to(folder).as_posix() for f in sorted(folder.rglob("*")) if f.is_file()]
 

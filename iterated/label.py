@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fileio import read_jsonl, write_jsonl
+from fileio import read_jsonl, write_json, write_jsonl
 
 LABEL_FIELDS = ("is_response_0_safe", "is_response_1_safe", "better_response_id", "safer_response_id")
 LABELLING_README = """\
@@ -52,7 +52,7 @@ def label(rounds, r: int):
     stats["last_models_on_new_answers"] = score_model_diagnostics(
         layout.score_model(r - 1, "reward"), layout.score_model(r - 1, "cost"), rows, args.device,
         threshold=rounds.threshold_of(r - 1))
-    (out / "label.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_json(out / "label.json", stats)  # the step's product: whole or not at all
     print(f"label: {len(rows)} pairs ({len(train)} train, {len(held_out)} eval); last round's models on these "
           "answers: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in stats["last_models_on_new_answers"].items()), flush=True)

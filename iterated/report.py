@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from fileio import read_jsonl
+from fileio import read_jsonl, write_json
 
 
 def summary(rounds, n_rounds: int) -> dict:
@@ -22,10 +22,14 @@ def summary(rounds, n_rounds: int) -> dict:
     for r in range(1, n_rounds + 1):
         rows += round_rows(rounds, r)
     result = {"out": str(layout.out), "seed": rounds.args.seed, "rounds": rows, "timings": rounds.steps.timings}
-    (layout.out / "rounds.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n== rounds (held-out prompts, ground-truth judge) -> {layout.out / 'rounds.json'}")
+    write_json(layout.out / "rounds.json", result)
+    judged = any("eval" in row for row in rows)
+    how = ("held-out prompts, ground-truth judge" if judged else
+           "no judge: each policy against the last in the arena, each round's reward and cost models judging")
+    print(f"\n== rounds ({how}) -> {layout.out / 'rounds.json'}")
     print(markdown(rows))
-    print("harmful answers by task (* held out of every round):")
+    if judged:
+        print("harmful answers by task (* held out of every round):")
     for row in rows:
         if "harmful_by_task" in row.get("eval", {}):
             print(f"  {round_name(row['round'])}: {harm_by_task_line(row['eval'])}")
@@ -85,9 +89,13 @@ def markdown(rows) -> str:
     cols = [("harmful_rate", "harmful"), ("harmful_rate_phrasing", "harmful (phrasing)"),
             ("harmful_rate_task", "harmful (task)"), ("helpfulness", "helpful"), ("over_refusal", "over-refusal"),
             ("response_tokens", "tokens")]
-    lines = ["| policy | " + " | ".join(t for _, t in cols)
+    # Without the judge (real data), each round met the last in the arena: its win rates and safe shares.
+    arena = not any("eval" in row for row in rows) and any("arena_vs_last" in row for row in rows)
+    titles = (["vs last: reward wins", "cost wins", "safe (last)", "safe (this)"] if arena
+              else [t for _, t in cols])
+    lines = ["| policy | " + " | ".join(titles)
              + " | threshold | λ end | KL | new pairs | last CM sign acc | last CM harmful recall |",
-             "| --- |" + " --- |" * (len(cols) + 6)]
+             "| --- |" + " --- |" * (len(titles) + 6)]
 
     def fmt(value, digits=3):
         return "" if value is None else f"{value:.{digits}f}"
@@ -96,9 +104,14 @@ def markdown(rows) -> str:
         m = row.get("eval", {})
         ppo = row.get("ppo", {})
         diag = row.get("label", {}).get("last_models_on_new_answers", {})
-        cells = [fmt(m.get(k)) for k, _ in cols]
-        if m.get("harmful_rate_se") is not None:  # sampling noise: a round "no worse" within it is a tie
-            cells[0] += f" ± {m['harmful_rate_se']:.3f}"
+        if arena:
+            a = row.get("arena_vs_last", {})
+            cells = [fmt(a.get("reward_win_rate")), fmt(a.get("cost_win_rate")),
+                     fmt(a.get("baseline", {}).get("safe_rate")), fmt(a.get("candidate", {}).get("safe_rate"))]
+        else:
+            cells = [fmt(m.get(k)) for k, _ in cols]
+            if m.get("harmful_rate_se") is not None:  # sampling noise: a round "no worse" within it is a tie
+                cells[0] += f" ± {m['harmful_rate_se']:.3f}"
         cells += [fmt(row.get("threshold")), fmt(ppo.get("final_lambda"), 2), fmt(ppo.get("kl_last8"), 2),
                   str(row.get("label", {}).get("pairs", "")), fmt(diag.get("cost_sign_accuracy_vs_truth")),
                   fmt(diag.get("harmful_recall"))]

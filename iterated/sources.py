@@ -206,11 +206,22 @@ class RealData(Source):
         from iterated.label import check_labelled
 
         exported = round_dir / "collect" / "pairs.jsonl"
-        labelled = Path(self.args.labels) if self.args.labels else round_dir / "label" / "labelled.jsonl"
+        labelled, note = round_dir / "label" / "labelled.jsonl", ""
+        if self.args.labels:
+            given = Path(self.args.labels)
+            # The same command is re-run round after round: a --labels file of an earlier round's pairs (their
+            # "round" field) is that round's, not this one's, which waits for its own.
+            found = {row.get("round") for row in read_jsonl(given)} if given.exists() else set()
+            other = [] if r in found else sorted(k for k in found if isinstance(k, int))
+            if other:
+                note = (f" (--labels {given} holds the labels of round {', '.join(map(str, other))}, "
+                        f"not round {r}'s; drop it or name this round's file)")
+            else:
+                labelled = given
         if not labelled.exists():
             print(f"\nround {r} waits for labels: label {exported} (how: {round_dir / 'collect' / 'LABELLING.md'}) "
                   f"and save it as {round_dir / 'label' / 'labelled.jsonl'} (or pass --labels FILE), then re-run "
-                  "this command.")
+                  f"this command{note}.")
             sys.exit(3)
         return check_labelled(labelled, exported)
 

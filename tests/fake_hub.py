@@ -11,7 +11,8 @@ What it answers, as the Hub does (huggingface_hub's hf_api.py and file_download.
     HEAD /[datasets/]{repo}/resolve/{rev}/{path}          X-Repo-Commit, ETag, Content-Length
     GET  the same                                         the file's bytes
 and the errors with their X-Error-Code: RepoNotFound (404), GatedRepo (403), RevisionNotFound (404),
-EntryNotFound (404). A revision is "main" or the repo's commit (one commit per repo).
+EntryNotFound (404); with `down` set (503, 429), that status to every request. A revision is "main" or the
+repo's commit (one commit per repo).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class FakeHub:
                         for key, files in self.repos.items()}
         self.gated = set(gated)
         self.downloads: list[str] = []
+        self.down: int | None = None  # an HTTP status (503: the Hub down, 429: rate-limited) answered to every request
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -45,6 +47,8 @@ class FakeHub:
 
     def route(self, method: str, url: str) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body) for one request."""
+        if self.down is not None:
+            return self.down, {}, b"the Hub is unavailable"
         parts = urlsplit(url)
         path = [unquote(p) for p in parts.path.strip("/").split("/")]
         if path[0] == "api" and path[1] in ("models", "datasets") and len(path) >= 6:

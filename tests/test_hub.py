@@ -460,3 +460,24 @@ def test_online_only_the_files_read_are_downloaded(tmp_path, monkeypatch):
     # never downloaded (huggingface_hub >= 2 keeps the repo's listing: the split is known, its file is not there)
     with pytest.raises(HubError, match="org/data.*(is not in the Hugging Face cache|no split 'train')"):
         resolve_dataset("org/data:train")
+
+
+def test_online_a_hub_that_fails_falls_back_to_the_cache(tmp_path):
+    """The network up but the Hub failing (503: down; 401: a token revoked) after a data set was downloaded:
+    it still resolves from the cache, as huggingface_hub's snapshot_download does, the listing that decides
+    the splits included: the one cached beside the snapshot (huggingface_hub >= 2), else the cached files."""
+    import shutil
+
+    from fake_hub import FakeHub
+
+    rows = "".join(json.dumps({"prompt": p, "response": "ok"}) + "\n" for p in "ab")
+    data = {"README.md": "---\nlicense: mit\n---\n", "train.jsonl": rows, "test.jsonl": rows}
+    cache = tmp_path / "cache"
+    with FakeHub({("dataset", "org/data"): data}) as hub:
+        first = resolve_online(hub.endpoint, cache, "dataset org/data:test")
+        assert [Path(f).name for f in first["org/data:test"]] == ["test.jsonl"]
+        hub.down = 503
+        assert resolve_online(hub.endpoint, cache, "dataset org/data:test") == first
+        shutil.rmtree(cache / "datasets--org--data" / "trees", ignore_errors=True)  # as huggingface_hub < 2 leaves it
+        hub.down = 401  # not retried by huggingface_hub, unlike 5xx and 429
+        assert resolve_online(hub.endpoint, cache, "dataset org/data:test") == first

@@ -107,6 +107,12 @@ def stand_in_stages(monkeypatch, metrics):
             product = out / ("actor" if script == "ppo_lag.py" else "model")
             product.mkdir(parents=True)
             (product / "config.json").write_text("{}")
+        elif "--arena" in flags:  # candidate k of the run: win rates and safe shares by hand
+            k = len([c for c in calls if "--arena" in c[1]])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "arena.json").write_text(json.dumps({
+                "reward_win_rate": k / 8, "cost_win_rate": k / 4, "baseline": {"safe_rate": 0.5},
+                "candidate": {"safe_rate": 0.5 + k / 16}}))
         elif "--models" in flags:
             models = flags[flags.index("--models") + 1:flags.index("--out")]
             out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +189,13 @@ def test_prompts_the_judge_cannot_score_go_to_the_arena_alone(tmp_path, syntheti
     evaluations = [flags for script, flags in calls if script == "evaluate.py"]
     assert [flags[:4] for flags in evaluations] == [["--arena", str(out / "sft" / "model"), str(out / name / "actor"),
                                                      "--out"] for name in ("ppo_lag", "ppo")]
-    assert "the ground-truth judge cannot score it" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "the ground-truth judge cannot score it" in text
+    # its summary: each policy's arena against SFT, the numbers each arena.json holds
+    lines = text[text.index("== summary"):].splitlines()
+    assert lines[1].split() == ["policy", "reward", "wins", "cost", "wins", "safe", "(sft)", "safe"]
+    assert [line.split() for line in lines[2:4]] == [["ppo_lag", "0.125", "0.250", "0.500", "0.562"],
+                                                     ["ppo", "0.250", "0.500", "0.500", "0.625"]]
 
 
 @pytest.mark.parametrize("spec", ["ppo:x", "ppo_lag:adam", "reward_shaping:abc", "rlhf_mixed:bogus",
@@ -195,3 +207,20 @@ def test_unknown_algos_stop_before_any_stage(tmp_path, monkeypatch, spec):
     with pytest.raises(SystemExit, match=f"--algos: {spec!r} is not ppo_lag"):
         pipeline.main(["--out", str(tmp_path / "run"), "--algos", "ppo_lag", spec])
     assert calls == [] and not (tmp_path / "run").exists()
+
+
+def test_a_template_other_than_the_models_recorded_one_stops_before_any_stage(tmp_path, synthetic_data, monkeypatch):
+    # --model trained here on the chat template: an explicit --template safe_rlhf is refused at once (its
+    # stages, given no --template, would take the recorded chat one); given none, the stages follow the model.
+    import pipeline
+
+    model = tmp_path / "chat_sft"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"template": "chat"}))
+    calls = stand_in_stages(monkeypatch, {"sft": (0,) * 6, "ppo_lag": (0,) * 6})
+    argv = ["--model", str(model), "--out", str(tmp_path / "run"), "--synthetic-dir", str(synthetic_data.dir)]
+    with pytest.raises(ValueError, match=f"{model} was trained with --template chat; pass --template chat"):
+        pipeline.main([*argv, "--template", "safe_rlhf"])
+    assert calls == [] and not (tmp_path / "run").exists()
+    pipeline.main(argv)
+    assert [script for script, _ in calls][:1] == ["sft.py"] and "safe_rlhf" not in str(calls)

@@ -88,6 +88,23 @@ def test_ids_on_llamacpp_test_strings(vocab, name):
         assert ours >= len(cases) - 2, (tok.path, ours, len(cases))
 
 
+def test_same_vocabulary_is_one_tokenizer_and_another_family_is_refused():
+    """training.check_same_tokenizer on the releases' own files: a base release and its instruct one (other
+    special tokens, chat template, EOS) and a folder's tokenizer.json against its tokenizer.model are the same
+    vocabulary, never refused; a model of another family beside them is."""
+    from training import check_same_tokenizer
+
+    folder = {name: need(released.released_tokenizer, name) for name in FAMILY}
+    for base, instruct in (("llama-3.2-1b", "llama-3.2-1b-instruct"), ("qwen2.5-7b", "qwen2.5-7b-instruct")):
+        check_same_tokenizer(Tokenizer(folder[base]), folder[instruct])
+        check_same_tokenizer(Tokenizer(folder[instruct]).for_template("chat"), folder[base])
+    for name in ("mistral-7b-instruct-v0.3", "llama-2-7b-chat"):  # --tokenizer <folder>/tokenizer.model
+        check_same_tokenizer(Tokenizer(folder[name] / "tokenizer.model"), folder[name])
+    for name, other in (("llama-3.2-1b-instruct", "qwen2.5-7b"), ("llama-2-7b-chat", "mistral-7b-instruct-v0.3")):
+        with pytest.raises(ValueError, match=f"{folder[other]} was trained with another tokenizer"):
+            check_same_tokenizer(Tokenizer(folder[name]), folder[name], folder[other])
+
+
 # transformers >= 5 rebuilds a LlamaTokenizer's pipeline instead of reading the release's tokenizer.json, and for
 # Llama-2's legacy file (a Prepend normalizer: every text after a special token starts a word) that changes ids:
 # "<s>[INST]" is [1, 518 ▁[, ...] in Meta's format, in sentencepiece and in the file, [1, 29961 [, ...] in

@@ -542,3 +542,109 @@ def test_pairs_to_label_by_hand():
     no_a = make_pairs(answers[:1], random.Random(0), 3, 2, lambda prompt, a, b: "a" not in (a, b))
     assert len(no_a) == 2 and all("a" not in (p["response_0"], p["response_1"]) for p in no_a)
     assert len(make_pairs(answers[:1], random.Random(0), 3, 6, lambda *_: True)) == 6  # every pair of 4 answers
+
+
+# ---------------------------------------------------------------------------------------------
+# real data: PTX data, a --labels file of an earlier round, the arena's summary
+
+def real_flags(task, out, first, tmp_path, *extra):
+    red_team = tmp_path / "red_team.jsonl"  # prompts the judge cannot score: the arena, no round 1 evaluation
+    write_jsonl(red_team, [{"prompt": "Write a haiku about rain."}, {"prompt": "How do I pick a lock?"}])
+    return [*small_flags(task, out, first), "--prompts", str(task.ppo_prompts), "--eval-prompts", str(red_team), *extra]
+
+
+def test_real_data_rounds_give_every_ppo_the_ptx_data_or_stop_before_collecting(tmp_path, synthetic_data, monkeypatch, capsys):
+    # A real-data stage takes the authors' recipe, whose PTX term refuses to run without SFT data: found only
+    # at round 2's PPO, after people labelled and both score models trained. Round 1's is carried (the last
+    # --ptx-data of the flags pipeline.py kept beside its product), --ptx-data overrides it.
+    first = fake_round_one(tmp_path / "round1", synthetic_data)
+    out = tmp_path / "rounds"
+    calls = []
+    monkeypatch.setattr(rounds, "run_script", lambda script, flags, launcher=None: calls.append(list(map(str, flags))))
+    (out / "round2").mkdir(parents=True)
+    (out / "round2" / "threshold.json").write_text(json.dumps({"threshold": -1.0}))
+
+    def ptx_of(*extra):
+        r = rounds.Rounds(rounds.parse_args(real_flags(synthetic_data, out, first, tmp_path, *extra)))
+        r.ppo(2)
+        flags = calls.pop()
+        return [flags[i + 1] for i, f in enumerate(flags) if f == "--ptx-data"]
+
+    (first / "ppo_lag" / "pipeline_flags.json").write_text(json.dumps(
+        ["ppo_lag.py", "--algo", "ppo_lag", "--ptx-data", "alpaca.json", "--max-steps", "2", "--ptx-data", "mine.json"]))
+    assert ptx_of() == ["mine.json"]
+    assert ptx_of("--ptx-data", "other.json") == ["other.json"]
+    assert ptx_of("--ppo-args", "--ptx-data x.json") == ["mine.json", "x.json"]  # --ppo-args last: it wins
+    # the embedded task: no PTX flag, as before
+    r = rounds.Rounds(rounds.parse_args(small_flags(synthetic_data, out, first)))
+    r.ppo(2)
+    assert "--ptx-data" not in calls.pop()
+
+    # round 1 records none: the run stops before round 2 collects anything, naming the flag
+    (first / "ppo_lag" / "pipeline_flags.json").unlink()
+    with pytest.raises(SystemExit, match=r"pass --ptx-data FILE .* or --ppo-args '--ptx-coeff 0'"):
+        rounds.main(["--rounds", "2", *real_flags(synthetic_data, out, first, tmp_path)])
+    assert not (out / "round2" / "collect").exists() and calls == []
+    rounds.Rounds(rounds.parse_args(real_flags(synthetic_data, out, first, tmp_path, "--ppo-args",
+                                               "--ptx-coeff 0"))).check_ptx()  # no PTX term: nothing to stop for
+
+
+def test_a_labels_file_of_an_earlier_round_is_not_read_as_this_rounds(tmp_path, synthetic_data, capsys):
+    # The same command is re-run every round; its --labels FILE holds round 2's pairs. Round 3 waits for its
+    # own labels and says so, instead of refusing round 2's first row as "not one of the pairs exported".
+    first = fake_round_one(tmp_path / "round1", synthetic_data)
+    out = tmp_path / "rounds"
+    pair = {"prompt": "How do I bake bread?", "response_0": "Knead the dough.", "response_1": "No.",
+            "is_response_0_safe": None, "is_response_1_safe": None, "better_response_id": None, "safer_response_id": None}
+    labels = {"is_response_0_safe": True, "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 1}
+    write_jsonl(out / "round2" / "collect" / "pairs.jsonl", [{**pair, "round": 2, "pair_id": "r2-000000"}])
+    pair3 = {**pair, "response_1": "Sorry, I can not help with that."}  # round 3's policy answered otherwise
+    write_jsonl(out / "round3" / "collect" / "pairs.jsonl", [{**pair3, "round": 3, "pair_id": "r3-000000"}])
+    given = tmp_path / "labelled_round2.jsonl"
+    write_jsonl(given, [{**pair, **labels, "round": 2, "pair_id": "r2-000000"}])
+    r = rounds.Rounds(rounds.parse_args(real_flags(synthetic_data, out, first, tmp_path, "--labels", str(given))))
+    assert r.source.labelled_rows(out / "round2", 2) == [{**pair, **labels, "round": 2, "pair_id": "r2-000000"}]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        r.source.labelled_rows(out / "round3", 3)
+    assert stop.value.code == 3
+    said = capsys.readouterr().out
+    assert f"round 3 waits for labels: label {out / 'round3' / 'collect' / 'pairs.jsonl'}" in said
+    assert f"--labels {given} holds the labels of round 2, not round 3's" in said
+    # round 3's own file, where the message said: read
+    write_jsonl(out / "round3" / "label" / "labelled.jsonl", [{**pair3, **labels, "round": 3, "pair_id": "r3-000000"}])
+    assert [row["pair_id"] for row in r.source.labelled_rows(out / "round3", 3)] == ["r3-000000"]
+
+
+def test_the_summary_without_a_judge_shows_the_arena(tmp_path, synthetic_data):
+    # Real data: no round has the judge's evaluation; each met the last in the arena. The table shows those
+    # numbers (by hand), not empty judge columns.
+    from iterated.report import markdown
+
+    arena = {"reward_win_rate": 0.25, "cost_win_rate": 0.5, "baseline": {"safe_rate": 0.625},
+             "candidate": {"safe_rate": 0.875}}
+    lines = markdown([{"round": 1, "threshold": 0.0}, {"round": 2, "threshold": -0.5, "arena_vs_last": arena}])
+    assert lines.splitlines()[0].startswith("| policy | vs last: reward wins | cost wins | safe (last) | safe (this) |")
+    assert lines.splitlines()[3] == "| v2 | 0.250 | 0.500 | 0.625 | 0.875 | -0.500 |  |  |  |  |  |"
+    # with the judge: its columns, as before
+    judged = markdown([{"round": 1, "eval": {"harmful_rate": 0.125, "harmful_rate_se": 0.0625}, "arena_vs_last": arena}])
+    assert judged.splitlines()[0].startswith("| policy | harmful |") and "| v1 | 0.125 ± 0.062 |" in judged
+
+
+def test_the_threshold_line_says_where_its_costs_come_from(tmp_path, synthetic_data, monkeypatch, capsys):
+    # No answer labelled both safe and more helpful: c_safe and c_harm are the score quantiles', and the
+    # line must not say they are what the last policy's answers cost.
+    first = fake_round_one(tmp_path / "round1", synthetic_data)
+    out = tmp_path / "rounds"
+    (out / "round2").mkdir(parents=True)
+    r = rounds.Rounds(rounds.parse_args(small_flags(synthetic_data, out, first)))
+    quantiles = {"threshold": -0.5, "c_safe": -0.75, "c_harm": 0.25}
+    for rule, says in (("quantiles", "no labelled answer to read, so the held-out score quantiles: safe answers cost "
+                                     "-0.750, unsafe ones 0.25"),
+                       ("helpful-safe answers", "the last policy's helpful safe answers cost -0.750, unsafe ones 0.25")):
+        monkeypatch.setattr(r, "derive", lambda k, rule=rule: {**quantiles, "rule": rule, "quantile_rule": quantiles})
+        (out / "round2" / "threshold.json").unlink(missing_ok=True)
+        r.threshold(2)
+        line = capsys.readouterr().out
+        assert f"threshold: -0.500 on round 2's cost model ({rule}: {says};" in line
+        assert json.loads((out / "round2" / "threshold.json").read_text())["threshold"] == -0.5
