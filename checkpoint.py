@@ -320,7 +320,8 @@ class Checkpointer:
         layout this version does not read. Every rank calls it."""
         holder = fileio.lock_out_dir(self.root.parent) if self.d.is_main else None
         if self.d.all_reduce_sum(float(holder is not None)).item():  # every rank stops, not only rank 0
-            raise ValueError(f"{self.root.parent} is in use by another run that is still running ({holder}): "
+            raise ValueError(f"{self.root.parent} is in use by another run that is still running"
+                             + (f" ({holder})" if holder else "") + ": "
                              "wait for it to end or stop it (after killing torchrun, kill its workers too: "
                              "they run in their own sessions), then run this again")
         latest = self.latest(quiet=True)

@@ -275,7 +275,7 @@ def resolve_model(spec: str) -> str:
         folder = snapshot(repo_id, revision, "model", MODEL_FILES)
         index = folder / "model.safetensors.index.json"
         if index.is_file() and not (folder / "model.safetensors").is_file():
-            folder = snapshot(repo_id, folder.name, "model", _index_shards(index))  # the same commit's shards
+            folder = snapshot(repo_id, revision, "model", _index_shards(index), commit=folder.name)  # that commit's
     except HubError as error:  # perhaps a mistyped local path: say both
         raise HubError(f"no local folder {spec}, and as a Hub id: {error}") from None
     if not (folder / "config.json").is_file():

@@ -53,22 +53,25 @@ def split_id(text: str) -> tuple[str, str | None]:
     return match["repo"], match["revision"]
 
 
-def snapshot(repo_id: str, revision: str | None, repo_type: str, patterns: list[str]) -> Path:
+def snapshot(repo_id: str, revision: str | None, repo_type: str, patterns: list[str],
+             commit: str | None = None) -> Path:
     """The snapshot folder of `repo_id` at `revision` in the HF cache, with the files matching `patterns`
     downloaded first when they are missing and the network is allowed. The folder is named after the
-    commit it holds, which later calls can pass as `revision` to read that same commit."""
+    commit it holds: a later call passes it as `commit` to read that same commit (messages still name
+    `revision`, as the user wrote it)."""
     with _hub_errors(repo_id, revision, repo_type):
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=commit or revision,
+                                      allow_patterns=patterns))
 
 
-def repo_files(repo_id: str, commit: str, repo_type: str) -> list[str]:
+def repo_files(repo_id: str, revision: str | None, commit: str, repo_type: str) -> list[str]:
     """Every file of the repo at `commit` (paths in the repo), without downloading any: the listing
     huggingface_hub >= 2 keeps in the cache beside a snapshot it downloaded (that commit's: exact, and no
     request), else the Hub's listing, else (offline, or the Hub cannot be reached or refuses) the files of
     the cached snapshot."""
-    with _hub_errors(repo_id, commit, repo_type):
+    with _hub_errors(repo_id, revision, repo_type):
         from huggingface_hub import HfApi, constants, errors
 
         try:
@@ -88,7 +91,7 @@ def repo_files(repo_id: str, commit: str, repo_type: str) -> list[str]:
                 raise
             except Exception:  # no connection (its type depends on the HTTP library), the Hub down (5xx),
                 pass           # rate-limited (429), a token gone: the cache, as snapshot_download falls back to it
-    folder = snapshot(repo_id, commit, repo_type, [])  # nothing to download: the cached folder
+    folder = snapshot(repo_id, revision, repo_type, [], commit)  # nothing to download: the cached folder
     return [f.relative_to(folder).as_posix() for f in sorted(folder.rglob("*")) if f.is_file()]
 
 
@@ -164,12 +167,12 @@ def resolve_dataset(spec: str) -> DatasetFiles:
         if subset is not None:
             raise HubError(f"{spec}: {repo_id}'s card declares no subsets (configs); give only a split")
         # the repo's listing decides the splits, so that only the split asked for is downloaded
-        by_split = _splits_from_paths(repo_files(repo_id, commit, "dataset"))
+        by_split = _splits_from_paths(repo_files(repo_id, revision, commit, "dataset"))
     split = split or "train"
     if split not in by_split:
         raise HubError(f"{spec}: no split {split!r} in {repo_id}" + (f" ({subset})" if subset else "")
                        + f"; its splits: {', '.join(by_split) or 'none found'}")
-    folder = snapshot(repo_id, commit, "dataset", by_split[split])
+    folder = snapshot(repo_id, revision, "dataset", by_split[split], commit)
     files = sorted({f for pattern in by_split[split] for f in folder.glob(pattern) if f.is_file()})
     if not files:
         raise HubError(f"{spec}: the files of split {split!r} ({', '.join(by_split[split])}) are not in the "

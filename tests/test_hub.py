@@ -458,7 +458,8 @@ def test_online_only_the_files_read_are_downloaded(tmp_path, monkeypatch):
     assert torch.equal(model.tok_embeddings.weight, reference.model.embed_tokens.weight)
     assert [f.read_text() for f in resolve_dataset("org/data:test").files] == [rows("t")]
     # never downloaded (huggingface_hub >= 2 keeps the repo's listing: the split is known, its file is not there)
-    with pytest.raises(HubError, match="org/data.*(is not in the Hugging Face cache|no split 'train')"):
+    # (named as asked: no revision, not the commit the card resolved to)
+    with pytest.raises(HubError, match="(dataset org/data is not in the Hugging Face cache|no split 'train')"):
         resolve_dataset("org/data:train")
 
 
