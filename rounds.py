@@ -359,7 +359,8 @@ def parse_args(argv=None):
     a("--eval-args", default="", help="extra flags for evaluate.py")
     a("--launcher", default="", help='prefix for the training stages, e.g. "torchrun --nproc_per_node=8"')
     a("--jobs", type=int, default=1, choices=[1, 2], help="2: train the reward and cost models of a round at once")
-    a("--device", default="cpu", help="device of collect (generation) and the label diagnostics")
+    a("--device", default="auto", help="device of collect (generation) and the label diagnostics (auto: cuda when "
+                                       "there is a GPU, else cpu, as the stages)")
     a("--report-to", nargs="+", choices=REPORT_TO, default=["none"],
       help="experiment trackers of every stage (each stage its own run): tensorboard, wandb")
     g = parser.add_argument_group("collect and label")
@@ -398,6 +399,10 @@ def parse_args(argv=None):
                         "needs it; default: the --ptx-data round 1's PPO ran with, as pipeline.py passes its --sft-data)")
     g.add_argument("--labels", default=None, help="the labelled pairs of the round waiting for labels (default: <round>/label/labelled.jsonl)")
     args = parser.parse_args(argv)
+    if args.device == "auto":  # a 7B policy generating on the CPU would take hours
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if not 0 <= args.red_team_share <= 1 or not 0 <= args.eval_fraction < 1:

@@ -648,3 +648,15 @@ def test_the_threshold_line_says_where_its_costs_come_from(tmp_path, synthetic_d
         line = capsys.readouterr().out
         assert f"threshold: -0.500 on round 2's cost model ({rule}: {says};" in line
         assert json.loads((out / "round2" / "threshold.json").read_text())["threshold"] == -0.5
+
+
+def test_collect_runs_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):
+    """--device auto (the default): collect generates where the stages train, cuda when torch sees a GPU (a 7B
+    policy sampling on the CPU takes hours), else cpu; an explicit device is kept."""
+    import torch
+
+    flags = ["--out", str(tmp_path / "r")]
+    for gpu, device in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert rounds.parse_args(flags).device == device
+        assert rounds.parse_args([*flags, "--device", "cpu"]).device == "cpu"
