@@ -80,11 +80,17 @@ def plot_curves(log_files, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {"/".join(Path(f).parent.parts[-2:]): [json.loads(line) for line in Path(f).read_text().splitlines()
-                                                  if line.strip()] for f in log_files}
-    first = next(iter(runs.values()))
+    from fileio import read_jsonl  # a damaged line is named
+
+    runs = {"/".join(Path(f).parent.parts[-2:]): read_jsonl(f) for f in log_files}
     panels = [("reward", "reward (end score)"), ("cost", "cost (end score)"), ("lambda", "lambda"),
               ("constraint_violation", "J_C - threshold")]
+    for f, (name, rows) in zip(log_files, runs.items()):
+        if not rows or any(key not in rows[0] for key, _ in panels):
+            raise ValueError(f"{f}: not the log of a PPO-Lagrangian run (its steps have no "
+                             f"{', '.join(k for k, _ in panels if not rows or k not in rows[0])}): `plots.py curves` "
+                             "draws ppo_lag.py's <out>/log.jsonl")
+    first = next(iter(runs.values()))
     if "true_harmful_rate" in first[0]:
         panels += [("true_harmful_rate", "harmful rate (ground truth)"), ("true_helpfulness", "helpfulness (ground truth)")]
     fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(10, 2.6 * (len(panels) // 2)), sharex=True)
@@ -226,4 +232,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+
+    cli.run(main)  # a bad input: one line naming it

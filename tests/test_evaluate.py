@@ -87,6 +87,11 @@ def test_plots_and_table(tmp_path):
     other.write_text(log.read_text())
     plot_curves([log, other], tmp_path / "both.png")
     assert (tmp_path / "both.png").stat().st_size > 1000
+    sft_log = tmp_path / "sft" / "log.jsonl"  # another stage's log: said, not a KeyError from inside matplotlib's loop
+    sft_log.parent.mkdir()
+    sft_log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    with pytest.raises(ValueError, match=f"{sft_log}: not the log of a PPO-Lagrangian run .*no reward, cost, lambda"):
+        plot_curves([log, sft_log], tmp_path / "bad.png")
     evals = []
     for seed, harm in enumerate([0.1, 0.3]):
         f = tmp_path / f"eval{seed}.json"
