@@ -97,6 +97,12 @@ def main(argv=None):
         sys.exit("real data needs --eval-prompts: a JSONL of prompts for the paper's arena (the reward and cost "
                  "models judge the SFT policy against each aligned one); the ground-truth judge only knows the "
                  "embedded synthetic task")
+    real = {"--sft-data": args.sft_data, "--preference-data": args.preference_data, "--prompts": args.prompts}
+    if any(real.values()) and not all(real.values()):  # a stage without its own data would take the toy task's
+        sys.exit(f"real data: {' and '.join(f for f, v in real.items() if v)} without "
+                 f"{' and '.join(f for f, v in real.items() if not v)}: the stage(s) without their own data would "
+                 "train on the embedded synthetic task (its toy texts); pass all three (SFT data, preferences, PPO "
+                 "prompts)")
     judged = judge_can_score(args.eval_prompts)
     if not judged:
         print(f"evaluation: {args.eval_prompts} is not the embedded task's labelled prompts, so the "

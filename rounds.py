@@ -106,7 +106,8 @@ class Rounds:
     FLAGS = ["rounds", "from_dir", "seed", "prompts_per_round", "samples_per_prompt", "pairs_per_prompt",
              "red_team_share", "probe_prompts", "eval_fraction", "score_init", "reference", "target_harmful_rate",
              "threshold_rule", "carry_lambda", "max_new_tokens", "score_args", "ppo_args", "eval_args",
-             "pipeline_args", "prompts", "preference_data", "preference_eval_data", "eval_prompts", "ptx_data"]
+             "pipeline_args", "prompts", "preference_data", "preference_eval_data", "eval_prompts", "ptx_data",
+             "sft_data"]
 
     def __init__(self, args):
         self.args = args
@@ -166,7 +167,7 @@ class Rounds:
             print(f"== round 1: the finished pipeline output {layout.first}", flush=True)
         else:
             flags = ["--out", layout.first, "--seed", a.seed, *shlex.split(a.pipeline_args), *self.source.pipeline_flags()]
-            for flag, value in (("--prompts", a.prompts), ("--preference-data", a.preference_data),
+            for flag, value in (("--sft-data", a.sft_data), ("--prompts", a.prompts), ("--preference-data", a.preference_data),
                                 ("--preference-eval-data", a.preference_eval_data), ("--eval-prompts", a.eval_prompts)):
                 if value:
                     flags += [flag, value]
@@ -391,6 +392,9 @@ def parse_args(argv=None):
     g.add_argument("--harmful-share", type=float, default=0.5, help="real data: share of harmful prompts assumed in the threshold")
     g = parser.add_argument_group("real data (people label)")
     g.add_argument("--prompts", default=None, help="the prompt pool of the rounds (real data; the embedded task's otherwise)")
+    g.add_argument("--sft-data", default=None,
+                   help="round 1's SFT data (pipeline.py --sft-data; real data without --from), which round 1's PPO "
+                        "also takes as its PTX data")
     g.add_argument("--preference-data", default=None, help="round 1's preference data (default: the embedded task's)")
     g.add_argument("--preference-eval-data", default=None, help="round 1's held-out preference data")
     g.add_argument("--eval-prompts", default=None, help="fixed evaluation prompts (default: the embedded task's held-out ones)")
@@ -411,6 +415,9 @@ def parse_args(argv=None):
         parser.error("real data (--prompts) needs --eval-prompts: the fixed prompts every round is evaluated on")
     if args.prompts and not (args.preference_data or args.from_dir):
         parser.error("real data (--prompts) needs --preference-data (round 1's preferences, retrained on in every round)")
+    if args.prompts and not (args.sft_data or args.from_dir or "--sft-data" in args.pipeline_args):
+        parser.error("real data (--prompts) without --from needs --sft-data: round 1's SFT (pipeline.py) would "
+                     "otherwise train on the embedded synthetic task")
     cli.check_out_dir(args.out)
     return args
 

@@ -224,3 +224,19 @@ def test_a_template_other_than_the_models_recorded_one_stops_before_any_stage(tm
     assert calls == [] and not (tmp_path / "run").exists()
     pipeline.main(argv)
     assert [script for script, _ in calls][:1] == ["sft.py"] and "safe_rlhf" not in str(calls)
+
+
+@pytest.mark.parametrize("given", [("--preference-data", "--prompts"), ("--sft-data",), ("--prompts",)])
+def test_real_data_comes_whole(tmp_path, synthetic_data, monkeypatch, given):
+    """Real data for some stages only would train the others on the embedded task's toy texts (an 8B model's
+    SFT on them, say): stopped before any stage, naming what is missing."""
+    import pipeline
+
+    files = {"--sft-data": synthetic_data.sft_train, "--preference-data": synthetic_data.preference_train,
+             "--prompts": synthetic_data.ppo_prompts}
+    calls = stand_in_stages(monkeypatch, {})
+    missing = " and ".join(f for f in files if f not in given)
+    with pytest.raises(SystemExit, match=f"real data: {' and '.join(given)} without {missing}: "):
+        pipeline.main(["--out", str(tmp_path / "run"), "--eval-prompts", str(synthetic_data.eval_prompts),
+                       *[x for flag in given for x in (flag, str(files[flag]))]])
+    assert calls == []

@@ -660,3 +660,24 @@ def test_collect_runs_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
         assert rounds.parse_args(flags).device == device
         assert rounds.parse_args([*flags, "--device", "cpu"]).device == "cpu"
+
+
+def test_real_data_round_one_gets_its_sft_data(tmp_path, synthetic_data, monkeypatch, capsys):
+    """Without --from, round 1 is pipeline.py run here: real data needs --sft-data (else its SFT would train on the
+    embedded task), which pipeline.py is then given with the rest of round 1's data."""
+    task = synthetic_data
+    flags = ["--out", str(tmp_path / "rounds"), "--prompts", str(task.ppo_prompts), "--preference-data",
+             str(task.preference_train), "--eval-prompts", str(task.eval_prompts)]
+    with pytest.raises(SystemExit):
+        rounds.parse_args(flags)
+    assert "real data (--prompts) without --from needs --sft-data" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr(rounds, "run_script", lambda script, flags, launcher=None: calls.append((script, list(map(str, flags)))))
+    r = rounds.Rounds(rounds.parse_args([*flags, "--sft-data", str(task.sft_train)]))
+    r.steps.run = lambda name, product, fn, **kwargs: fn()
+    r.round_one()
+    (pipeline_flags,) = [flags for script, flags in calls if script == "pipeline.py"]
+    given = dict(zip(pipeline_flags[::2], pipeline_flags[1::2]))
+    assert {k: given[k] for k in ("--sft-data", "--prompts", "--preference-data", "--eval-prompts")} == {
+        "--sft-data": str(task.sft_train), "--prompts": str(task.ppo_prompts),
+        "--preference-data": str(task.preference_train), "--eval-prompts": str(task.eval_prompts)}
