@@ -256,11 +256,12 @@ def _response_id(path, line_no, record, field) -> int:
 
 
 def _prompt_of(path, line_no, record) -> str:
-    """`prompt`, or Alpaca `instruction` + " " + `input` (input optional)."""
+    """`prompt`, or Alpaca `instruction` + " " + `input` (input optional: absent, null or empty)."""
     if "prompt" in record or "instruction" not in record:
         return _text(path, line_no, record, "prompt")
     instruction = _text(path, line_no, record, "instruction")
-    extra = _text(path, line_no, record, "input", allow_empty=True) if "input" in record else ""
+    # null: a Parquet or Arrow column with missing values (a data set's optional field) gives None
+    extra = _text(path, line_no, record, "input", allow_empty=True) if record.get("input") is not None else ""
     return f"{instruction} {extra}" if extra.strip() else instruction
 
 

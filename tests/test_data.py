@@ -50,12 +50,13 @@ def test_sft_alpaca_and_plain_forms(tmp_path):
         {"instruction": "Translate", "input": "bonjour", "output": "hello"},
         {"instruction": "Say hi", "input": "", "output": "hi"},
         {"instruction": "No input field", "output": "ok"},
+        {"instruction": "Null input", "input": None, "output": "ok"},  # a missing value in a Parquet column
     ])
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "p", "response": "r", "extra": 1}])
     examples, stats = load_sft(f"{alpaca},{plain}", log=None)
     assert examples == [SFTExample("Translate bonjour", "hello"), SFTExample("Say hi", "hi"),
-                        SFTExample("No input field", "ok"), SFTExample("p", "r")]
-    assert stats.used == 4
+                        SFTExample("No input field", "ok"), SFTExample("Null input", "ok"), SFTExample("p", "r")]
+    assert stats.used == 5
 
 
 def test_json_array_files(tmp_path):
