@@ -52,8 +52,8 @@ def load_tokenizer(args, model_path: str, synthetic_tokenizer, d: "Dist", *other
     """--tokenizer (a tokenizer.json / tokenizer.model, or a directory), else the one beside the
     model, else the synthetic task's, as --template uses it (Tokenizer.for_template: the chat template
     needs one and ends a response at its end of turn); the templates model_path and other_models were
-    trained with must be --template."""
-    check_template(args, model_path, *other_models)
+    trained with must be --template (None: the one they recorded, as the stages resolve it first)."""
+    args.template = resolve_template(args.template, model_path, *other_models)
     if not Path(model_path).is_dir() and model_path not in PRESETS:
         raise FileNotFoundError(f"{model_path}: no such checkpoint directory (nor a preset: {', '.join(PRESETS)})")
     if args.tokenizer is not None:
@@ -171,11 +171,6 @@ def resolve_template(requested: str | None, *checkpoints) -> str:
         raise ValueError("the checkpoints were trained with different templates: "
                          + ", ".join(f"{p}: {t}" for p, t in recorded.items()))
     return requested or next(iter(recorded.values()), "safe_rlhf")
-
-
-def check_template(args, *checkpoints):
-    """--template against the templates the checkpoints recorded (resolve_template)."""
-    resolve_template(args.template, *checkpoints)
 
 
 def check_vocab(model: Transformer, tok, path):
