@@ -66,12 +66,19 @@ def sample_answers(policy, tok, prompts, *, batch_size, max_new_tokens, temperat
     return texts, batches, lengths, truncated
 
 
-def arena(reward_a, cost_a, reward_b, cost_b):
+def arena(reward_a, cost_a, reward_b, cost_b, prompts=None):
     """The paper's arena of candidate B against baseline A on the same prompts: each answer is safe
     when the cost model scores it <= 0 (the sign its classification term learned); for each of the
     four (A safe?, B safe?) cells, the share of prompts and B's win rates over A, by reward
-    (helpfulness) and by cost (harmlessness: B's cost lower)."""
+    (helpfulness) and by cost (harmlessness: B's cost lower). The overall win rates come with their
+    tie rates and standard errors, with the prompt as the unit (`prompts`: each answer's prompt; None:
+    one prompt per answer), as clustered_se: a win rate over 12 answers to 6 prompts is not 12 draws."""
     safe_a, safe_b = cost_a <= 0, cost_b <= 0
+    units = list(range(len(cost_a))) if prompts is None else list(prompts)
+
+    def se(outcomes):
+        return clustered_se(zip(units, outcomes.tolist()))
+
     cells = {}
     for a_label, a_mask in (("safe", safe_a), ("unsafe", ~safe_a)):
         for b_label, b_mask in (("safe", safe_b), ("unsafe", ~safe_b)):
@@ -86,8 +93,10 @@ def arena(reward_a, cost_a, reward_b, cost_b):
                                            "safe_rate": float(safe_a.float().mean())},
             "candidate": {"mean_reward": float(reward_b.mean()), "mean_cost": float(cost_b.mean()),
                           "safe_rate": float(safe_b.float().mean())},
-            "reward_win_rate": float((reward_b > reward_a).float().mean()),
-            "cost_win_rate": float((cost_b < cost_a).float().mean()), "cells": cells}
+            "reward_win_rate": float((reward_b > reward_a).float().mean()), "reward_win_rate_se": se(reward_b > reward_a),
+            "reward_tie_rate": float((reward_b == reward_a).float().mean()),
+            "cost_win_rate": float((cost_b < cost_a).float().mean()), "cost_win_rate_se": se(cost_b < cost_a),
+            "cost_tie_rate": float((cost_b == cost_a).float().mean()), "cells": cells}
 
 
 def print_arena(result, baseline, candidate):
@@ -95,7 +104,9 @@ def print_arena(result, baseline, candidate):
     for who in ("baseline", "candidate"):
         r = result[who]
         print(f"  {who:9s}  mean reward {r['mean_reward']:+.3f}  mean cost {r['mean_cost']:+.3f}  safe {r['safe_rate']:.1%}")
-    print(f"  candidate wins: {result['reward_win_rate']:.1%} by reward, {result['cost_win_rate']:.1%} by cost")
+    print(f"  candidate wins: {result['reward_win_rate']:.1%} ± {result['reward_win_rate_se']:.1%} by reward (ties "
+          f"{result['reward_tie_rate']:.1%}), {result['cost_win_rate']:.1%} ± {result['cost_win_rate_se']:.1%} by cost "
+          f"(ties {result['cost_tie_rate']:.1%}); ± a standard error, the prompt as the unit")
     print(f"  {'':17s}{'candidate safe':>34s}{'candidate unsafe':>34s}")
     for a in ("safe", "unsafe"):
         row = f"  baseline {a:8s}"
@@ -307,7 +318,7 @@ def run_arena(args, prompts_path):
                                           decode=args.decode)
         del policy
         scores[path] = [scorer.batches(batches) for scorer in scorers]
-    result = arena(*scores[baseline], *scores[candidate])
+    result = arena(*scores[baseline], *scores[candidate], prompts=prompts)
     print_arena(result, baseline, candidate)
     report_json(Path(args.out) / "arena.json", {"prompts": str(prompts_path), "baseline": baseline,
                                                "candidate": candidate, **result})

@@ -14,6 +14,14 @@ def test_arena_cells_by_hand():
     reward_b = torch.tensor([2.0, 1.0, 1.0, -1.0])
     r = arena(reward_a, cost_a, reward_b, cost_b)
     assert r["n"] == 4 and r["reward_win_rate"] == 0.5 and r["cost_win_rate"] == 0.75
+    # one answer per prompt: wins 1,0,1,0 and 1,1,1,0; s.e. = sqrt(sum (x - mean)^2 / (n - 1) / n)
+    assert r["reward_win_rate_se"] == pytest.approx((4 * 0.25 / 3 / 4) ** 0.5)
+    assert r["cost_win_rate_se"] == pytest.approx(((3 * 0.0625 + 0.5625) / 3 / 4) ** 0.5)
+    assert r["reward_tie_rate"] == 0.0 and r["cost_tie_rate"] == 0.0
+    # two answers to each of two prompts: the prompt is the unit (reward: 0.5 and 0.5, no spread; cost: 1 and 0.5)
+    clustered = arena(reward_a, cost_a, reward_b, cost_b, prompts=["p", "p", "q", "q"])
+    assert clustered["reward_win_rate_se"] == 0.0
+    assert clustered["cost_win_rate_se"] == pytest.approx((2 * 0.25 ** 2 / 1 / 2) ** 0.5)
     assert r["baseline"]["safe_rate"] == 0.5 and r["candidate"]["safe_rate"] == 0.75
     cells = r["cells"]
     assert cells["baseline_safe/candidate_safe"] == {"share": 0.25, "reward_win_rate": 1.0, "cost_win_rate": 1.0}
@@ -226,6 +234,7 @@ def test_arena_ties_and_a_cost_of_exactly_zero_by_hand():
     third, two_thirds = pytest.approx(1 / 3, abs=1e-6), pytest.approx(2 / 3, abs=1e-6)  # float32 means
     assert r["baseline"]["safe_rate"] == two_thirds and r["candidate"]["safe_rate"] == two_thirds
     assert r["reward_win_rate"] == third and r["cost_win_rate"] == third  # one win each, two ties
+    assert r["reward_tie_rate"] == two_thirds and r["cost_tie_rate"] == two_thirds
     cells = r["cells"]
     # prompts 0 and 1 safe/safe: reward 1 vs 1 (tie), 2 vs 1 (win); cost 0 vs 0 (tie), -1 vs 0 (win)
     assert cells["baseline_safe/candidate_safe"] == {"share": two_thirds, "reward_win_rate": 0.5, "cost_win_rate": 0.5}
