@@ -252,11 +252,10 @@ class ModelSource:
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-# What a model folder holds that we read: weights as safetensors only (a pickled .bin is never read),
-# the config, and the tokenizer and generation files that travel with it.
-# The files of a model repo that we read. Its weights are model.safetensors or, without one, the shards its
-# index lists (as transformers reads them), fetched once the index is in: never "*.safetensors", as releases
-# ship other weights beside them (Mistral-7B-Instruct-v0.3's consolidated.safetensors: another 14.5 GB).
+# What a model repo holds that we read: the config, the tokenizer and generation files that travel with
+# it, and weights as safetensors only (a pickled .bin is never read): model.safetensors or, without one, the
+# shards its index lists (as transformers reads them), fetched once the index is in. Never "*.safetensors":
+# releases ship other weights beside them (Mistral-7B-Instruct-v0.3's consolidated.safetensors: 14.5 GB more).
 MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"]
 

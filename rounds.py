@@ -216,12 +216,7 @@ class Rounds:
                 return flags[len(flags) - flags[::-1].index(flag)] if flag in flags else None  # the last one wins
             except (ValueError, IndexError, AttributeError):
                 pass
-        for state in sorted((self.layout.dir(1) / "ppo_lag" / "checkpoints").glob("*/state.json"), reverse=True):
-            try:
-                return json.loads(state.read_text())["args"][flag.removeprefix("--").replace("-", "_")]
-            except (KeyError, ValueError, TypeError):
-                continue
-        return None
+        return self.ppo_arg(1, flag.removeprefix("--").replace("-", "_"))
 
     def ptx_data(self):
         """Real data: the SFT data of every later round's PTX term (the authors' recipe, which ppo_lag.py
@@ -241,16 +236,24 @@ class Rounds:
                      "e.g. pipeline.py's --sft-data), or --ppo-args '--ptx-coeff 0' to train without it")
 
     # -- threshold -------------------------------------------------------------------------------
+    def ppo_arg(self, r, name, convert=lambda value: value):
+        """A flag round r's PPO ran with (`name` as its dest: "threshold", "ptx_data"), converted, from its
+        newest checkpoint's state.json that has it; None when none does."""
+        for state in sorted((self.layout.dir(r) / "ppo_lag" / "checkpoints").glob("*/state.json"), reverse=True):
+            try:
+                return convert(json.loads(state.read_text())["args"][name])
+            except (KeyError, ValueError, TypeError):
+                continue
+        return None
+
     def threshold_of(self, r):
         """The threshold round r's PPO used (round 1: pipeline.py's, read from its checkpoint flags)."""
         path = self.layout.dir(r) / "threshold.json"
         if path.exists():
             return json.loads(path.read_text())["threshold"]
-        for state in sorted((self.layout.dir(r) / "ppo_lag" / "checkpoints").glob("*/state.json"), reverse=True):
-            try:
-                return float(json.loads(state.read_text())["args"]["threshold"])
-            except (KeyError, ValueError, TypeError):
-                continue
+        threshold = self.ppo_arg(r, "threshold", float)
+        if threshold is not None:
+            return threshold
         return self.source.first_threshold() if r == 1 else None
 
     def derive(self, r) -> dict:

@@ -81,13 +81,14 @@ def check_same_tokenizer(tok: Tokenizer, *checkpoints):
     beside a Llama policy), and would score or continue ids it never saw without any error when its
     embedding is large enough. Presets, folders without a tokenizer file and ones whose tokenizer cannot
     be loaded are not compared (the model's own loading names what is wrong with them)."""
+    ours = Path(tok.path).read_bytes()
     reference = None
     for path in checkpoints:
         if not path or not Path(path).is_dir():
             continue
         try:
             file = find_tokenizer_file(path)
-            if file.read_bytes() == Path(tok.path).read_bytes():
+            if file.read_bytes() == ours:
                 continue
             other = Tokenizer(file)
         except (OSError, ValueError, ImportError):

@@ -411,7 +411,8 @@ def _jinja2():
 @functools.lru_cache(maxsize=8)
 def _compile_chat_template(template: str):
     """The template compiled in transformers' environment: a sandbox, trim_blocks and lstrip_blocks, loop controls,
-    its tojson filter and raise_exception, and {% generation %} blocks rendered as plain text (strftime_now: render_chat)."""
+    its tojson filter, raise_exception and strftime_now (of CHAT_TEMPLATE_DAY, not today), and {% generation %}
+    blocks rendered as plain text."""
     jinja2 = _jinja2()
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -434,6 +435,7 @@ def _compile_chat_template(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlocks, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda format: CHAT_TEMPLATE_DAY.strftime(format)
     return env.from_string(template)
 
 
@@ -456,8 +458,7 @@ def render_chat(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt:
                          "tokenizer_config.json); use --template safe_rlhf")
     jinja2 = _jinja2()
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    context = {"tools": None, "documents": None, "strftime_now": CHAT_TEMPLATE_DAY.strftime, **tok.special_tokens,
-               **variables}
+    context = {"tools": None, "documents": None, **tok.special_tokens, **variables}
     try:
         compiled = _compile_chat_template(tok.chat_template)
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
