@@ -14,10 +14,10 @@ Padding: a batch row may be left-padded (prompts), right-padded (training batche
 mask, and keys before a row's first real token are masked through `kv_start`; keys after its last
 real token are never seen by real tokens thanks to causality, so no other mask is needed. The
 forward pass (and generate(), for its prefill and all its decoding steps) wraps kv_start once in a
-`kernels.AttentionMask` and hands that to every block, so that what attention derives from it
+`rlhf_kernels.AttentionMask` and hands that to every block, so that what attention derives from it
 (SDPA masks, the check for rows that see no key) is built once, not once per layer.
 
-Attention and log-prob math go through `kernels.flash_attention` and `kernels.fused_linear_logprobs`
+Attention and log-prob math go through `rlhf_kernels.flash_attention` and `rlhf_kernels.fused_linear_logprobs`
 only: those choose between the Triton kernels and a PyTorch path.
 """
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from kernels import AttentionMask, flash_attention, fused_linear_logprobs, static_cache_attention
+from rlhf_kernels import AttentionMask, flash_attention, fused_linear_logprobs, static_cache_attention
 
 
 # ----------------------------------------------------------------------------------------------

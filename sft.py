@@ -6,7 +6,7 @@
 Next-token loss on the response tokens and the EOS only (the prompt and its template are
 context), summed over tokens and divided by the number of target tokens in the whole global
 batch (all micro-batches, all ranks), so the update does not depend on how many ranks share it.
-Log-probs come from kernels.fused_linear_logprobs through the model's LM head: the [B, T, V]
+Log-probs come from rlhf_kernels.fused_linear_logprobs through the model's LM head: the [B, T, V]
 logits are never materialised. The product is an HF-format model in <out>/model, with its
 tokenizer files beside the weights, which train_score.py and ppo_lag.py start from.
 """

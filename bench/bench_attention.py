@@ -1,4 +1,4 @@
-"""Benchmark kernels.flash_attention_triton against torch SDPA (flash backend), causal.
+"""Benchmark rlhf_kernels.flash_attention_triton against torch SDPA (flash backend), causal.
 
 On a GPU, for each head dim and sequence length, prints forward and forward+backward
 TFLOP/s of both and their ratio (Triton / SDPA), measured in the same run. The
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import kernels  # noqa: E402
+import rlhf_kernels  # noqa: E402
 
 
 def parse_args():
@@ -80,7 +80,7 @@ def bench_one(args, head_dim, length, dtype, device):
     grad_out = torch.randn_like(q)
 
     def triton_forward():
-        return kernels.flash_attention_triton(q, k, v, causal=True)
+        return rlhf_kernels.flash_attention_triton(q, k, v, causal=True)
 
     def sdpa_forward():
         # Same memory, viewed as [B, H, T, D]; SDPA accepts these strides without a copy.
@@ -129,7 +129,7 @@ def sanity_cpu():
         return torch.einsum("bhqk,bkhd->bqhd", probs, v.repeat_interleave(group, 2))
 
     def torch_path():
-        return kernels.flash_attention_torch(q, k, v, causal=True)
+        return rlhf_kernels.flash_attention_torch(q, k, v, causal=True)
 
     def seconds(fn, reps=20):
         fn()
@@ -148,7 +148,7 @@ def sanity_cpu():
 
 def main():
     args = parse_args()
-    if torch.cuda.is_available() and kernels.TRITON_AVAILABLE and not kernels.TRITON_INTERPRETED:
+    if torch.cuda.is_available() and rlhf_kernels.TRITON_AVAILABLE and not rlhf_kernels.TRITON_INTERPRETED:
         bench_gpu(args)
     else:
         sanity_cpu()

@@ -32,9 +32,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import kernels  # noqa: E402
+import rlhf_kernels  # noqa: E402
 
-ON_GPU = torch.cuda.is_available() and kernels.TRITON_AVAILABLE and not kernels.TRITON_INTERPRETED
+ON_GPU = torch.cuda.is_available() and rlhf_kernels.TRITON_AVAILABLE and not rlhf_kernels.TRITON_INTERPRETED
 
 
 def parse_args():
@@ -87,7 +87,7 @@ def step_function(variant, entropy):
     # On a GPU the dispatching entry point runs the Triton kernels; on CPU, call the
     # PyTorch path explicitly so that TRITON_INTERPRET in the environment cannot
     # turn this into a benchmark of the interpreter.
-    fused = kernels.fused_linear_logprobs if ON_GPU else kernels.fused_linear_logprobs_torch
+    fused = rlhf_kernels.fused_linear_logprobs if ON_GPU else rlhf_kernels.fused_linear_logprobs_torch
     return lambda h, w, t: fused_step(fused, h, w, t, entropy)
 
 

@@ -160,7 +160,7 @@ def _site(frame) -> str:
                 return "kv_cache"
             if name == "sample_token":
                 return "sampling"
-        elif path.endswith("kernels/logprob.py"):
+        elif path.endswith("rlhf_kernels/logprob.py"):
             return "logprob"
         elif "/torch/optim/" in path:
             return "optimizer" if name == "_init_group" else "optimizer_temp"
@@ -696,22 +696,22 @@ H100_SMS = 132
 
 @contextlib.contextmanager
 def kernel_launches_skipped(device: str):
-    """With device 'cuda': attention and log-probs take their Triton paths (`kernels.use_triton`
+    """With device 'cuda': attention and log-probs take their Triton paths (`rlhf_kernels.use_triton`
     is True), whose host code allocates the real buffers, and every Triton launch does nothing
     (fake tensors have no data); the fused log-prob's vocabulary split counts an H100's SMs."""
     if device != "cuda":
         yield
         return
-    import kernels
-    import kernels.logprob as logprob
+    import rlhf_kernels
+    import rlhf_kernels.logprob as logprob
 
-    if not kernels.TRITON_AVAILABLE:
+    if not rlhf_kernels.TRITON_AVAILABLE:
         raise RuntimeError("--device cuda replays the Triton kernels' allocations: install triton (requirements.txt)")
     from triton.runtime.jit import KernelInterface
 
-    saved = [(kernels, "use_triton"), (KernelInterface, "__getitem__"), (logprob, "_num_vocab_splits")]
+    saved = [(rlhf_kernels, "use_triton"), (KernelInterface, "__getitem__"), (logprob, "_num_vocab_splits")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in saved]
-    kernels.use_triton = lambda tensor: True
+    rlhf_kernels.use_triton = lambda tensor: True
     KernelInterface.__getitem__ = lambda kernel, grid: (lambda *args, **kwargs: None)
     logprob._num_vocab_splits = lambda rows, device: max(1, min(32, -(-4 * H100_SMS // -(-rows // 128))))
     try:

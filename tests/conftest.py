@@ -1,4 +1,4 @@
-"""Test-session setup and shared fixtures. Runs before any test module imports `kernels`.
+"""Test-session setup and shared fixtures. Runs before any test module imports `rlhf_kernels`.
 
 Without a GPU, Triton's kernels can only run in its interpreter, which must be switched on before
 triton is first imported (TRITON_INTERPRET=1). The interpreter is slow, so every test that does not

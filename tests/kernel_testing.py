@@ -1,10 +1,10 @@
-"""What the kernel test files share: the device, `kernels` imported with Triton's interpreter on
+"""What the kernel test files share: the device, `rlhf_kernels` imported with Triton's interpreter on
 when there is no GPU, the skip markers, and per-test random generators.
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors, which needs
 TRITON_INTERPRET=1 before triton is first imported and while the kernels run. tests/conftest.py
 sets it for the session and, for each test, while it runs; this module also sets it around its own
-import of `kernels` (restoring the previous value), so the kernels are interpreted whatever the
+import of `rlhf_kernels` (restoring the previous value), so the kernels are interpreted whatever the
 environment said at start. With a GPU the same tests run the compiled kernels."""
 
 import os
@@ -17,7 +17,7 @@ HAS_CUDA = torch.cuda.is_available()
 _saved_interpret = os.environ.get("TRITON_INTERPRET")
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
-import kernels  # noqa: E402
+import rlhf_kernels  # noqa: E402
 
 if _saved_interpret is None:
     os.environ.pop("TRITON_INTERPRET", None)
@@ -25,7 +25,7 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved_interpret
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-TRITON_RUNNABLE = kernels.TRITON_AVAILABLE and (HAS_CUDA or kernels.TRITON_INTERPRETED)
+TRITON_RUNNABLE = rlhf_kernels.TRITON_AVAILABLE and (HAS_CUDA or rlhf_kernels.TRITON_INTERPRETED)
 needs_triton = pytest.mark.skipif(
     not TRITON_RUNNABLE,
     reason="Triton kernels cannot run here (no triton, or `kernels` was imported before TRITON_INTERPRET=1 was set)",

@@ -12,7 +12,7 @@ KERNELS_TEST_SEED to draw different ones); lengths are never multiples of a bloc
 import pytest
 import torch
 
-from kernel_testing import DEVICE, HAS_CUDA, TRITON_RUNNABLE, draw, kernels, needs_cuda, needs_triton, rng_for
+from kernel_testing import DEVICE, HAS_CUDA, TRITON_RUNNABLE, draw, rlhf_kernels, needs_cuda, needs_triton, rng_for
 
 # (atol, rtol) for the output and for the gradients, per input dtype.
 TOLERANCES = {
@@ -20,7 +20,7 @@ TOLERANCES = {
     torch.float16: ((4e-3, 4e-3), (1e-2, 1e-2)),
     torch.bfloat16: ((3e-2, 3e-2), (6e-2, 6e-2)),
 }
-IMPLEMENTATIONS = {"triton": kernels.flash_attention_triton, "torch": kernels.flash_attention_torch}
+IMPLEMENTATIONS = {"triton": rlhf_kernels.flash_attention_triton, "torch": rlhf_kernels.flash_attention_torch}
 
 
 def draw_length(gen, low, high):
@@ -197,14 +197,14 @@ def test_inference_under_no_grad(request, impl):
 def test_dispatch(monkeypatch):
     q = torch.zeros(1, 3, 2, 16)
     monkeypatch.setenv("KERNELS", "torch")
-    assert not kernels.use_triton(q)
+    assert not rlhf_kernels.use_triton(q)
     monkeypatch.setenv("KERNELS", "auto")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not kernels.use_triton(q)  # plain CPU tensors use the PyTorch path
+    assert not rlhf_kernels.use_triton(q)  # plain CPU tensors use the PyTorch path
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels.use_triton(q) == (kernels.TRITON_AVAILABLE and kernels.TRITON_INTERPRETED)
-    if HAS_CUDA and kernels.TRITON_AVAILABLE:
-        assert kernels.use_triton(q.cuda())
+    assert rlhf_kernels.use_triton(q) == (rlhf_kernels.TRITON_AVAILABLE and rlhf_kernels.TRITON_INTERPRETED)
+    if HAS_CUDA and rlhf_kernels.TRITON_AVAILABLE:
+        assert rlhf_kernels.use_triton(q.cuda())
 
 
 class HostSyncs:
@@ -233,7 +233,7 @@ class HostSyncs:
 
 def count_mask_builds(monkeypatch):
     """A list that grows by one each time the PyTorch path builds a boolean mask (causal or sliding window)."""
-    import kernels.attention as attention
+    import rlhf_kernels.attention as attention
 
     builds = []
     build, build_window = attention.visible_keys_mask, attention.AttentionMask._build_sliding_window_masks
@@ -254,16 +254,16 @@ def test_one_attention_mask_for_every_layer(request, monkeypatch, scenario):
         kv_start = torch.tensor([draw(gen, 0, k.shape[1] - 1) for _ in range(q.shape[0])], device=DEVICE)
     window = 5 if scenario == "window" else None
     layers = [(q * scale, k, v * scale) for scale in (1.0, 0.5, 2.0)]
-    fresh = [kernels.flash_attention(*qkv, causal=causal, kv_start=kv_start, window=window) for qkv in layers]
+    fresh = [rlhf_kernels.flash_attention(*qkv, causal=causal, kv_start=kv_start, window=window) for qkv in layers]
 
     builds = count_mask_builds(monkeypatch)
-    mask = kernels.AttentionMask(kv_start)
-    shared = [kernels.flash_attention(*qkv, causal=causal, mask=mask, window=window) for qkv in layers]
+    mask = rlhf_kernels.AttentionMask(kv_start)
+    shared = [rlhf_kernels.flash_attention(*qkv, causal=causal, mask=mask, window=window) for qkv in layers]
     for got, want in zip(shared, fresh):
         assert torch.equal(got, want)
     assert len(builds) == 1
     with pytest.raises(ValueError, match="not both"):
-        kernels.flash_attention(q, k, v, kv_start=kv_start, mask=mask)
+        rlhf_kernels.flash_attention(q, k, v, kv_start=kv_start, mask=mask)
 
 
 def test_decoding_mask_is_built_once_with_one_host_sync(request):
@@ -276,20 +276,20 @@ def test_decoding_mask_is_built_once_with_one_host_sync(request):
     k = torch.randn(batch, k_max, 2, 16, generator=gen).to(DEVICE)
     v = torch.randn(batch, k_max, 2, 16, generator=gen).to(DEVICE)
     first_all_see = int(kv_start.max()) + 1
-    fresh = {k_len: kernels.flash_attention_torch(q, k[:, :k_len], v[:, :k_len], kv_start=kv_start)
+    fresh = {k_len: rlhf_kernels.flash_attention_torch(q, k[:, :k_len], v[:, :k_len], kv_start=kv_start)
              for k_len in range(1, k_max + 1)}
 
-    mask = kernels.AttentionMask(kv_start, capacity=k_max)
+    mask = rlhf_kernels.AttentionMask(kv_start, capacity=k_max)
     with HostSyncs() as syncs:
-        steps = [kernels.flash_attention_torch(q, k[:, :k_len], v[:, :k_len], mask=mask)
+        steps = [rlhf_kernels.flash_attention_torch(q, k[:, :k_len], v[:, :k_len], mask=mask)
                  for k_len in range(first_all_see, k_max + 1) for _layer in range(3)]
     assert syncs.count == 1
     for i, out in enumerate(steps):
         assert torch.equal(out, fresh[first_all_see + i // 3])
     # While some row sees no key yet, the general path zeroes its output, as a call without a mask would.
-    mask = kernels.AttentionMask(kv_start, capacity=k_max)
+    mask = rlhf_kernels.AttentionMask(kv_start, capacity=k_max)
     for k_len in range(1, k_max + 1):
-        assert torch.equal(kernels.flash_attention_torch(q, k[:, :k_len], v[:, :k_len], mask=mask), fresh[k_len])
+        assert torch.equal(rlhf_kernels.flash_attention_torch(q, k[:, :k_len], v[:, :k_len], mask=mask), fresh[k_len])
 
 
 def test_model_builds_masks_once_per_forward_and_generate_syncs_once(monkeypatch):
@@ -339,4 +339,4 @@ def test_bf16_long_sequence_head_dim_128_on_cuda(request):
     q = torch.randn(2, 1000, 8, 128, generator=gen).to(DEVICE, torch.bfloat16)
     k = torch.randn(2, 1000, 2, 128, generator=gen).to(DEVICE, torch.bfloat16)
     v = torch.randn(2, 1000, 2, 128, generator=gen).to(DEVICE, torch.bfloat16)
-    check_against_reference(kernels.flash_attention_triton, q, k, v, True, torch.tensor([0, 300], device=DEVICE), gen)
+    check_against_reference(rlhf_kernels.flash_attention_triton, q, k, v, True, torch.tensor([0, 300], device=DEVICE), gen)

@@ -12,9 +12,9 @@ tiles, row chunks and backward vocabulary chunks.
 import pytest
 import torch
 
-from kernel_testing import DEVICE, TRITON_RUNNABLE, draw, kernels, needs_cuda, rng_for
+from kernel_testing import DEVICE, TRITON_RUNNABLE, draw, rlhf_kernels, needs_cuda, rng_for
 
-logprob_module = kernels.logprob  # its chunk sizes are shrunk below
+logprob_module = rlhf_kernels.logprob  # its chunk sizes are shrunk below
 
 # (atol, rtol) for log-probs / entropy and for gradients, per input dtype. Half
 # precision inputs are compared with float64 math on the same (rounded) inputs;
@@ -24,8 +24,8 @@ TOLERANCES = {
     torch.float16: ((2e-2, 1e-2), (1e-2, 1e-2)),
     torch.bfloat16: ((1e-1, 5e-2), (5e-2, 5e-2)),
 }
-FROM_LOGITS = {"triton": kernels.logprobs_from_logits_triton, "torch": kernels.logprobs_from_logits_torch}
-FUSED = {"triton": kernels.fused_linear_logprobs_triton, "torch": kernels.fused_linear_logprobs_torch}
+FROM_LOGITS = {"triton": rlhf_kernels.logprobs_from_logits_triton, "torch": rlhf_kernels.logprobs_from_logits_torch}
+FUSED = {"triton": rlhf_kernels.fused_linear_logprobs_triton, "torch": rlhf_kernels.fused_linear_logprobs_torch}
 
 
 @pytest.fixture
@@ -152,9 +152,9 @@ def test_dispatch_runs_both_paths_to_the_same_answer(request, monkeypatch):
     weight = torch.randn(70, 24, generator=gen).to(DEVICE)
     targets = torch.randint(0, 70, (9,), generator=gen).to(DEVICE)
     monkeypatch.setenv("KERNELS", "torch")
-    by_torch = kernels.fused_linear_logprobs(hidden, weight, targets)
+    by_torch = rlhf_kernels.fused_linear_logprobs(hidden, weight, targets)
     monkeypatch.setenv("KERNELS", "auto")
-    by_default = kernels.fused_linear_logprobs(hidden, weight, targets)
+    by_default = rlhf_kernels.fused_linear_logprobs(hidden, weight, targets)
     torch.testing.assert_close(by_default, by_torch, atol=1e-5, rtol=1e-5)
 
 

@@ -6,7 +6,7 @@ under torch.autocast.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (fp32, and fp16 for
 autocast: the interpreter's bf16 tl.dot is wrong); on a GPU the same tests run the compiled
-kernels, with bf16 autocast. KERNELS=triton is set per test, so the dispatcher in kernels/ picks
+kernels, with bf16 autocast. KERNELS=triton is set per test, so the dispatcher in rlhf_kernels/ picks
 the kernels exactly as in a training run."""
 
 import pytest
@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kernel_testing import DEVICE, HAS_CUDA, kernels, needs_triton  # noqa: E402
+from kernel_testing import DEVICE, HAS_CUDA, rlhf_kernels, needs_triton  # noqa: E402
 import hf_io  # noqa: E402
 from hf_io import hf_name  # noqa: E402
 from model import ModelArgs  # noqa: E402
@@ -121,7 +121,7 @@ def test_head_dim_without_a_kernel_falls_back_to_sdpa(tmp_path, monkeypatch):
     # gqa_theta has head dim 8: the dispatcher sends it to the PyTorch path, unless KERNELS=triton
     # forces the kernel, which then refuses it by name.
     ours, hf, args = ours_and_hf(tmp_path, "gqa_theta", seed=2)
-    assert args.head_dim not in kernels.TRITON_HEAD_DIMS
+    assert args.head_dim not in rlhf_kernels.TRITON_HEAD_DIMS
     ids, mask = left_padded_batch(args.vocab_size, [6, 11], seed=0)
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
     monkeypatch.setenv("KERNELS", "auto")
@@ -136,19 +136,19 @@ def test_head_dim_without_a_kernel_falls_back_to_sdpa(tmp_path, monkeypatch):
 
 
 def test_dispatcher_follows_the_documented_switches(monkeypatch):
-    # kernels/__init__.py's rules for CPU tensors: KERNELS=triton forces the kernels even without the
+    # rlhf_kernels/__init__.py's rules for CPU tensors: KERNELS=triton forces the kernels even without the
     # interpreter; TRITON_INTERPRET=1 set after the kernels were compiled (not interpreted) does not send
     # CPU tensors to them; KERNELS=torch wins over everything.
     q = torch.zeros(1, 3, 2, 16)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("KERNELS", "triton")
-    assert kernels.use_triton(q)
+    assert rlhf_kernels.use_triton(q)
     monkeypatch.setenv("KERNELS", "auto")
-    assert not kernels.use_triton(q)
+    assert not rlhf_kernels.use_triton(q)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(kernels, "TRITON_INTERPRETED", False)  # the kernels were defined compiled
-    assert not kernels.use_triton(q)
-    monkeypatch.setattr(kernels, "TRITON_INTERPRETED", True)
-    assert kernels.use_triton(q)
+    monkeypatch.setattr(rlhf_kernels, "TRITON_INTERPRETED", False)  # the kernels were defined compiled
+    assert not rlhf_kernels.use_triton(q)
+    monkeypatch.setattr(rlhf_kernels, "TRITON_INTERPRETED", True)
+    assert rlhf_kernels.use_triton(q)
     monkeypatch.setenv("KERNELS", "torch")
-    assert not kernels.use_triton(q)
+    assert not rlhf_kernels.use_triton(q)

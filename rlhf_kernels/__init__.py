@@ -14,7 +14,7 @@ computing the same function; `use_triton` below is the one place that picks:
 * CUDA tensors run the Triton kernels;
 * CPU tensors run the Triton kernels through Triton's interpreter when
   TRITON_INTERPRET=1 (slow; for testing the kernels without a GPU). The variable
-  must be set before the first `import kernels`: Triton decides between compiling
+  must be set before the first `import rlhf_kernels`: Triton decides between compiling
   and interpreting when the kernels are defined;
 * anything else, or Triton not installed, runs the PyTorch path;
 * KERNELS=torch in the environment forces the PyTorch path everywhere
@@ -76,7 +76,7 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 def flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, window=None, mask=None):
-    """Softmax attention, q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] -> [B, Tq, Hq, D]. See kernels/attention.py.
+    """Softmax attention, q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] -> [B, Tq, Hq, D]. See rlhf_kernels/attention.py.
 
     mask: an AttentionMask shared by every layer of a forward pass, in place of kv_start (without
     one, the call builds its own from kv_start).
@@ -96,19 +96,19 @@ def flash_attention(q, k, v, *, causal=True, kv_start=None, softmax_scale=None, 
 
 def static_cache_attention(q, k, v, bias, *, softmax_scale=None):
     """One query per row over a whole preallocated KV cache, through an additive bias (the static
-    decoding step's attention; PyTorch's SDPA on every device). See kernels/attention.py."""
+    decoding step's attention; PyTorch's SDPA on every device). See rlhf_kernels/attention.py."""
     q, k, v = _autocast_inputs(q, k, v)
     return static_cache_attention_torch(q, k, v, bias.to(q.dtype), softmax_scale=softmax_scale)
 
 
 def logprobs_from_logits(logits, targets, temperature=1.0):
-    """fp32 log p(targets) under softmax(logits / temperature). See kernels/logprob.py."""
+    """fp32 log p(targets) under softmax(logits / temperature). See rlhf_kernels/logprob.py."""
     impl = logprobs_from_logits_triton if use_triton(logits) else logprobs_from_logits_torch
     return impl(logits, targets, temperature)
 
 
 def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
-    """fp32 log p(targets) (and entropy) of softmax(hidden @ weight.T / temperature). See kernels/logprob.py."""
+    """fp32 log p(targets) (and entropy) of softmax(hidden @ weight.T / temperature). See rlhf_kernels/logprob.py."""
     hidden, weight = _autocast_inputs(hidden, weight)
     impl = fused_linear_logprobs_triton if use_triton(hidden) else fused_linear_logprobs_torch
     return impl(hidden, weight, targets, temperature, return_entropy)

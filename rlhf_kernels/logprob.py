@@ -30,7 +30,7 @@ shape [..., V] / [..., D] are flattened with reshape, which copies when they
 cannot be viewed as [N, V] (e.g. logits[:, :-1]); for fused_linear_logprobs that
 copy is only [N, D], so slice the hidden states rather than the logits.
 
-Two implementations compute the same functions (kernels/__init__.py decides
+Two implementations compute the same functions (rlhf_kernels/__init__.py decides
 which one runs); outputs are always fp32:
 
 * PyTorch (CPU, debugging): fused_linear_logprobs walks the vocabulary in chunks

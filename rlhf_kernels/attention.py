@@ -37,7 +37,7 @@ Two implementations compute the same function:
   skipped, and the position masks are only evaluated on blocks that straddle
   a boundary.
 
-kernels/__init__.py decides which one runs.
+rlhf_kernels/__init__.py decides which one runs.
 """
 
 import torch
