@@ -12,7 +12,9 @@ PPO-Lagrangian -> evaluation.
 Each stage is its own script run as a subprocess (so `--launcher` can put it under torchrun) with
 its output in <out>/<stage>. A stage whose product exists is skipped; a stage that was
 interrupted resumes from its latest checkpoint (the stage scripts do that themselves), so
-re-running the same command after a crash or Ctrl-C picks up where it stopped. Extra flags for a
+re-running the same command after a crash or Ctrl-C picks up where it stopped. An evaluation
+(the arenas, eval.json) is kept while it is newer than the models it judges and its flags are the
+same, and made again otherwise. Extra flags for a
 stage go through --sft-args, --score-args, --ppo-args ("--lr 1e-5 --epochs 2").
 """
 
@@ -157,14 +159,23 @@ def main(argv=None):
         stage(name, "ppo_lag.py", flags, out / name / "actor")
         policies[name] = out / name / "actor"
 
+    judges = [score_models["reward"], score_models["cost"]]
     eval_flags = ["--reward-model", str(score_models["reward"]), "--cost-model", str(score_models["cost"]),
                   *synthetic, *data_flag("--prompts", args.eval_prompts), "--show", "0", *shlex.split(args.eval_args)]
+
+    def evaluation(name, flags, product, models):
+        """Run evaluate.py unless `product` is newer than every model in it (and the prompts file) and was
+        made with these flags: a rerun after a crash, or to see the table again, does not judge the same answers twice."""
+        steps.run(name, product, lambda: run_script("evaluate.py", flags), made_with=(
+            Path(product).parent / "pipeline_flags.json", ["evaluate.py", *flags]),
+            inputs=[Path(m) / "config.json" for m in models] + ([args.eval_prompts] if args.eval_prompts else []))
+
     if args.arena or not judged:
         for name, path in policies.items():
             if name != "sft":
-                print(f"== arena: sft vs {name}", flush=True)
-                run_script("evaluate.py", ["--arena", str(sft_model), str(path), "--out", str(out / "arena" / name),
-                                           *eval_flags])
+                arena = out / "arena" / name
+                evaluation(f"arena: sft vs {name}", ["--arena", str(sft_model), str(path), "--out", str(arena),
+                                                     *eval_flags], arena / "arena.json", [sft_model, path, *judges])
     if not judged:  # the arenas are the evaluation: their summary
         print("\n== summary (arena on the evaluation prompts: each aligned policy against SFT, judged by the reward "
               "and cost models; wins: the share of answers that beat SFT's)")
@@ -177,8 +188,8 @@ def main(argv=None):
                                                                          a["candidate"]["safe_rate"])))
         return None
 
-    print("== evaluate", flush=True)
-    run_script("evaluate.py", ["--models", *map(str, policies.values()), "--out", str(out / "eval"), *eval_flags])
+    evaluation("evaluate", ["--models", *map(str, policies.values()), "--out", str(out / "eval"), *eval_flags],
+               out / "eval" / "eval.json", [*policies.values(), *judges])
     results = json.loads((out / "eval" / "eval.json").read_text())["results"]
 
     print("\n== summary (held-out prompts, ground-truth judge, answers sampled at temperature 1)")

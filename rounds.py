@@ -177,7 +177,8 @@ class Rounds:
                 flags += ["--report-to", *a.report_to]
             self.steps.run("round1 pipeline", layout.actor(1) / "config.json", lambda: run_script("pipeline.py", flags))
         if self.source.judged():
-            self.steps.run("round1 eval", layout.eval_json(1), lambda: self.evaluate(1, with_sft=True))
+            self.steps.run("round1 eval", layout.eval_json(1), lambda: self.evaluate(1, with_sft=True),
+                           inputs=self.eval_inputs(1, with_sft=True))
 
     # -- collect, label --------------------------------------------------------------------------
     def collect(self, r):
@@ -348,6 +349,13 @@ class Rounds:
     def eval_product(self, r) -> Path:
         return self.layout.eval_json(r) if self.source.judged() else self.layout.dir(r) / "arena" / "arena.json"
 
+    def eval_inputs(self, r, with_sft=False) -> list[Path]:
+        """The models round r's evaluation reads: one made again after it makes it out of date (Steps.run)."""
+        layout = self.layout
+        policies = ([layout.sft] if with_sft else []) if self.source.judged() else [layout.actor(r - 1)]
+        models = [*policies, layout.actor(r), layout.score_model(r, "reward"), layout.score_model(r, "cost")]
+        return [Path(m) / "config.json" for m in models]
+
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(__doc__)
@@ -412,6 +420,9 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.samples_per_prompt < 2 or args.pairs_per_prompt < 1:
+        parser.error("--samples-per-prompt must be at least 2 and --pairs-per-prompt at least 1: a pair to label is "
+                     "two answers to one prompt")
     if not 0 <= args.red_team_share <= 1 or not 0 <= args.eval_fraction < 1:
         parser.error("--red-team-share must be in [0, 1] and --eval-fraction in [0, 1)")
     if args.prompts and not args.eval_prompts:
@@ -441,7 +452,7 @@ def main(argv=None):
         rounds.train_score_models(r)
         steps.run(f"round{r} threshold", d / "threshold.json", lambda: rounds.threshold(r))
         steps.run(f"round{r} ppo_lag", rounds.layout.actor(r) / "config.json", lambda: rounds.ppo(r))
-        steps.run(f"round{r} eval", rounds.eval_product(r), lambda: rounds.evaluate(r))
+        steps.run(f"round{r} eval", rounds.eval_product(r), lambda: rounds.evaluate(r), inputs=rounds.eval_inputs(r))
     result = report.summary(rounds, args.rounds)
     print(f"time this invocation: {(time.time() - t_start) / 60:.1f} min; steps run so far: "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in rounds.steps.timings.items()))

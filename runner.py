@@ -3,6 +3,7 @@
 
     run_script(script, flags, launcher)     one stage script; a failure exits with the command to re-run
     steps = Steps(timings_path)             steps.run(name, product, fn): skipped when the product exists
+                                            (and, given inputs=, is newer than they are)
     steps.run_together(jobs, launcher)      stage scripts side by side, each its own process (--jobs 2)
 
 A step is skipped when its product exists; an interrupted stage resumes from its own checkpoints
@@ -41,15 +42,25 @@ class Steps:
         self.path = Path(timings_path) if timings_path else None
         self.timings = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
 
-    def run(self, name: str, product, fn, header: str = "", made_with: tuple | None = None):
+    def run(self, name: str, product, fn, header: str = "", made_with: tuple | None = None, inputs=()):
         """fn() makes `product` unless it exists. made_with=(file, record): what the product is made with
-        (a stage's flags), kept in `file` beside it, so that a skip with other flags is pointed out, not silent."""
-        if Path(product).exists():
-            print(f"== {name}: {product} exists, skipped", flush=True)
-            if made_with and Path(made_with[0]).is_file() and json.loads(Path(made_with[0]).read_text()) != made_with[1]:
-                print(f"   warning: it was made with other flags ({made_with[0]}); delete {Path(made_with[0]).parent} "
-                      f"to rebuild it with these:\n   {shlex.join(map(str, made_with[1]))}", flush=True)
-            return
+        (a stage's flags), kept in `file` beside it, so that a skip with other flags is pointed out, not silent.
+        inputs: the files the product is computed from (an evaluation's models). Given them, a product older
+        than any, or made with other flags, is made again instead: an evaluation costs little beside the
+        training that made its models, and a stale one misleads."""
+        product = Path(product)
+        if product.exists():
+            other_flags = bool(made_with) and Path(made_with[0]).is_file() and \
+                json.loads(Path(made_with[0]).read_text()) != made_with[1]
+            newer = [str(i) for i in inputs if Path(i).exists() and Path(i).stat().st_mtime_ns > product.stat().st_mtime_ns]
+            if not inputs or not (other_flags or newer):
+                print(f"== {name}: {product} exists, skipped", flush=True)
+                if other_flags:
+                    print(f"   warning: it was made with other flags ({made_with[0]}); delete {Path(made_with[0]).parent} "
+                          f"to rebuild it with these:\n   {shlex.join(map(str, made_with[1]))}", flush=True)
+                return
+            why = f"{newer[0]} is newer" if newer else f"it was made with other flags ({made_with[0]})"
+            print(f"== {name}: {product} is out of date: {why}; made again", flush=True)
         print(f"== {name}{': ' + header if header else ''}", flush=True)
         t0 = time.time()
         fn()

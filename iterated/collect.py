@@ -65,6 +65,12 @@ def collect(rounds, r: int):
 
     # 3. pairs to label: distinct answers of one prompt (those the source can have ranked)
     pairs = make_pairs(answers, rng, r, args.pairs_per_prompt, source.rankable)
+    if not pairs:  # not an error: the round's PPO still trains on its fresh (and red-team) prompts
+        distinct = sum(len({t for t in row["answers"] if t.strip()}) > 1 for row in answers)
+        why = (f"no prompt got two distinct answers in {K} samples (a collapsed policy?)" if not distinct else
+               f"{distinct} of {len(rows)} prompts got two distinct answers, but no pair of them can be ranked")
+        print(f"warning: round {r} collect: no pair to label: {why}. This round's score models retrain on the earlier "
+              f"rounds' labels alone; sample more (--samples-per-prompt, --prompts-per-round) for new ones", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "prompts.jsonl", rows)
     write_jsonl(out / "answers.jsonl", answers)

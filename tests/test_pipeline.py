@@ -4,6 +4,7 @@ every metric, and a re-run skips the finished stages. And its plan alone, with s
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,10 @@ def test_pipeline_smoke(tmp_path):
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0
-    assert again.stdout.count("skipped") == 5 and "warning" not in again.stdout
+    # every stage, and the two arenas and the evaluation (newer than their models, the same flags)
+    assert again.stdout.count("exists, skipped") == 5 + 2 + 1 and "warning" not in again.stdout
+    table = [line for line in first.stdout[first.stdout.index("== summary"):].splitlines() if not line.startswith("time:")]
+    assert again.stdout[again.stdout.index("== summary"):].splitlines() == table
     # Other flags for a finished stage: still skipped, but said.
     changed = [*cmd[:cmd.index("--sft-args") + 1], "--max-steps 5 --batch-size 16 --micro-batch-size 8",
                *cmd[cmd.index("--sft-args") + 2:]]
@@ -166,11 +170,27 @@ def test_algos_become_these_runs_and_the_summary_prints_each_metric(tmp_path, sy
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:2 + len(metrics)]}
     assert rows == {name: [m[METRICS[k]] for k in keys] for name, m in metrics.items()}
 
-    # The same command again: every stage's product exists, so only the evaluation runs.
+    # The same command again: every product exists, the evaluation's newer than its models, so nothing runs
+    # and the same table is printed from eval.json.
     calls.clear()
     pipeline.main(argv)
-    assert [script for script, _ in calls] == ["evaluate.py"]
-    assert capsys.readouterr().out.count("exists, skipped") == 1 + 3 + 5  # sft, 3 reward/cost models, 5 runs
+    assert calls == []
+    text = capsys.readouterr().out
+    assert text.count("exists, skipped") == 1 + 3 + 5 + 1  # sft, 3 reward/cost models, 5 runs, the evaluation
+    assert text[text.index("== summary"):].splitlines()[:2 + len(metrics)] == lines[:2 + len(metrics)]
+    # A policy trained again (its folder deleted, made anew) is newer than eval.json: only the evaluation
+    # runs, on every policy; and so it does when its flags change.
+    shutil.rmtree(out / "ppo")
+    pipeline.main(argv)
+    assert [script for script, _ in calls] == ["ppo_lag.py", "evaluate.py"]
+    assert f"eval.json is out of date: {out / 'ppo' / 'actor' / 'config.json'} is newer; made again" in capsys.readouterr().out
+    calls.clear()
+    pipeline.main([*argv, "--eval-args", "--samples-per-prompt 7"])
+    assert [(script, flags[-2:]) for script, flags in calls] == [("evaluate.py", ["--samples-per-prompt", "7"])]
+    assert "it was made with other flags" in capsys.readouterr().out
+    calls.clear()
+    pipeline.main([*argv, "--eval-args", "--samples-per-prompt 7"])
+    assert calls == []
 
 
 def test_prompts_the_judge_cannot_score_go_to_the_arena_alone(tmp_path, synthetic_data, monkeypatch, capsys):

@@ -9,6 +9,7 @@ rounds' own machinery is what takes the time; the stage scripts run with two opt
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,35 @@ def test_round_prompts_never_held_out(synthetic_data):
         training_prompt_pool(PHRASINGS + HELD_OUT_PHRASINGS[:1])
 
 
+def test_a_round_without_a_pair_to_label_says_why(tmp_path, synthetic_data, monkeypatch, capsys):
+    # An untrained or collapsed policy's answers may give no pair to label: the round goes on (its PPO trains
+    # on its fresh prompts) but says so, and why; one answer or no pair per prompt is refused at once.
+    first = fake_round_one(tmp_path / "round1", synthetic_data)
+    r = rounds.Rounds(rounds.parse_args(small_flags(synthetic_data, tmp_path / "rounds", first)))
+    collect = tmp_path / "rounds" / "round2" / "collect"
+    monkeypatch.setattr(r.source, "rankable", lambda prompt, a, b: False)
+    r.collect(2)
+    answers = read_jsonl(collect / "answers.jsonl")
+    distinct = sum(len(set(a["answers"])) > 1 for a in answers)
+    assert read_jsonl(collect / "pairs.jsonl") == [] and len(answers) == 12 and distinct > 0
+    assert (f"warning: round 2 collect: no pair to label: {distinct} of 12 prompts got two distinct answers, but no "
+            "pair of them can be ranked.") in capsys.readouterr().out
+    # a policy that gives one answer to everything
+    import evaluate
+
+    monkeypatch.setattr(r.source, "rankable", lambda prompt, a, b: True)
+    monkeypatch.setattr(evaluate, "sample_answers", lambda policy, tok, prompts, **kw: (
+        ["I must decline this request."] * len(prompts), None, None, [False] * len(prompts)))
+    shutil.rmtree(collect)
+    r.collect(2)
+    assert read_jsonl(collect / "pairs.jsonl") == []
+    assert ("warning: round 2 collect: no pair to label: no prompt got two distinct answers in 2 samples (a collapsed "
+            "policy?).") in capsys.readouterr().out
+    for flags in (["--samples-per-prompt", "1"], ["--pairs-per-prompt", "0"]):
+        with pytest.raises(SystemExit):
+            rounds.parse_args([*small_flags(synthetic_data, tmp_path / "rounds", first), *flags])
+
+
 def test_threshold_on_the_cost_models_scale():
     # Round 1's scale (seed 1's cost model): the tiny recipe's -2.8.
     stats = {"q05": -3.612, "q25": -2.943, "q50": -2.667, "q75": 2.458, "q95": 3.791}
@@ -198,8 +228,6 @@ def test_collect_and_label_synthetic(tmp_path, synthetic_data):
 
     # The threshold: never looser than the last policy's own mean cost on this round's prompts (every
     # collected answer, scored one at a time here, unpadded), which the helpful-safe rule alone may exceed.
-    import shutil
-
     from data.tokenizer import Tokenizer
 
     cost_model = tmp_path / "rounds" / "round2" / "cost_model" / "model"
@@ -335,11 +363,8 @@ def test_lost_products_are_rebuilt_and_finished_steps_skipped(tmp_path, syntheti
     state = sorted((out / "round2" / "ppo_lag" / "checkpoints").glob("*/state.json"))[-1]
     assert json.loads(state.read_text())["args"]["lambda_init"] == 2.5
 
-    # lose what the round made last (the actor and its evaluation): only those are redone
-    import shutil
-
+    # lose what the round made last (the actor): only it is redone, and the evaluation of the lost one with it
     shutil.rmtree(out / "round2" / "ppo_lag" / "actor")
-    shutil.rmtree(out / "round2" / "eval")
     again = run_rounds(flags)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     for step in ("round1 eval", "round2 collect", "round2 label", "round2 reward model", "round2 cost model",
@@ -347,7 +372,8 @@ def test_lost_products_are_rebuilt_and_finished_steps_skipped(tmp_path, syntheti
         assert f"== {step}: " in again.stdout and "exists, skipped" in again.stdout.split(f"== {step}: ")[1].split("\n")[0]
     assert "== round2 ppo_lag\n" in again.stdout and "already complete" in again.stdout  # resumed from its checkpoint
     assert (out / "round2" / "ppo_lag" / "log.jsonl").read_text() == ppo_log
-    assert (out / "round2" / "eval" / "eval.json").exists()
+    assert f"== round2 eval: {out / 'round2' / 'eval' / 'eval.json'} is out of date: " in again.stdout
+    assert (out / "round2" / "eval" / "eval.json").stat().st_mtime_ns > (out / "round2" / "ppo_lag" / "actor" / "config.json").stat().st_mtime_ns
     assert json.loads((out / "rounds.json").read_text())["rounds"][2]["eval"].keys() == summary["rounds"][2]["eval"].keys()
 
 

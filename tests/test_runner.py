@@ -4,6 +4,7 @@ product where they do not look (pipeline.py run outside the repository stopped a
 "No such file or directory: out/sft/pipeline_flags.json")."""
 
 import json
+import os
 
 import pytest
 
@@ -98,3 +99,34 @@ def test_a_skipped_step_made_with_other_flags_is_pointed_out(scripts_and_cwd, ca
               made_with=("out/a/flags.json", ["stage.py", "out/a", "--lr", "2"]))
     assert "warning: it was made with other flags (out/a/flags.json)" in capsys.readouterr().out
     assert json.loads((cwd / "out" / "a" / "flags.json").read_text()) == ["stage.py", "out/a", "--lr", "1"]
+
+
+def test_a_product_older_than_its_inputs_or_made_with_other_flags_is_made_again(scripts_and_cwd, capsys):
+    # An evaluation (inputs: the models it judges) is kept only while it is newer than each of them and
+    # was made with the same flags; a step without inputs (a training stage) is never made again.
+    scripts, cwd = scripts_and_cwd
+    model = cwd / "out" / "model.json"
+    model.parent.mkdir(parents=True)
+    model.write_text("{}")
+    made = []
+
+    def evaluate(flags, inputs=(model,)):
+        steps.run("eval", "out/e/product", lambda: made.append(runner.run_script("stage.py", ["out/e"])),
+                  made_with=("out/e/flags.json", flags), inputs=inputs)
+
+    steps = runner.Steps()
+    evaluate(["a"])
+    product = cwd / "out" / "e" / "product"
+    os.utime(model, ns=(product.stat().st_mtime_ns - 10**9,) * 2)  # the model a second older than the product
+    evaluate(["a"])
+    assert len(made) == 1 and "exists, skipped" in capsys.readouterr().out
+    os.utime(model, ns=(product.stat().st_mtime_ns + 1,) * 2)  # the model made again, after the evaluation
+    evaluate(["a"])
+    assert len(made) == 2
+    assert f"out/e/product is out of date: {model} is newer; made again" in capsys.readouterr().out
+    evaluate(["b"])
+    assert len(made) == 3 and "it was made with other flags (out/e/flags.json); made again" in capsys.readouterr().out
+    assert json.loads((cwd / "out" / "e" / "flags.json").read_text()) == ["b"]
+    os.utime(model, ns=(product.stat().st_mtime_ns + 1,) * 2)
+    evaluate(["c"], inputs=())  # no inputs: kept, other flags only pointed out
+    assert len(made) == 3 and "warning: it was made with other flags" in capsys.readouterr().out
