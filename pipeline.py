@@ -13,9 +13,9 @@ Each stage is its own script run as a subprocess (so `--launcher` can put it und
 its output in <out>/<stage>. A stage whose product exists is skipped; a stage that was
 interrupted resumes from its latest checkpoint (the stage scripts do that themselves), so
 re-running the same command after a crash or Ctrl-C picks up where it stopped. An evaluation
-(the arenas, eval.json) is kept while it is newer than the models it judges and its flags are the
-same, and made again otherwise. Extra flags for a
-stage go through --sft-args, --score-args, --ppo-args ("--lr 1e-5 --epochs 2").
+(the arenas, eval.json) is kept while it is newer than the models it reads and was made with the
+same flags, and made again otherwise. Extra flags for a stage go through --sft-args, --score-args,
+--ppo-args ("--lr 1e-5 --epochs 2").
 """
 
 import json
@@ -164,8 +164,9 @@ def main(argv=None):
                   *synthetic, *data_flag("--prompts", args.eval_prompts), "--show", "0", *shlex.split(args.eval_args)]
 
     def evaluation(name, flags, product, models):
-        """Run evaluate.py unless `product` is newer than every model in it (and the prompts file) and was
-        made with these flags: a rerun after a crash, or to see the table again, does not judge the same answers twice."""
+        """Run evaluate.py unless `product` is newer than every model it reads (and the prompts file) and
+        was made with these flags: a rerun after a crash, or to see the table again, does not judge the
+        same answers twice, and a model trained again is judged again."""
         steps.run(name, product, lambda: run_script("evaluate.py", flags), made_with=(
             Path(product).parent / "pipeline_flags.json", ["evaluate.py", *flags]),
             inputs=[Path(m) / "config.json" for m in models] + ([args.eval_prompts] if args.eval_prompts else []))

@@ -450,7 +450,8 @@ def main(argv=None):
         steps.run(f"round{r} collect", d / "collect" / "pairs.jsonl", lambda: rounds.collect(r))
         steps.run(f"round{r} label", d / "label" / "label.json", lambda: rounds.label(r))
         rounds.train_score_models(r)
-        steps.run(f"round{r} threshold", d / "threshold.json", lambda: rounds.threshold(r))
+        steps.run(f"round{r} threshold", d / "threshold.json", lambda: rounds.threshold(r),  # on this cost model's scale
+                  inputs=[rounds.layout.score_model(r, "cost") / "config.json", d / "label" / "preferences.jsonl"])
         steps.run(f"round{r} ppo_lag", rounds.layout.actor(r) / "config.json", lambda: rounds.ppo(r))
         steps.run(f"round{r} eval", rounds.eval_product(r), lambda: rounds.evaluate(r), inputs=rounds.eval_inputs(r))
     result = report.summary(rounds, args.rounds)

@@ -376,6 +376,15 @@ def test_lost_products_are_rebuilt_and_finished_steps_skipped(tmp_path, syntheti
     assert (out / "round2" / "eval" / "eval.json").stat().st_mtime_ns > (out / "round2" / "ppo_lag" / "actor" / "config.json").stat().st_mtime_ns
     assert json.loads((out / "rounds.json").read_text())["rounds"][2]["eval"].keys() == summary["rounds"][2]["eval"].keys()
 
+    # lose the cost model: retrained, and the threshold derived on its scale is derived again (the actor,
+    # a training product, is kept: a finished stage is never redone)
+    shutil.rmtree(out / "round2" / "cost_model" / "model")
+    third = run_rounds(flags)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert f"== round2 threshold: {out / 'round2' / 'threshold.json'} is out of date: " in third.stdout
+    assert "== round2 ppo_lag: " in third.stdout and "== round2 reward model: " in third.stdout
+    assert (out / "round2" / "threshold.json").stat().st_mtime_ns > (out / "round2" / "cost_model" / "model" / "config.json").stat().st_mtime_ns
+
 
 @pytest.mark.slow
 def test_killed_round_resumes(tmp_path, synthetic_data):
