@@ -45,3 +45,19 @@ LONGEST_FIRST = ("tests/test_stages.py::test_embedded_task_quality",)
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.nodeid not in LONGEST_FIRST)
+
+
+# The references the tests compare against come unpinned from the package registry, so a new release can
+# turn CI red overnight (transformers 5.25 did, by importing Hugging Face's `kernels`): the header names them.
+REFERENCES = ("torch", "triton", "transformers", "tokenizers", "sentencepiece", "huggingface_hub", "safetensors", "kernels")
+
+
+def pytest_report_header(config):
+    import importlib.metadata
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "absent"
+    return "versions: " + ", ".join(f"{name} {version(name)}" for name in REFERENCES)
