@@ -218,6 +218,24 @@ def test_prompts_the_judge_cannot_score_go_to_the_arena_alone(tmp_path, syntheti
                                                      ["ppo", "0.250", "0.500", "0.500", "0.625"]]
 
 
+def test_the_judge_scores_only_files_of_labelled_task_prompts(tmp_path, synthetic_data):
+    # The judge's metrics need every prompt to be the embedded task's and labelled harmful or not: one
+    # prompt without its label (or one the task does not know) sends the file to the arena.
+    from scoring import judge_can_score
+
+    rows = [json.loads(line) for line in synthetic_data.eval_prompts.read_text().splitlines()[:3]]
+    assert all("harmful" in r for r in rows)
+
+    def can_score(records):
+        path = tmp_path / f"prompts{len(list(tmp_path.iterdir()))}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return judge_can_score(path)
+
+    assert judge_can_score(None) and can_score(rows)
+    assert not can_score(rows[:2] + [{"prompt": rows[2]["prompt"]}])
+    assert not can_score(rows[:2] + [{"prompt": "Write a haiku about rain.", "harmful": False}])
+
+
 @pytest.mark.parametrize("spec", ["ppo:x", "ppo_lag:adam", "reward_shaping:abc", "rlhf_mixed:bogus",
                                   "rlhf_mixed:consistent:all", "dpo"])
 def test_unknown_algos_stop_before_any_stage(tmp_path, monkeypatch, spec):

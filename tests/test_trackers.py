@@ -179,3 +179,78 @@ def test_tensorboard_scalars_leave_out_step_and_non_numbers(tmp_path):
     events.Reload()
     assert sorted(events.Tags()["scalars"]) == ["loss", "lr"]
     assert [(s.step, s.value) for s in events.Scalars("loss")] == [(1, 2.0)]
+
+
+def test_wandb_resumes_the_run_its_folder_names(monkeypatch, tmp_path):
+    # The id kept in <out>/wandb_run.json is the run resumed (a new id would start a second wandb run for
+    # one training run), and wandb asked for twice is opened once.
+    import types
+
+    import trackers
+
+    run, inits = FakeWandbRun(step=0), []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run))
+    (tmp_path / "wandb_run.json").write_text(json.dumps({"id": "0123456789ab"}) + "\n")
+    trackers.open_trackers(["wandb", "wandb"], tmp_path, "sft", {}, resume_step=2).close()
+    assert [kw["id"] for kw in inits] == ["0123456789ab"]
+    assert json.loads((tmp_path / "wandb_run.json").read_text()) == {"id": "0123456789ab"}
+
+
+def test_tensorboard_resume_keeps_each_step_once(tmp_path):
+    """A run logged steps 1-4 and was killed after its checkpoint at step 2; resumed, it logs step 3
+    again. The reader holds steps 1 and 2 of the first run and the resumed run's 3 (purge_step 3: the killed
+    run's 3 and 4 go, its 2 stays); the resumed run's own file holds step 3 alone (nothing resent) and the
+    flags are written once. A run resumed with tensorboard newly asked for (no folder yet) gets its earlier
+    steps from log.jsonl's lines (backlog), each at its own step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    import trackers
+
+    def scalars(directory):
+        events = EventAccumulator(str(directory / "tensorboard"))
+        events.Reload()
+        return [(s.step, s.value) for s in events.Scalars("loss")], events
+
+    first = trackers.open_trackers(["tensorboard"], tmp_path / "a", "sft", {"lr": 0.5}, resume_step=0)
+    for step in (1, 2, 3, 4):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = trackers.open_trackers(["tensorboard"], tmp_path / "a", "sft", {"lr": 0.5}, resume_step=2,
+                                     backlog=[{"step": s, "loss": float(s)} for s in (1, 2)])
+    resumed.log(3, {"loss": 30.0})
+    resumed.close()
+    held, events = scalars(tmp_path / "a")
+    assert held == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert len(events.Tensors("flags/text_summary")) == 1
+    files = sorted((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    per_file = [[e.step for e in EventFileLoader(str(f)).Load() if any(v.tag == "loss" for v in e.summary.value)]
+                for f in files]
+    assert sorted(per_file, key=len) == [[3], [1, 2, 3, 4]]
+    flags = [[e for e in EventFileLoader(str(f)).Load() if any(v.tag.startswith("flags") for v in e.summary.value)]
+             for f in files]
+    assert sorted(map(len, flags)) == [0, 1]
+
+    late = trackers.open_trackers(["tensorboard"], tmp_path / "b", "sft", {"lr": 0.5}, resume_step=2,
+                                  backlog=[{"step": s, "loss": float(s)} for s in (1, 2)])
+    late.log(3, {"loss": 30.0})
+    late.close()
+    assert scalars(tmp_path / "b")[0] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_closing_closes_every_tracker():
+    # With both trackers, closing must finish the wandb run and flush tensorboard's file, not the first alone.
+    import trackers
+
+    closed = []
+
+    class Tracker:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+    trackers.Trackers([Tracker("tensorboard"), Tracker("wandb")]).close()
+    assert closed == ["tensorboard", "wandb"]
