@@ -1,4 +1,4 @@
-"""Our top-level modules must not share a name with an installed distribution's.
+"""Our top-level modules must not share a name with a package we depend on; and the install on a laptop.
 
 The scripts run from the repository root, which Python puts first on sys.path, so a module of ours
 named like an installed package shadows that package in every process that imports both. That broke
@@ -18,13 +18,39 @@ def our_top_level_names():
     return names - {"conftest"}
 
 
-def test_no_module_of_ours_shadows_an_installed_package():
+def installed_dependencies() -> set[str]:
+    """The distributions our requirement files pull in, with everything they require in turn (as installed
+    here): what a test process may import. Other packages in a user's environment are none of our business."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo = [Requirement(line.split("#")[0].strip()) for name in ("requirements.txt", "requirements-dev.txt")
+            for line in (ROOT / name).read_text().splitlines() if line.split("#")[0].strip() and not line.startswith("-r")]
+    seen = set()
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if name in seen or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        try:
+            todo += [Requirement(text) for text in importlib.metadata.requires(requirement.name) or []]
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+    return seen
+
+
+def test_no_module_of_ours_shadows_a_package_we_depend_on():
+    from packaging.utils import canonicalize_name
+
     names = our_top_level_names()
     assert {"model", "rlhf_kernels", "data", "sft", "released"} <= names  # the listing itself works
-    installed = importlib.metadata.packages_distributions()
-    assert "transformers" in installed  # the test environment is the one that imports both
-    shadowed = {name: installed[name] for name in sorted(names) if name in installed}
-    assert not shadowed, f"modules of ours shadow installed packages (module: distributions): {shadowed}"
+    dependencies = installed_dependencies()
+    assert {"torch", "transformers", "tokenizers", "huggingface-hub"} <= dependencies  # (and kernels, from transformers 5.25)
+    modules = importlib.metadata.packages_distributions()
+    shadowed = {name: modules[name] for name in sorted(names) if name in modules
+                and any(canonicalize_name(d) in dependencies for d in modules[name])}
+    assert not shadowed, f"modules of ours shadow packages the tests import (module: distributions): {shadowed}"
 
 
 def test_a_laptop_without_triton_installs_and_runs_the_pytorch_paths(tmp_path):
