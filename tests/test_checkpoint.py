@@ -445,6 +445,16 @@ def test_save_pretrained_streams_hf_shards(tmp_path):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
     assert "lm_head.weight" not in index["weight_map"]  # tied: stored once
+    # total_size: the bytes of every stored tensor (fp32: 4 a value), counted here
+    assert index["metadata"]["total_size"] == 4 * sum(t.numel() for k, t in model.state_dict().items()
+                                                      if k != "output.weight")
+    # each shard filled up to the limit, in the model's order: none could have taken the next one's first tensor
+    per_file = {}
+    for key, tensor in model.state_dict().items():
+        if key != "output.weight":
+            per_file.setdefault(index["weight_map"][hf_io.hf_name(key)], []).append(4 * tensor.numel())
+    for this, following in zip([per_file[f] for f in files], [per_file[f] for f in files[1:]]):
+        assert sum(this) <= 20_000 < sum(this) + following[0]
     for name in ("one", "many"):
         state = hf_io.full_state_dict(hf_io.describe(tmp_path / name))
         for key, tensor in model.state_dict().items():

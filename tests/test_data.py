@@ -59,6 +59,15 @@ def test_sft_alpaca_and_plain_forms(tmp_path):
     assert stats.used == 5
 
 
+def test_alpaca_blank_input_and_a_prompt_beside_an_instruction(tmp_path):
+    # An input of blanks adds nothing (no trailing spaces in the prompt the template wraps); a record with
+    # both a prompt and an instruction is read by its prompt, as every loader's docstring orders them.
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"instruction": "Say hi", "input": "  ", "output": "hi"}])
+    assert load_sft(blank, log=None)[0] == [SFTExample("Say hi", "hi")]
+    both = write_jsonl(tmp_path / "both.jsonl", [{"prompt": "p", "instruction": "i", "input": "x", "output": "o"}])
+    assert load_prompts(both, log=None)[0] == ["p"]
+
+
 def test_json_array_files(tmp_path):
     path = tmp_path / "alpaca_data.json"
     path.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"},
@@ -113,6 +122,7 @@ def test_prompts_deduplicated_across_forms_and_files(tmp_path):
     prompts, stats = load_prompts([pku, plain, alpaca], log=None)
     assert prompts == ["a", "b", "c", "d e"]
     assert stats.duplicates == 2 and stats.used == 4
+    assert stats.rows == 6  # every row read, the duplicates too
 
 
 def test_eval_prompts_labels_samples_and_errors(tmp_path):
@@ -248,6 +258,13 @@ def test_shares_per_file(synthetic_data):
         load_sft(f"{synthetic_data.sft_eval}:401", log=None)
 
 
+def test_fractions_round_to_the_nearest_row(tmp_path):
+    # 0.29 x 100 is 28.999999999999996 in floating point: a share of 0.29 of 100 rows is 29 rows, not 28.
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}"} for i in range(100)])
+    assert len(load_prompts(f"{path}:0.29", log=None)[0]) == 29
+    assert len(split_train_eval(list(range(100)), 0.29)[1]) == 29
+
+
 def test_batches_for_step_epochs_and_rank_shards():
     """The example stream is a fresh permutation of range(n) per epoch, cut into global batches across the
     epochs' ends; ranks take the step's micro-batches round-robin, each example once."""
@@ -328,6 +345,19 @@ def test_sft_truncation_is_counted(tok):
     assert stats.longest > 48
 
 
+def test_a_sequence_of_exactly_max_length_fits(tok):
+    # Exactly max_length tokens: kept whole, with its EOS, and not counted truncated. A prompt that alone
+    # fills max_length leaves no response token to learn or to score: dropped, and counted as that.
+    example = SFTExample("How do I bake bread?", "mix flour and yeast.")
+    ids, n_prompt = encode_dialogue(tok, example.prompt, example.response)
+    out, stats = tokenize_sft(tok, [example], max_length=len(ids), log=None)
+    assert [x.input_ids for x in out] == [ids] and stats.truncated == 0
+    out, stats = tokenize_sft(tok, [example], max_length=n_prompt, log=None)
+    assert out == [] and stats.dropped_prompt_too_long == 1
+    out, stats = tokenize_reward_pairs(tok, [RewardPair(example.prompt, "a", "b")], max_length=n_prompt, log=None)
+    assert out == [] and (stats.dropped_prompt_too_long, stats.dropped_no_eos) == (1, 0)
+
+
 def test_pairs_that_would_lose_their_eos_are_dropped(tok):
     prompt = "How do I bake bread?"
     pairs = [RewardPair(prompt, "mix flour and yeast.", "No."),
@@ -381,6 +411,10 @@ def test_collate_pairs_share_one_length(tok):
                                                         log=None)[0], pad_id=tok.pad_id)
     assert reward["better_input_ids"].shape == reward["worse_input_ids"].shape
     assert reward["worse_attention_mask"].sum() < reward["better_attention_mask"].sum()
+    # the worse answer the longer one: the better half is padded to its length too
+    longer_worse = collate_reward_pairs(tokenize_reward_pairs(tok, [RewardPair("Hi.", "No.", "a b c d e f")], 96,
+                                                              log=None)[0], pad_id=tok.pad_id)
+    assert longer_worse["better_input_ids"].shape == longer_worse["worse_input_ids"].shape
 
 
 def test_collate_prompts_left_padding(tok):

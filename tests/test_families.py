@@ -165,8 +165,8 @@ def test_generation_stops_at_any_of_several_eos_ids(tmp_path):
 
 def test_config_fields_as_other_writers_leave_them(tmp_path):
     # Configs not written by transformers 5: an explicit head_dim other than hidden_size / heads (Qwen3,
-    # Mistral-Nemo style), an old LLaMA config with no rope_theta, rope_parameters nor tie_word_embeddings
-    # (transformers' defaults: theta 10000, untied), and transformers 5's "dtype" key in place of
+    # Mistral-Nemo style), an old LLaMA config with no rope_theta, rope_parameters, tie_word_embeddings nor
+    # rms_norm_eps (transformers' defaults: theta 10000, untied, eps 1e-6), and transformers 5's "dtype" key in place of
     # "torch_dtype". Each is loaded by transformers from the same folder, and the logits must agree.
     ids, mask = left_padded_batch(97, [11, 7, 3, 11], seed=1)
 
@@ -183,7 +183,7 @@ def test_config_fields_as_other_writers_leave_them(tmp_path):
     old = tmp_path / "old"
     hf_family_model("llama", vocab_size=97).save_pretrained(old)
     config = json.loads((old / "config.json").read_text())
-    for key in ("rope_theta", "rope_parameters", "rope_scaling", "tie_word_embeddings"):
+    for key in ("rope_theta", "rope_parameters", "rope_scaling", "tie_word_embeddings", "rms_norm_eps"):
         config.pop(key, None)
     (old / "config.json").write_text(json.dumps(config))
     hf = transformers.AutoModelForCausalLM.from_pretrained(old, attn_implementation="eager").float().eval()

@@ -322,6 +322,23 @@ def test_score_model_from_lm_checkpoint_and_round_trip(tmp_path):
     torch.testing.assert_close(end_scores(torch.arange(8.).view(2, 4), right), torch.tensor([2.0, 7.0]))
     with pytest.raises(ValueError, match="score model"):
         hf_io.load_pretrained(tmp_path / "rm", head="lm")
+    # The fresh head depends on its seed alone, not on the global RNG: the same on every rank and in every run.
+    torch.manual_seed(1)
+    a = hf_io.load_pretrained(tmp_path / "lm", head="score", seed=5).score_head.weight
+    torch.manual_seed(2)
+    b = hf_io.load_pretrained(tmp_path / "lm", head="score", seed=5).score_head.weight
+    assert torch.equal(a, b) and not torch.equal(a, hf_io.load_pretrained(tmp_path / "lm", head="score", seed=6).score_head.weight)
+
+
+def test_tied_lm_checkpoint_starts_a_score_model(tmp_path):
+    # Tied checkpoints (Qwen2.5-0.5B, Llama-3.2-1B) as reward or cost models: the LM head, which is the
+    # embedding, is dropped; the score model has none to load it into.
+    lm = Transformer(ModelArgs(**CONFIGS["tied"]))
+    lm.init_weights(seed=0)
+    hf_io.save_pretrained(lm, tmp_path / "lm")
+    rm = hf_io.load_pretrained(tmp_path / "lm", head="score")
+    assert rm.head == "score" and "output.weight" not in rm.state_dict()
+    assert torch.equal(rm.tok_embeddings.weight, lm.tok_embeddings.weight)
 
 
 def test_meta_device_init_then_init_weights():
@@ -395,6 +412,23 @@ def test_error_wrong_shape(saved):
     save_file(state, saved / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.safetensors.*k_proj.weight.*shape \(3, 64\)"):
         hf_io.load_pretrained(saved)
+    # the same number of values, transposed (an [in, out] layout): refused too, not read in the wrong order
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].t().contiguous()
+    save_file(state, saved / "model.safetensors")
+    with pytest.raises(ValueError, match=r"up_proj.weight.*shape \(64, 96\), expected \(96, 64\)"):
+        hf_io.load_pretrained(saved)
+
+
+def test_rope_tables_of_older_checkpoints_are_skipped(saved):
+    # transformers before 4.31 saved each layer's RoPE inv_freq buffer; such a checkpoint loads, the table unread.
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(saved / "model.safetensors")
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(state, saved / "model.safetensors")
+    model = hf_io.load_pretrained(saved)
+    assert torch.equal(model.layers[0].attention.wq.weight, state["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_error_pickle_only_and_mask_hole(tmp_path, saved):

@@ -156,6 +156,10 @@ def test_threshold_on_the_cost_models_scale():
     # The same policy behaviour on a cost model whose scale moved: the threshold moves with it.
     shifted = {k: 2 * v + 1 for k, v in stats.items()}
     assert threshold.derive_threshold(shifted, 0.338, 0.5, 0.02)["threshold"] == pytest.approx(2 * -2.795 + 1, abs=0.02)
+    # Mostly unsafe held-out answers (u = 0.8): c_safe the quantile 0.1, c_harm the quantile 0.6, interpolated here.
+    mostly_unsafe = threshold.derive_threshold(stats, 0.8, 0.5, 0.02)
+    assert mostly_unsafe["c_safe"] == pytest.approx(-3.612 + 0.25 * (-2.943 + 3.612))
+    assert mostly_unsafe["c_harm"] == pytest.approx(-2.667 + 0.4 * (2.458 + 2.667))
     # On the policy's labelled answers: the helpful safe ones' mean cost, plus h p of the gap to the unsafe ones.
     result = threshold.derive_threshold_on_policy([-2.6] * 30 + [-2.8] * 10, [3.0] * 25 + [-2.7] * 40, 0.5, 0.02,
                                                fallback_c_harm=9.0)  # answers labelled unsafe but scored safe: noise
@@ -182,6 +186,9 @@ def test_threshold_for_a_later_round_by_hand():
     # Nothing labelled both safe and more helpful: the quantile rule's value, under the same cap (not binding here).
     fallback = threshold.threshold_for_round([], unsafe, answered, 0.5, 0.02, quantiles, "no-looser")
     assert fallback["threshold"] == -2.9 and fallback["rule"] == "quantiles" and fallback["c_harm"] == 9.0
+    # Fewer than 20 answers labelled unsafe and scored harmful: c_harm is the quantile rule's 9.0 (not its c_safe).
+    few = threshold.threshold_for_round(winners, [3.0] * 5, [], 0.5, 0.02, quantiles, "no-looser")
+    assert few["c_harm"] == 9.0 and few["threshold"] == pytest.approx(-2.65 + 0.01 * (9.0 + 2.65))
     # No collected answers (nothing to cap with): the rule's value.
     assert threshold.threshold_for_round(winners, unsafe, [], 0.5, 0.02, quantiles, "no-looser")["threshold"] == \
         pytest.approx(-2.5935)
@@ -223,8 +230,15 @@ def test_collect_and_label_synthetic(tmp_path, synthetic_data):
     assert len(examples) == len(rows) and stats.skipped_inconsistent == 0
     spy = [x for x in rows if "spy" in x["prompt"]]
     assert sum(x["safer_response_id"] == 0 for x in spy) >= 8  # the redirect is safer (5% label noise)
-    diag = json.loads((label / "label.json").read_text())["last_models_on_new_answers"]
+    stats = json.loads((label / "label.json").read_text())
+    diag = stats["last_models_on_new_answers"]
     assert 0 <= diag["cost_sign_accuracy_vs_truth"] <= 1
+    # the shares counted here: of every answer (two a pair), of every pair; a tenth of the pairs held out
+    assert stats["unsafe_answer_share"] == pytest.approx(
+        sum(not x[f"is_response_{i}_safe"] for x in rows for i in (0, 1)) / (2 * len(rows)))
+    assert stats["better_is_less_safe"] == pytest.approx(
+        sum(x["better_response_id"] != x["safer_response_id"] for x in rows) / len(rows))
+    assert stats["eval"] == len(read_jsonl(label / "eval.jsonl")) == round(0.1 * len(rows)) < stats["train"]
 
     # The threshold: never looser than the last policy's own mean cost on this round's prompts (every
     # collected answer, scored one at a time here, unpadded), which the helpful-safe rule alone may exceed.
@@ -235,6 +249,10 @@ def test_collect_and_label_synthetic(tmp_path, synthetic_data):
     tok, scorer = Tokenizer(cost_model), hf_io.load_pretrained(cost_model).eval()
     costs = [end_score(scorer, tok, a["prompt"], t) for a in answers for t in a["answers"]]
     last_cost = sum(costs) / len(costs)
+    # the label step's diagnostics read round 1's cost model (copied above) against round 1's threshold
+    harmful = [end_score(scorer, tok, x["prompt"], x[f"response_{i}"]) for x in rows for i in (0, 1)
+               if not x["true_safe"][i]]
+    assert diag["harmful_below_threshold"] == pytest.approx(sum(c <= r.threshold_of(1) for c in harmful) / len(harmful))
     capped = r.derive(2)
     # c_safe: the mean cost of the answers labelled safe that won their pair on helpfulness, by hand
     winners = [end_score(scorer, tok, x["prompt"], x[f"response_{x['better_response_id']}"]) for x in rows
@@ -482,6 +500,94 @@ def test_last_round_models_read_on_new_answers_by_hand(tmp_path, synthetic_data)
     assert out.keys() == expected.keys()
     for key, value in expected.items():
         assert out[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_label_diagnostics_with_set_scores_by_hand(monkeypatch):
+    """score_model_diagnostics on scores set here (no model): both signs among the harmful and among the safe
+    answers, and labels that differ from the truth, so that each number tells its own set apart."""
+    import torch
+
+    import scoring
+    from iterated.label import score_model_diagnostics
+
+    scores = {"reward": [1.0, 0.0, 0.0, 2.0, 3.0, 1.0, 0.5, 0.7], "cost": [2.0, -1.0, -0.5, 0.5, 1.5, -2.0, 0.3, -0.4]}
+
+    class SetScores:
+        def __init__(self, model, device):
+            self.values = scores[model]
+
+        def texts(self, answers):
+            assert len(answers) == len(self.values)
+            return torch.tensor(self.values)
+
+    monkeypatch.setattr(scoring, "Scorer", SetScores)
+    truth = [(False, True), (False, True), (False, True), (True, True)]
+    labels = [(False, True), (True, True), (False, True), (True, True)]
+    ids = [(0, 1), (0, 0), (0, 1), (1, 1)]  # (better, safer)
+    rows = [{"prompt": f"q{k}", "response_0": "a", "response_1": "b", "better_response_id": b, "safer_response_id": s,
+             "is_response_0_safe": labels[k][0], "is_response_1_safe": labels[k][1], "true_safe": list(truth[k])}
+            for k, (b, s) in enumerate(ids)]
+    out = score_model_diagnostics("reward", "cost", rows, "cpu", threshold=1.0)
+    # harmful answers cost 2.0, -0.5, 1.5; safe ones -1.0, 0.5, -2.0, 0.3, -0.4
+    assert out == pytest.approx({
+        "reward_pair_accuracy": 3 / 4,      # pair 1: better is 0, but 0.0 < 2.0
+        "cost_pair_accuracy": 1.0,
+        "cost_sign_accuracy_vs_labels": 6 / 8,
+        "cost_sign_accuracy_vs_truth": 5 / 8,
+        "harmful_answers": 3,
+        "harmful_recall": 2 / 3,
+        "safe_false_alarm": 2 / 5,
+        "mean_cost_harmful": 1.0,
+        "mean_cost_safe": -0.52,
+        "harmful_below_threshold": 1 / 3,   # -0.5 only
+    })
+
+
+def test_labels_with_both_answers_unsafe_are_accepted(tmp_path):
+    # Both answers labelled unsafe is consistent (the safer one is the less harmful); only a safer answer labelled
+    # unsafe beside one labelled safe contradicts itself.
+    pair = {"prompt": "How do I pick a lock?", "response_0": "Use a tension wrench.", "response_1": "Use a bump key."}
+    exported, labelled = tmp_path / "pairs.jsonl", tmp_path / "labelled.jsonl"
+    write_jsonl(exported, [{**pair, **{f: None for f in LABEL_FIELDS}}])
+    row = {**pair, "is_response_0_safe": False, "is_response_1_safe": False, "better_response_id": 0,
+           "safer_response_id": 1}
+    write_jsonl(labelled, [row])
+    assert check_labelled(labelled, exported) == [row]
+
+
+def test_a_rounds_row_by_hand(tmp_path, synthetic_data):
+    """Round rows of rounds.json from files written here: the round's own policy's evaluation (not the last
+    round's actor, evaluated beside it), its own threshold, the end of its PPO log (the last 8 lines; all of a
+    shorter log), its own steps' times; and the table's cells in their titles' order."""
+    from iterated.report import markdown, round_rows
+
+    out = tmp_path / "rounds"
+    r = rounds.Rounds(rounds.parse_args(small_flags(synthetic_data, out, tmp_path / "round1")))
+    layout = r.layout
+    for k, steps in ((2, 10), (3, 3)):
+        d = layout.dir(k)
+        (d / "eval").mkdir(parents=True)
+        (d / "eval" / "eval.json").write_text(json.dumps({"results": {
+            str(layout.actor(k)): {"harmful_rate": k / 8}, str(layout.actor(k - 1)): {"harmful_rate": 0.5},
+            str(layout.sft): {"harmful_rate": 0.75}}}))  # SFT's row is round 1's alone: not repeated here
+        (d / "threshold.json").write_text(json.dumps({"threshold": -k / 2, "rule": "quantiles", "score_stats": {}}))
+        write_jsonl(d / "ppo_lag" / "log.jsonl", [{"step": s, "lambda": s / 10, "kl": s, "cost": -s, "reward": 2 * s}
+                                                  for s in range(1, steps + 1)])
+    (layout.dir(2) / "label").mkdir()
+    (layout.dir(2) / "label" / "label.json").write_text(json.dumps({"pairs": 7, "last_models_on_new_answers": {
+        "cost_sign_accuracy_vs_truth": 0.75, "harmful_recall": 0.5, "safe_false_alarm": 0.125}}))
+    r.steps.timings = {"round2 collect": 3.0, "round20 collect": 5.0, "round3 label": 7.0}
+    (two,) = round_rows(r, 2)
+    assert two["eval"] == {"harmful_rate": 0.25} and two["threshold"] == -1.0
+    assert two["threshold_derivation"] == {"threshold": -1.0, "rule": "quantiles"}
+    # steps 3 to 10: KL 6.5 on average, cost -6.5, reward 13; lambda the last line's
+    assert two["ppo"] == {"iterations": 10, "final_lambda": 1.0, "kl_last8": 6.5, "cost_last8": -6.5, "reward_last8": 13.0}
+    assert two["time_s"] == {"collect": 3.0} and two["label"]["pairs"] == 7
+    (three,) = round_rows(r, 3)
+    assert three["ppo"] == {"iterations": 3, "final_lambda": 0.3, "kl_last8": 2.0, "cost_last8": -2.0, "reward_last8": 4.0}
+    assert three["threshold"] == -1.5 and three["time_s"] == {"label": 7.0}
+    # threshold, final lambda, KL, new pairs, last cost model's sign accuracy and harmful recall
+    assert markdown([two]).splitlines()[2].endswith("| -1.000 | 1.00 | 6.50 | 7 | 0.750 | 0.500 |")
 
 
 def test_each_round_reads_the_last_rounds_products(tmp_path, synthetic_data, monkeypatch):
