@@ -66,7 +66,7 @@ def collect(rounds, r: int):
     # 3. pairs to label: distinct answers of one prompt (those the source can have ranked)
     pairs = make_pairs(answers, rng, r, args.pairs_per_prompt, source.rankable)
     if not pairs:  # not an error: the round's PPO still trains on its fresh (and red-team) prompts
-        distinct = sum(len({t for t in row["answers"] if t.strip()}) > 1 for row in answers)
+        distinct = sum(len(distinct_answers(row)) > 1 for row in answers)
         why = (f"no prompt got two distinct answers in {K} samples (a collapsed policy?)" if not distinct else
                f"{distinct} of {len(rows)} prompts got two distinct answers, but no pair of them can be ranked")
         print(f"warning: round {r} collect: no pair to label: {why}. This round's score models retrain on the earlier "
@@ -86,12 +86,17 @@ def collect(rounds, r: int):
                       if k != "failure_cells"), flush=True)
 
 
+def distinct_answers(row) -> list[str]:
+    """A prompt's answers that can be paired: non-blank, each once, in the order sampled."""
+    return list(dict.fromkeys(t for t in row["answers"] if t.strip()))
+
+
 def make_pairs(answers, rng, r: int, pairs_per_prompt: int, rankable) -> list[dict]:
     """Up to `pairs_per_prompt` pairs of distinct answers per prompt, disjoint pairs first, as
     PKU-SafeRLHF rows with the label fields null; `rankable(prompt, a, b)` filters them."""
     pairs = []
     for row in answers:
-        distinct = list(dict.fromkeys(t for t in row["answers"] if t.strip()))
+        distinct = distinct_answers(row)
         rng.shuffle(distinct)
         order = [(distinct[i], distinct[i + 1]) for i in range(0, len(distinct) - 1, 2)]
         order += [p for p in itertools.combinations(distinct, 2) if p not in order]

@@ -18,14 +18,21 @@ def our_top_level_names():
     return names - {"conftest"}
 
 
+def requirements(*files) -> list:
+    """The requirement lines of our requirement files (comments and `-r` includes left out), parsed."""
+    from packaging.requirements import Requirement
+
+    lines = [line.split("#")[0].strip() for name in files for line in (ROOT / name).read_text().splitlines()]
+    return [Requirement(line) for line in lines if line and not line.startswith("-r")]
+
+
 def installed_dependencies() -> set[str]:
     """The distributions our requirement files pull in, with everything they require in turn (as installed
     here): what a test process may import. Other packages in a user's environment are none of our business."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    todo = [Requirement(line.split("#")[0].strip()) for name in ("requirements.txt", "requirements-dev.txt")
-            for line in (ROOT / name).read_text().splitlines() if line.split("#")[0].strip() and not line.startswith("-r")]
+    todo = requirements("requirements.txt", "requirements-dev.txt")
     seen = set()
     while todo:
         requirement = todo.pop()
@@ -59,11 +66,8 @@ def test_a_laptop_without_triton_installs_and_runs_the_pytorch_paths(tmp_path):
     import subprocess
     import sys
 
-    from packaging.requirements import Requirement
-
-    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    requirements = {r.name: r for r in map(Requirement, filter(None, lines))}
-    on = {system: {name for name, r in requirements.items() if r.marker is None or r.marker.evaluate(
+    runtime = {r.name: r for r in requirements("requirements.txt")}
+    on = {system: {name for name, r in runtime.items() if r.marker is None or r.marker.evaluate(
         {"platform_system": system, "sys_platform": system.lower()})} for system in ("Linux", "Darwin", "Windows")}
     assert "triton" in on["Linux"] and "torch" in on["Darwin"]
     assert on["Darwin"] == on["Windows"] == on["Linux"] - {"triton"}
