@@ -54,21 +54,41 @@ def split_id(text: str) -> tuple[str, str | None]:
 
 
 def snapshot(repo_id: str, revision: str | None, repo_type: str, patterns: list[str],
-             commit: str | None = None) -> Path:
+             commit: str | None = None, cache_only: bool = False) -> Path:
     """The snapshot folder of `repo_id` at `revision` in the HF cache, with the files matching `patterns`
     downloaded first when they are missing and the network is allowed. The folder is named after the
     commit it holds: a later call passes it as `commit` to read that same commit (messages still name
-    `revision`, as the user wrote it)."""
-    with _hub_errors(repo_id, revision, repo_type):
-        from huggingface_hub import snapshot_download
+    `revision`, as the user wrote it). cache_only: never ask the Hub (as HF_HUB_OFFLINE=1 does).
 
-        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=commit or revision,
-                                      allow_patterns=patterns))
+    When the Hub cannot be reached or fails, the cache is read, as snapshot_download itself does for a
+    branch or tag. Some releases (huggingface_hub 1.33) do not for a commit hash, the revision of every
+    call after the first: they ask the Hub for that commit's file listing whenever the cache has none
+    beside the snapshot (a cache filled by transformers' from_pretrained, which downloads file by file,
+    or by an older client), even under HF_HUB_OFFLINE=1. So offline, the cache is asked for directly,
+    and a failure that is not the Hub's answer about the repo falls back to it."""
+    with _hub_errors(repo_id, revision, repo_type):
+        from huggingface_hub import constants, errors, snapshot_download
+
+        def download(local_files_only: bool) -> Path:
+            return Path(snapshot_download(repo_id, repo_type=repo_type, revision=commit or revision,
+                                          allow_patterns=patterns, local_files_only=local_files_only))
+
+        if cache_only or constants.HF_HUB_OFFLINE:
+            return download(True)
+        try:
+            return download(False)
+        except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError):
+            raise  # the Hub's answer: said as such by _hub_errors
+        except Exception as failure:  # no connection (its type depends on the HTTP library), 5xx, 401, 429
+            try:
+                return download(True)
+            except errors.LocalEntryNotFoundError as missing:
+                raise missing from failure
 
 
 def repo_files(repo_id: str, revision: str | None, commit: str, repo_type: str) -> list[str]:
     """Every file of the repo at `commit` (paths in the repo), without downloading any: the listing
-    huggingface_hub >= 2 keeps in the cache beside a snapshot it downloaded (that commit's: exact, and no
+    recent huggingface_hub releases keep in the cache beside a snapshot they downloaded (that commit's: exact, and no
     request), else the Hub's listing, else (offline, or the Hub cannot be reached or refuses) the files of
     the cached snapshot."""
     with _hub_errors(repo_id, revision, repo_type):
@@ -77,7 +97,7 @@ def repo_files(repo_id: str, revision: str | None, commit: str, repo_type: str) 
         try:
             from huggingface_hub import get_cached_repo_tree
             from huggingface_hub.errors import CachedRepoTreeNotFoundError
-        except ImportError:  # huggingface_hub < 2
+        except ImportError:  # older huggingface_hub
             pass
         else:
             try:
@@ -91,7 +111,7 @@ def repo_files(repo_id: str, revision: str | None, commit: str, repo_type: str) 
                 raise
             except Exception:  # no connection (its type depends on the HTTP library), the Hub down (5xx),
                 pass           # rate-limited (429), a token gone: the cache, as snapshot_download falls back to it
-    folder = snapshot(repo_id, revision, repo_type, [], commit)  # nothing to download: the cached folder
+    folder = snapshot(repo_id, revision, repo_type, [], commit, cache_only=True)
     return [f.relative_to(folder).as_posix() for f in sorted(folder.rglob("*")) if f.is_file()]
 
 

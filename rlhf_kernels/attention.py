@@ -265,9 +265,11 @@ if TRITON_AVAILABLE:
         "dq": dict(BLOCK_M=32, BLOCK_N=16),
     }
 
-    # GPU configs are (BLOCK_M, BLOCK_N, num_warps, num_stages). They were picked by
-    # compiling for sm_90 and discarding shapes that spill registers at D = 128;
-    # they have not been timed on a GPU yet.
+    # GPU configs are (BLOCK_M, BLOCK_N, num_warps, num_stages), picked by compiling for
+    # sm_90 and discarding shapes that spilled registers at D = 128; not yet timed on a GPU.
+    # bench/compile_kernels.py recompiles them all (tests/test_compile_kernels.py: bf16, D = 128):
+    # with Triton 3.9 one forward and four dK/dV configs spill 16-192 bytes, which the
+    # autotuner's timing will weigh.
     def _autotune(configs, key):
         """autotune over (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
         return autotune([triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)

@@ -338,8 +338,9 @@ if TRITON_AVAILABLE:
     # ---- fused_linear_logprobs ----
 
     def _fused_configs():
-        # (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages): shapes that compile for
-        # sm_90 without register spills; not yet timed on a GPU.
+        # (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages): shapes that compile for sm_90
+        # (bench/compile_kernels.py), all without register spills but one forward config (8 bytes,
+        # Triton 3.9, bf16); not yet timed on a GPU.
         shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3),
                   (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)]
         return [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_D=d), num_warps=w, num_stages=s) for n, v, d, w, s in shapes]

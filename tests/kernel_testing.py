@@ -25,11 +25,30 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved_interpret
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-TRITON_RUNNABLE = rlhf_kernels.TRITON_AVAILABLE and (HAS_CUDA or rlhf_kernels.TRITON_INTERPRETED)
-needs_triton = pytest.mark.skipif(
-    not TRITON_RUNNABLE,
-    reason="Triton kernels cannot run here (no triton, or `kernels` was imported before TRITON_INTERPRET=1 was set)",
-)
+
+
+def _why_triton_cannot_run() -> str | None:
+    if not rlhf_kernels.TRITON_AVAILABLE:
+        return "triton is not installed"
+    if HAS_CUDA:
+        return None
+    if not rlhf_kernels.TRITON_INTERPRETED:
+        return "no GPU, and rlhf_kernels was imported before TRITON_INTERPRET=1 was set"
+    import numpy
+    import triton
+
+    def version(module):
+        return tuple(int(part) for part in module.__version__.split(".")[:2])
+
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):  # the interpreter's tensor.__index__ is int(1-element array)
+        return (f"Triton {triton.__version__}'s interpreter fails on NumPy {numpy.__version__} (int() of a 1-element "
+                "array, refused since NumPy 2.4): use triton >= 3.7 or numpy < 2.4 to run the kernels on a CPU")
+    return None
+
+
+WHY_TRITON_CANNOT_RUN = _why_triton_cannot_run()
+TRITON_RUNNABLE = WHY_TRITON_CANNOT_RUN is None
+needs_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason=f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="bf16 tl.dot is wrong in Triton's interpreter; bf16 is tested on a GPU")
 
 

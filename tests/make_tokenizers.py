@@ -199,7 +199,7 @@ def _spm_vocab_and_merges(model_path: Path):
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     controls = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i)]
-    return sp, vocab, generate_merges(vocab), controls
+    return sp, vocab, generate_merges(vocab, None), controls  # None: vocab order (required in transformers 5.17)
 
 
 LLAMA2_TOKENIZER_CONFIG = {  # the fields of Llama-2-7b-hf's tokenizer_config.json that matter here

@@ -12,7 +12,8 @@ KERNELS_TEST_SEED to draw different ones); lengths are never multiples of a bloc
 import pytest
 import torch
 
-from kernel_testing import DEVICE, HAS_CUDA, TRITON_RUNNABLE, draw, rlhf_kernels, needs_cuda, needs_triton, rng_for
+from kernel_testing import (DEVICE, HAS_CUDA, TRITON_RUNNABLE, WHY_TRITON_CANNOT_RUN, draw, needs_cuda, needs_triton,
+                            rlhf_kernels, rng_for)
 
 # (atol, rtol) for the output and for the gradients, per input dtype.
 TOLERANCES = {
@@ -124,7 +125,7 @@ SCENARIOS = ["prefill", "chunked_prefill", "decode", "left_padding", "non_causal
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_matches_reference(request, impl, dtype, group, scenario):
     if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip("Triton kernels cannot run here")
+        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
     gen = rng_for(request)
     check_against_reference(IMPLEMENTATIONS[impl], *make_case(gen, scenario, group, dtype), gen)
 
@@ -132,7 +133,7 @@ def test_matches_reference(request, impl, dtype, group, scenario):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_head_dim_128_and_custom_scale(request, impl):
     if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip("Triton kernels cannot run here")
+        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
     gen = rng_for(request)
     q, k, v, causal, kv_start = make_case(gen, "chunked_prefill", 2, torch.float32, head_dim=128)
     check_against_reference(IMPLEMENTATIONS[impl], q, k, v, causal, kv_start, gen, softmax_scale=0.05)
@@ -142,7 +143,7 @@ def test_head_dim_128_and_custom_scale(request, impl):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "non_causal"])
 def test_fully_masked_rows_are_zero_with_zero_grad(request, impl, causal):
     if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip("Triton kernels cannot run here")
+        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
     gen = rng_for(request)
     batch, q_len, k_len, q_heads, kv_heads, head_dim = 3, 21, 37, 4, 2, 32
     q = torch.randn(batch, q_len, q_heads, head_dim, generator=gen).to(DEVICE).requires_grad_()
@@ -170,7 +171,7 @@ def test_fully_masked_rows_are_zero_with_zero_grad(request, impl, causal):
 def test_non_contiguous_inputs(request, impl):
     """A slice of a preallocated KV cache and a transposed query, as the model passes them."""
     if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip("Triton kernels cannot run here")
+        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
     gen = rng_for(request)
     batch, q_heads, kv_heads, head_dim, cache_len, k_len, q_len = 2, 4, 2, 32, 64, 45, 13
     q = torch.randn(batch, q_heads, q_len, head_dim, generator=gen).to(DEVICE).transpose(1, 2)  # [B, Tq, Hq, D] view
@@ -185,7 +186,7 @@ def test_non_contiguous_inputs(request, impl):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_inference_under_no_grad(request, impl):
     if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip("Triton kernels cannot run here")
+        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
     gen = rng_for(request)
     q, k, v, causal, kv_start = make_case(gen, "decode", 2, torch.float32)
     with torch.no_grad():
