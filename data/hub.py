@@ -80,6 +80,8 @@ def snapshot(repo_id: str, revision: str | None, repo_type: str, patterns: list[
         except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError):
             raise  # the Hub's answer: said as such by _hub_errors
         except Exception as failure:  # no connection (its type depends on the HTTP library), 5xx, 401, 429
+            if isinstance(failure, OSError) and failure.errno is not None:
+                raise  # this machine's own (a full disk, a permission), not the Hub's: said as it is
             try:
                 return download(True)
             except errors.LocalEntryNotFoundError as missing:

@@ -145,6 +145,41 @@ def test_model_ids_revisions_and_a_local_folder_of_the_same_name(offline, tmp_pa
     assert hf_io.resolve_model(MODEL) == MODEL
 
 
+def test_a_failure_on_the_way_to_the_hub_reads_the_cache_but_a_full_disk_is_said(hub, monkeypatch):
+    """Online, a commit (every call after a model's first): a request that fails (huggingface_hub 1.33 raises
+    for a commit's listing rather than reading the cache, which .ci/run's second environment checks with the
+    real client) falls back to the snapshot in the cache; a failure of this machine's disk is not taken for
+    the Hub's and is raised as it is; the Hub's answer about the repo is said as such."""
+    import errno
+
+    from data import hub as hub_module
+
+    cache, first, _ = hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    real = huggingface_hub.snapshot_download
+    import httpx  # huggingface_hub's HTTP library since 1.0
+
+    answer = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/x/revision/v9"))
+    failures = iter([ConnectionError("the Hub is unreachable"), TimeoutError("the Hub did not answer"),
+                     OSError(errno.ENOSPC, "No space left on device"),
+                     huggingface_hub.errors.RevisionNotFoundError("no such revision", response=answer)])
+
+    def failing_online(*args, local_files_only=False, **kwargs):
+        if not local_files_only:
+            raise next(failures)
+        return real(*args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing_online)
+    folder = cache / f"models--{MODEL.replace('/', '--')}" / "snapshots" / first
+    for _ in range(2):
+        assert hub_module.snapshot(MODEL, None, "model", ["config.json"], commit=first) == folder
+    with pytest.raises(OSError, match="No space left"):
+        hub_module.snapshot(MODEL, None, "model", ["config.json"], commit=first)
+    with pytest.raises(HubError, match=f"model {MODEL} at revision v9: no such revision"):
+        hub_module.snapshot(MODEL, "v9", "model", ["config.json"])
+
+
 def test_model_id_errors_say_which_id_and_what_to_do(offline):
     import os
     import re
