@@ -257,7 +257,7 @@ if TRITON_AVAILABLE:
 
     # Under the interpreter (CPU testing) the block sizes are fixed and small, and
     # deliberately unequal so that the block arithmetic is exercised.
-    from .triton_common import autotune, dot_precision, launcher
+    from .triton_common import FP_FUSION, autotune, dot_precision, launcher
 
     INTERPRETER_BLOCKS = {
         "fwd": dict(BLOCK_M=32, BLOCK_N=16),
@@ -636,7 +636,7 @@ if TRITON_AVAILABLE:
             delta_block = 64
             _attn_bwd_delta_kernel[(triton.cdiv(q_len, delta_block), batch * q_heads)](
                 out, grad_out, delta, *out.stride(), *grad_out.stride(), q_len, q_heads,
-                HEAD_DIM=head_dim, BLOCK_M=delta_block,
+                HEAD_DIM=head_dim, BLOCK_M=delta_block, **FP_FUSION,
             )
             dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)

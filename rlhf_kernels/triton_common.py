@@ -21,13 +21,18 @@ def autotune(configs, key):
     return triton.autotune(configs=configs, key=key)
 
 
+# Fused multiply-adds, said explicitly: Triton 3.9 warns at every compile that its default (on) turns
+# off in 3.10, which would change the kernels' rounding and speed with the Triton version installed.
+FP_FUSION = dict(enable_fp_fusion=True)
+
+
 def launcher(interpreter_blocks: dict):
     """launch(kernel, grid, args, name, **constexprs): under the interpreter the block sizes come
     from interpreter_blocks[name] (autotuning is off there); on a GPU the autotuner picks them."""
     def launch(kernel, grid, args, name, **constexprs):
         if INTERPRETED:
             constexprs.update(interpreter_blocks[name])
-        kernel[grid](*args, **constexprs)
+        kernel[grid](*args, **constexprs, **FP_FUSION)
     return launch
 
 

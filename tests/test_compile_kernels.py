@@ -36,6 +36,7 @@ def test_every_kernel_and_autotune_config_compiles_for_hopper_in_bf16(tmp_path):
                            "--dtypes", "bfloat16", "--head-dims", "128", "--causal-only", "--json", str(out)],
                           env=compile_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "TRITON_DEFAULT_FP_FUSION is unset" not in proc.stderr  # Triton 3.9's warning: every launch says it
     report = json.loads(out.read_text())
     assert report["failures"] == []
     rows = report["rows"]
