@@ -16,6 +16,10 @@ PY="${PYTHON:-python3}"
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  "$PY" -m pip list 2>/dev/null | grep -i -E '^(transformers|huggingface.hub|tokenizers|numpy|safetensors|sentencepiece) '
+  # The kernels as this Triton compiles them for this GPU: registers, spills, shared memory (seconds; cached after).
+  "$PY" bench/compile_kernels.py --arch "$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)')" \
+    --first-config --causal-only --dtypes bfloat16 | tail -n 12
 } 2>&1 | tee "$LOGS/env.log"
 
 step() {  # step NAME COMMAND...: run, log, keep going on failure
