@@ -48,14 +48,22 @@ NUM_SMS = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
+                        help="CUDA compute capability x 10 (90: H100/H200, 80: A100)")
     parser.add_argument("--dtypes", default="bfloat16", help="comma-separated input dtypes (bfloat16, float16, float32)")
     parser.add_argument("--head-dims", default="128", help="comma-separated attention head dims (16, 32, 64, 128)")
     parser.add_argument("--first-config", action="store_true",
                         help="each autotuned kernel's first config only (what KERNELS_AUTOTUNE=0 runs)")
     parser.add_argument("--causal-only", action="store_true", help="attention: causal only (every stage's case)")
     parser.add_argument("--json", default=None, help="write every variant's numbers to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in args.dtypes.split(","):
+        if name not in ("bfloat16", "float16", "float32"):
+            parser.error(f"--dtypes: {name!r} is not one of bfloat16, float16, float32")
+    for dim in args.head_dims.split(","):
+        if dim not in ("16", "32", "64", "128"):
+            parser.error(f"--head-dims: {dim!r} is not one of 16, 32, 64, 128 (the attention kernel's)")
+    return args
 
 
 @contextlib.contextmanager
