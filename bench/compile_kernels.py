@@ -71,13 +71,15 @@ def offline_compilation(arch: int, first_config: bool = False):
     """Inside: every Triton launch compiles for sm_<arch> and launches nothing. Yields (compiled,
     failures): dicts of the variants compiled (kernel, config, compiled kernel) and of those that
     failed (kernel, config, error), filled as launches happen."""
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-        raise RuntimeError("offline compilation compiles for a GPU: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     import torch
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
+
+    if triton.knobs.runtime.interpret:  # TRITON_INTERPRET, as Triton reads it
+        raise RuntimeError("offline compilation compiles for a GPU: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
     class OfflineDriver:
         """Stands in for Triton's CUDA driver: reports the target GPU, so that launches compile for it."""
@@ -133,13 +135,14 @@ def resources(cubin: bytes) -> dict:
     """Registers and stack frame per thread of a cubin's kernel, as cuobjdump (shipped with Triton) reads them."""
     import triton
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
+    try:
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+    except RuntimeError:  # not shipped with this Triton, nor named by TRITON_CUOBJDUMP_PATH
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
+        text = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
     found = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
     return dict(registers=found.get("REG"), stack=max(found.get("STACK", 0), found.get("LOCAL", 0)))

@@ -257,12 +257,13 @@ if TRITON_AVAILABLE:
 
     # Under the interpreter (CPU testing) the block sizes are fixed and small, and
     # deliberately unequal so that the block arithmetic is exercised.
-    from .triton_common import FP_FUSION, autotune, dot_precision, launcher
+    from .triton_common import autotune, dot_precision, launcher
 
     INTERPRETER_BLOCKS = {
         "fwd": dict(BLOCK_M=32, BLOCK_N=16),
         "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
         "dq": dict(BLOCK_M=32, BLOCK_N=16),
+        "delta": {},  # one fixed block on the GPU too
     }
 
     # GPU configs are (BLOCK_M, BLOCK_N, num_warps, num_stages), picked by compiling for
@@ -634,9 +635,11 @@ if TRITON_AVAILABLE:
 
             delta = torch.empty_like(lse)
             delta_block = 64
-            _attn_bwd_delta_kernel[(triton.cdiv(q_len, delta_block), batch * q_heads)](
-                out, grad_out, delta, *out.stride(), *grad_out.stride(), q_len, q_heads,
-                HEAD_DIM=head_dim, BLOCK_M=delta_block, **FP_FUSION,
+            _launch(
+                _attn_bwd_delta_kernel, (triton.cdiv(q_len, delta_block), batch * q_heads),
+                (out, grad_out, delta, *out.stride(), *grad_out.stride(), q_len, q_heads),
+                "delta",
+                HEAD_DIM=head_dim, BLOCK_M=delta_block,
             )
             dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)

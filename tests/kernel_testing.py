@@ -48,7 +48,14 @@ def _why_triton_cannot_run() -> str | None:
 
 WHY_TRITON_CANNOT_RUN = _why_triton_cannot_run()
 TRITON_RUNNABLE = WHY_TRITON_CANNOT_RUN is None
-needs_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason=f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
+TRITON_SKIP_REASON = f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}"
+needs_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason=TRITON_SKIP_REASON)
+
+
+def skip_if_triton_cannot_run(impl: str):
+    """In a test parametrized over impl ("triton" or "torch"): skip the Triton case where it cannot run."""
+    if impl == "triton" and not TRITON_RUNNABLE:
+        pytest.skip(TRITON_SKIP_REASON)
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="bf16 tl.dot is wrong in Triton's interpreter; bf16 is tested on a GPU")
 
 

@@ -12,8 +12,8 @@ KERNELS_TEST_SEED to draw different ones); lengths are never multiples of a bloc
 import pytest
 import torch
 
-from kernel_testing import (DEVICE, HAS_CUDA, TRITON_RUNNABLE, WHY_TRITON_CANNOT_RUN, draw, needs_cuda, needs_triton,
-                            rlhf_kernels, rng_for)
+from kernel_testing import (DEVICE, HAS_CUDA, draw, needs_cuda, needs_triton, rlhf_kernels, rng_for,
+                            skip_if_triton_cannot_run)
 
 # (atol, rtol) for the output and for the gradients, per input dtype.
 TOLERANCES = {
@@ -124,16 +124,14 @@ SCENARIOS = ["prefill", "chunked_prefill", "decode", "left_padding", "non_causal
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_matches_reference(request, impl, dtype, group, scenario):
-    if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
+    skip_if_triton_cannot_run(impl)
     gen = rng_for(request)
     check_against_reference(IMPLEMENTATIONS[impl], *make_case(gen, scenario, group, dtype), gen)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_head_dim_128_and_custom_scale(request, impl):
-    if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
+    skip_if_triton_cannot_run(impl)
     gen = rng_for(request)
     q, k, v, causal, kv_start = make_case(gen, "chunked_prefill", 2, torch.float32, head_dim=128)
     check_against_reference(IMPLEMENTATIONS[impl], q, k, v, causal, kv_start, gen, softmax_scale=0.05)
@@ -142,8 +140,7 @@ def test_head_dim_128_and_custom_scale(request, impl):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "non_causal"])
 def test_fully_masked_rows_are_zero_with_zero_grad(request, impl, causal):
-    if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
+    skip_if_triton_cannot_run(impl)
     gen = rng_for(request)
     batch, q_len, k_len, q_heads, kv_heads, head_dim = 3, 21, 37, 4, 2, 32
     q = torch.randn(batch, q_len, q_heads, head_dim, generator=gen).to(DEVICE).requires_grad_()
@@ -170,8 +167,7 @@ def test_fully_masked_rows_are_zero_with_zero_grad(request, impl, causal):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_non_contiguous_inputs(request, impl):
     """A slice of a preallocated KV cache and a transposed query, as the model passes them."""
-    if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
+    skip_if_triton_cannot_run(impl)
     gen = rng_for(request)
     batch, q_heads, kv_heads, head_dim, cache_len, k_len, q_len = 2, 4, 2, 32, 64, 45, 13
     q = torch.randn(batch, q_heads, q_len, head_dim, generator=gen).to(DEVICE).transpose(1, 2)  # [B, Tq, Hq, D] view
@@ -185,8 +181,7 @@ def test_non_contiguous_inputs(request, impl):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_inference_under_no_grad(request, impl):
-    if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
+    skip_if_triton_cannot_run(impl)
     gen = rng_for(request)
     q, k, v, causal, kv_start = make_case(gen, "decode", 2, torch.float32)
     with torch.no_grad():

@@ -152,14 +152,14 @@ def test_a_failure_on_the_way_to_the_hub_reads_the_cache_but_a_full_disk_is_said
     the Hub's and is raised as it is; the Hub's answer about the repo is said as such."""
     import errno
 
+    import httpx  # huggingface_hub's HTTP library since 1.0
+
     from data import hub as hub_module
 
     cache, first, _ = hub
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     real = huggingface_hub.snapshot_download
-    import httpx  # huggingface_hub's HTTP library since 1.0
-
     answer = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/x/revision/v9"))
     failures = iter([ConnectionError("the Hub is unreachable"), TimeoutError("the Hub did not answer"),
                      OSError(errno.ENOSPC, "No space left on device"),

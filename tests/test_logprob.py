@@ -12,8 +12,7 @@ tiles, row chunks and backward vocabulary chunks.
 import pytest
 import torch
 
-from kernel_testing import (DEVICE, TRITON_RUNNABLE, WHY_TRITON_CANNOT_RUN, draw, needs_cuda, needs_triton, rlhf_kernels,
-                            rng_for)
+from kernel_testing import DEVICE, draw, needs_cuda, needs_triton, rlhf_kernels, rng_for, skip_if_triton_cannot_run
 
 logprob_module = rlhf_kernels.logprob  # its chunk sizes are shrunk below
 
@@ -60,8 +59,7 @@ def assert_close(got, want, tol, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("leading", ["flat", "batched"])
 def test_logprobs_from_logits(request, small_chunks, impl, dtype, leading):
-    if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
+    skip_if_triton_cannot_run(impl)
     gen = rng_for(request)
     vocab = draw_not_multiple(gen, 40, 300, of=32)
     shape = (draw(gen, 3, 40),) if leading == "flat" else (draw(gen, 1, 3), draw(gen, 2, 13))
@@ -88,8 +86,7 @@ def test_logprobs_from_logits(request, small_chunks, impl, dtype, leading):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("loss", ["logp", "entropy", "both"])
 def test_fused_linear_logprobs(request, small_chunks, impl, dtype, loss):
-    if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
+    skip_if_triton_cannot_run(impl)
     gen = rng_for(request)
     rows, vocab, dim = draw_not_multiple(gen, 5, 45), draw_not_multiple(gen, 60, 260, of=32), draw_not_multiple(gen, 17, 48)
     temperature = [0.7, 1.0, 1.3][draw(gen, 0, 2)]
@@ -133,8 +130,7 @@ def test_fused_linear_logprobs(request, small_chunks, impl, dtype, loss):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_fused_peaked_distribution_and_no_grad(request, impl):
     """Large logits (near one-hot softmax) stay finite; works under no_grad for inference."""
-    if impl == "triton" and not TRITON_RUNNABLE:
-        pytest.skip(f"Triton kernels cannot run here: {WHY_TRITON_CANNOT_RUN}")
+    skip_if_triton_cannot_run(impl)
     gen = rng_for(request)
     hidden = (10 * torch.randn(23, 32, generator=gen)).to(DEVICE)
     weight = (10 * torch.randn(150, 32, generator=gen)).to(DEVICE)
