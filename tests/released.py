@@ -70,6 +70,20 @@ class Unavailable(Exception):
     """The released files cannot be had here (no network, a package missing): skip the test."""
 
 
+def need(build, *args):
+    """In a test: build(*args) (released_tokenizer, llamacpp_cases, ...), or a skip with the reason when the
+    registry cannot be reached; CI sets SAFE_RLHF_FIXTURES_REQUIRED=1, so that a network failure there fails
+    instead of passing as skips."""
+    import pytest
+
+    try:
+        return build(*args)
+    except Unavailable as reason:
+        if os.environ.get("SAFE_RLHF_FIXTURES_REQUIRED", "0") not in ("", "0"):
+            raise
+        pytest.skip(f"released files unavailable: {reason}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sources: pinned registry files
 

@@ -6,6 +6,7 @@ every parity test when transformers 5.25 began to require and import Hugging Fac
 name our Triton package then had (now `rlhf_kernels`)."""
 
 import importlib.metadata
+import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,9 @@ def test_no_module_of_ours_shadows_a_package_we_depend_on():
     names = our_top_level_names()
     assert {"model", "rlhf_kernels", "data", "sft", "released"} <= names  # the listing itself works
     dependencies = installed_dependencies()
-    assert {"torch", "transformers", "tokenizers", "huggingface-hub"} <= dependencies  # (and kernels, from transformers 5.25)
+    assert {"torch", "tokenizers", "huggingface-hub"} <= dependencies  # the listing itself works
+    if importlib.util.find_spec("transformers") is not None:  # requirements-dev's (and kernels, from transformers 5.25)
+        assert "transformers" in dependencies
     modules = importlib.metadata.packages_distributions()
     shadowed = {name: modules[name] for name in sorted(names) if name in modules
                 and any(canonicalize_name(d) in dependencies for d in modules[name])}

@@ -17,7 +17,6 @@ One cell per release family (Llama-3, Qwen2.5, Mistral, Llama-2) runs by default
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -47,15 +46,7 @@ CELLS = [pytest.param(name, template, marks=[] if (name, template) in DEFAULT_CE
 PROMPT, RESPONSE = "How do I bake bread?", "Mix flour, water and yeast, then bake it."
 
 
-def need(build, *args):
-    """The built fixture, or a skip with the reason when the registry cannot be reached; CI sets
-    SAFE_RLHF_FIXTURES_REQUIRED=1, so that a network failure there fails instead of passing as skips."""
-    try:
-        return build(*args)
-    except released.Unavailable as reason:
-        if os.environ.get("SAFE_RLHF_FIXTURES_REQUIRED", "0") not in ("", "0"):
-            raise
-        pytest.skip(f"released files unavailable: {reason}")
+need = released.need
 
 
 @pytest.fixture(scope="session")

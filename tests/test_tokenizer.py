@@ -18,6 +18,7 @@ from data.tokenizer import (PROMPT_TEMPLATE, TEMPLATES, Tokenizer, encode_dialog
                             prompt_text, render_chat)
 from make_tokenizers import (LLAMA3_CHAT_TEMPLATE, LLAMA32_CHAT_TEMPLATE, SAFE_RLHF_EXAMPLE, train_sentencepiece,
                             varied_texts, write_llama2_legacy_folder, write_llama2_t5_folder, write_llama3_folder)
+import released
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +112,24 @@ def test_template_token_ids(tok):
     assert tok.decode(ids[n_prompt:]) == response
     # decoded as a whole, the response's word-start marker shows as one space after "ASSISTANT:"
     assert tok.decode(ids) == format_prompt(prompt) + " " + response
+
+
+@pytest.mark.parametrize("name, vocab", [("llama-3.2-1b", "llama-bpe"), ("llama-3.2-1b-instruct", "llama-bpe"),
+                                         ("qwen2.5-7b", "qwen2"), ("qwen2.5-7b-instruct", "qwen2"),
+                                         ("llama-2-7b-chat", "llama-spm")])
+def test_released_tokenizer_files_give_llamacpp_ids(name, vocab):
+    """The releases' own tokenizer files (tests/released.py) through our Tokenizer, tokenizer.json and, where the
+    release ships one, tokenizer.model: llama.cpp's expected ids on every one of its test strings for that
+    vocabulary (an independent tokenizer's answer). No transformers involved, so it also runs with the oldest
+    tokenizers and sentencepiece requirements.txt allows (CI's third environment)."""
+    folder = released.need(released.released_tokenizer, name)
+    cases = released.need(released.llamacpp_cases, vocab)
+    assert len(cases) >= 40
+    paths = [folder] + ([folder / "tokenizer.model"] if (folder / "tokenizer.model").is_file() else [])
+    for path in paths:
+        tok = Tokenizer(path)
+        wrong = [(text, tok.encode(text), ids) for text, ids in cases if tok.encode(text) != ids]
+        assert not wrong, (path.name, len(wrong), wrong[:3])
 
 
 # =============================================================================================

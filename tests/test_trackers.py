@@ -101,13 +101,17 @@ def test_wandb_offline_holds_the_log_across_a_kill(tmp_path, synthetic_data):
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_before_any_work(monkeypatch, tmp_path, synthetic_data):
+    import importlib.machinery
     import importlib.util
 
     import cli
     import sft
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    # wandb missing and tensorboard present, whichever of them this environment has
+    present = importlib.machinery.ModuleSpec("tensorboard", None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: {"wandb": None, "tensorboard": present}.get(
+        name) if name in ("wandb", "tensorboard") else real(name, *a))
     with pytest.raises(ImportError, match=r"^--report-to wandb needs the wandb package: pip install wandb$"):
         sft.main(["--synthetic-dir", str(synthetic_data.dir), "--report-to", "tensorboard", "wandb",
                   "--out", str(tmp_path / "run")])
