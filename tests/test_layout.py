@@ -54,7 +54,7 @@ def test_no_module_of_ours_shadows_a_package_we_depend_on():
     names = our_top_level_names()
     assert {"model", "rlhf_kernels", "data", "sft", "released"} <= names  # the listing itself works
     dependencies = installed_dependencies()
-    assert {"torch", "tokenizers", "huggingface-hub"} <= dependencies  # the listing itself works
+    assert {"torch", "tokenizers", "huggingface-hub"} <= dependencies  # requirements.txt's, found
     if importlib.util.find_spec("transformers") is not None:  # requirements-dev's (and kernels, from transformers 5.25)
         assert "transformers" in dependencies
     modules = importlib.metadata.packages_distributions()

@@ -6,7 +6,6 @@ with its special tokens, pad and chat template, generation_config.json with its 
 the real vocabulary size); the weights are tiny and random, saved by transformers in bf16. Nothing here
 was written to suit this project: Qwen2.5 pads with an EOS id, no release records a template.
 
-    test_ids_on_llamacpp_test_strings   our ids against llama.cpp's expected ids for the released vocabularies
     test_release_through_every_stage    sft -> reward -> cost -> ppo_lag (2 iterations) -> evaluate, for each
                                         release x template; the product loads alone in transformers (model,
                                         tokenizer, chat template) with the same token ids
@@ -46,9 +45,6 @@ CELLS = [pytest.param(name, template, marks=[] if (name, template) in DEFAULT_CE
 PROMPT, RESPONSE = "How do I bake bread?", "Mix flour, water and yeast, then bake it."
 
 
-need = released.need
-
-
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """name -> a folder as the release ships it (tiny random bf16 weights), built once per session."""
@@ -56,27 +52,9 @@ def checkpoint(tmp_path_factory):
 
     def get(name):
         if name not in made:
-            made[name] = need(released.released_checkpoint, name, tmp_path_factory.mktemp(name))
+            made[name] = released.need(released.released_checkpoint, name, tmp_path_factory.mktemp(name))
         return made[name]
     return get
-
-
-@pytest.mark.parametrize("vocab, name", [("llama-bpe", "llama-3.2-1b-instruct"), ("qwen2", "qwen2.5-7b-instruct"),
-                                         ("llama-spm", "llama-2-7b-chat")])
-def test_ids_on_llamacpp_test_strings(vocab, name):
-    """llama.cpp's own test strings for the released vocabularies (unicode, whitespace runs, digits, code):
-    our ids match its expected ids at least as often as transformers' tokenizer on the same folder."""
-    folder = need(released.released_tokenizer, name)
-    cases = need(released.llamacpp_cases, vocab)
-    hf = transformers.AutoTokenizer.from_pretrained(folder)
-    tokenizers = [Tokenizer(folder)]
-    if (folder / "tokenizer.model").is_file():  # the sentencepiece path too
-        tokenizers.append(Tokenizer(folder / "tokenizer.model"))
-    theirs = sum(hf.encode(text, add_special_tokens=False) == ids for text, ids in cases)
-    for tok in tokenizers:
-        ours = sum(tok.encode(text) == ids for text, ids in cases)
-        assert ours >= theirs, (tok.path, ours, theirs, len(cases))
-        assert ours >= len(cases) - 2, (tok.path, ours, len(cases))
 
 
 def test_same_vocabulary_is_one_tokenizer_and_another_family_is_refused():
@@ -85,7 +63,7 @@ def test_same_vocabulary_is_one_tokenizer_and_another_family_is_refused():
     vocabulary, never refused; a model of another family beside them is."""
     from training import check_same_tokenizer
 
-    folder = {name: need(released.released_tokenizer, name) for name in FAMILY}
+    folder = {name: released.need(released.released_tokenizer, name) for name in FAMILY}
     for base, instruct in (("llama-3.2-1b", "llama-3.2-1b-instruct"), ("qwen2.5-7b", "qwen2.5-7b-instruct")):
         check_same_tokenizer(Tokenizer(folder[base]), folder[instruct])
         check_same_tokenizer(Tokenizer(folder[instruct]).for_template("chat"), folder[base])

@@ -121,14 +121,15 @@ def test_released_tokenizer_files_give_llamacpp_ids(name, vocab):
     """The releases' own tokenizer files (tests/released.py) through our Tokenizer, tokenizer.json and, where the
     release ships one, tokenizer.model: llama.cpp's expected ids on every one of its test strings for that
     vocabulary (an independent tokenizer's answer). No transformers involved, so it also runs with the oldest
-    tokenizers and sentencepiece requirements.txt allows (CI's third environment)."""
+    tokenizers and sentencepiece requirements.txt allows (CI's third environment). Every case, where
+    transformers 5.25's own tokenizer gets 31 of 46 right on Llama-2's folder."""
     folder = released.need(released.released_tokenizer, name)
     cases = released.need(released.llamacpp_cases, vocab)
     assert len(cases) >= 40
     paths = [folder] + ([folder / "tokenizer.model"] if (folder / "tokenizer.model").is_file() else [])
     for path in paths:
         tok = Tokenizer(path)
-        wrong = [(text, tok.encode(text), ids) for text, ids in cases if tok.encode(text) != ids]
+        wrong = [(text, got, ids) for text, ids in cases if (got := tok.encode(text)) != ids]
         assert not wrong, (path.name, len(wrong), wrong[:3])
 
 

@@ -108,10 +108,8 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_any_work(monkeypatch
     import sft
 
     real = importlib.util.find_spec
-    # wandb missing and tensorboard present, whichever of them this environment has
-    present = importlib.machinery.ModuleSpec("tensorboard", None)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: {"wandb": None, "tensorboard": present}.get(
-        name) if name in ("wandb", "tensorboard") else real(name, *a))
+    fake = {"wandb": None, "tensorboard": importlib.machinery.ModuleSpec("tensorboard", None)}  # whatever is installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake[name] if name in fake else real(name, *a))
     with pytest.raises(ImportError, match=r"^--report-to wandb needs the wandb package: pip install wandb$"):
         sft.main(["--synthetic-dir", str(synthetic_data.dir), "--report-to", "tensorboard", "wandb",
                   "--out", str(tmp_path / "run")])
